@@ -1,0 +1,197 @@
+// SPDX-License-Identifier: MIT
+// Copyright (c) 2026 The sparsemoe authors
+#ifndef SPARSEMOE_LOSSES_HPP
+#define SPARSEMOE_LOSSES_HPP
+
+/// \file losses.hpp
+/// The auxiliary load-balancing losses of Shazeer et al. 2017 (section 4 and appendix A), as plain
+/// functions of a Routing, with their gradients.
+
+#include "config.hpp"
+#include "gate.hpp"
+
+#include <cmath>
+
+namespace sparsemoe {
+
+/// CV(v)² = Var(v) / (Mean(v)² + 1e-10) over the E entries of v, with the POPULATION variance
+/// (1/E)·Σ(v_i − mean)², as in the original TensorFlow code (unbiased-variance ports are E/(E−1)
+/// times larger). An empty v or E = 1 gives 0. O(E).
+template <typename Derived>
+typename Derived::Scalar cv_squared(const Eigen::MatrixBase<Derived>& values) {
+  using Scalar = typename Derived::Scalar;
+  const Index count = values.size();
+  if (count <= 1) return Scalar(0);
+  const Scalar mean = values.mean();
+  const Scalar variance = (values.array() - mean).square().sum() / static_cast<Scalar>(count);
+  return variance / (mean * mean + Scalar(1e-10));
+}
+
+/// ∂CV²/∂v_j = (2/E)(v_j − m)/D − V·(2m/E)/D², D = m² + 1e-10 (population variance V). O(E).
+template <typename Derived>
+Vector<typename Derived::Scalar> cv_squared_gradient(const Eigen::MatrixBase<Derived>& values) {
+  using Scalar = typename Derived::Scalar;
+  const Index count = values.size();
+  if (count <= 1) return Vector<Scalar>::Zero(count);
+  const Scalar size = static_cast<Scalar>(count);
+  const Scalar mean = values.mean();
+  const Scalar variance = (values.array() - mean).square().sum() / size;
+  const Scalar denominator = mean * mean + Scalar(1e-10);
+  return ((Scalar(2) / size) * (values.array() - mean) / denominator -
+          variance * (Scalar(2) * mean / size) / (denominator * denominator))
+      .matrix();
+}
+
+/// Importance_i = Σ_tokens g_i(x): the gate mass each expert receives. E entries; O(T·k).
+template <typename Scalar>
+Vector<Scalar> importance(const Routing<Scalar>& routing) {
+  Vector<Scalar> result = Vector<Scalar>::Zero(routing.num_experts());
+  for (Index token = 0; token < routing.num_tokens(); ++token) {
+    for (Index slot = 0; slot < routing.k(); ++slot) {
+      result[routing.expert_ids(token, slot)] += routing.gates(token, slot);
+    }
+  }
+  return result;
+}
+
+/// Tokens routed to each expert, #{x : i ∈ S(x)} (as Scalars). O(T·k).
+template <typename Scalar>
+Vector<Scalar> hard_load(const Routing<Scalar>& routing) {
+  Vector<Scalar> result = Vector<Scalar>::Zero(routing.num_experts());
+  for (Index token = 0; token < routing.num_tokens(); ++token) {
+    for (Index slot = 0; slot < routing.k(); ++slot) result[routing.expert_ids(token, slot)] += Scalar(1);
+  }
+  return result;
+}
+
+/// Standard normal CDF Φ(z).
+template <typename Scalar>
+Scalar normal_cdf(Scalar z) {
+  return Scalar(0.5) * std::erfc(-z * Scalar(0.70710678118654752440));
+}
+
+/// Standard normal density φ(z).
+template <typename Scalar>
+Scalar normal_pdf(Scalar z) {
+  return Scalar(0.39894228040143267794) * std::exp(Scalar(-0.5) * z * z);
+}
+
+namespace detail {
+
+/// Calls visit(token, expert, z, threshold_expert) for every (token, expert) of the smooth load
+/// estimator, with z = (c_i − θ_i)/s_i and θ_i = H[threshold_expert].
+template <typename Scalar, typename Visit>
+void for_each_load_term(const Routing<Scalar>& routing, const Visit& visit) {
+  for (Index token = 0; token < routing.num_tokens(); ++token) {
+    const Index kth = routing.kth_expert[token];
+    const Index next = routing.next_expert[token];
+    const Scalar kth_logit = routing.noisy_logits(token, kth);
+    const Scalar next_logit = routing.noisy_logits(token, next);
+    for (Index expert = 0; expert < routing.num_experts(); ++expert) {
+      // Expert i is in the top k exactly when its noisy logit ranks at or above the k-th one.
+      bool chosen = false;
+      for (Index slot = 0; slot < routing.k(); ++slot) chosen = chosen || routing.expert_ids(token, slot) == expert;
+      const Index threshold_expert = chosen ? next : kth;
+      const Scalar threshold = chosen ? next_logit : kth_logit;
+      const Scalar z = (routing.clean_logits(token, expert) - threshold) / routing.noise_scale(token, expert);
+      visit(token, expert, z, threshold_expert);
+    }
+  }
+}
+
+}  // namespace detail
+
+/// Load_i: the paper's smooth estimator Σ_x P(x, i), P(x, i) = Φ((c_i − θ_i)/s_i), θ_i the k-th
+/// largest noisy logit among the OTHER experts, when `routing.has_smooth_load()` (training mode
+/// and k < E); otherwise the hard count of tokens per expert (see hard_load). O(T·E·k).
+template <typename Scalar>
+Vector<Scalar> load(const Routing<Scalar>& routing) {
+  if (!routing.has_smooth_load()) return hard_load(routing);
+  Vector<Scalar> result = Vector<Scalar>::Zero(routing.num_experts());
+  detail::for_each_load_term(routing, [&](Index, Index expert, Scalar z, Index) { result[expert] += normal_cdf(z); });
+  return result;
+}
+
+/// The auxiliary losses of one batch: L_importance = w_importance·CV(Importance)²,
+/// L_load = w_load·CV(Load)².
+template <typename Scalar>
+struct AuxiliaryLosses {
+  Vector<Scalar> importance;             ///< E: Σ_batch gate values
+  Vector<Scalar> load;                   ///< E: smooth estimate, or the hard count
+  bool smooth_load = false;              ///< whether `load` is the smooth (differentiable) estimate
+  Scalar importance_cv_squared = 0;      ///< CV(Importance)²
+  Scalar load_cv_squared = 0;            ///< CV(Load)²
+  Scalar importance_weight = 0;          ///< w_importance
+  Scalar load_weight = 0;                ///< w_load
+
+  Scalar importance_loss() const { return importance_weight * importance_cv_squared; }
+  Scalar load_loss() const { return load_weight * load_cv_squared; }
+  Scalar total() const { return importance_loss() + load_loss(); }
+};
+
+/// Computes both auxiliary losses of `routing`. Throws std::invalid_argument unless both weights
+/// are finite and ≥ 0. O(T·E·k).
+template <typename Scalar>
+AuxiliaryLosses<Scalar> auxiliary_losses(const Routing<Scalar>& routing, Scalar importance_weight,
+                                         Scalar load_weight) {
+  const char* function = "sparsemoe::auxiliary_losses";
+  detail::require(std::isfinite(importance_weight) && importance_weight >= Scalar(0), function,
+                  "importance_weight must be finite and >= 0, got ", importance_weight);
+  detail::require(std::isfinite(load_weight) && load_weight >= Scalar(0), function,
+                  "load_weight must be finite and >= 0, got ", load_weight);
+  AuxiliaryLosses<Scalar> losses;
+  losses.importance = importance(routing);
+  losses.load = load(routing);
+  losses.smooth_load = routing.has_smooth_load();
+  losses.importance_cv_squared = cv_squared(losses.importance);
+  losses.load_cv_squared = cv_squared(losses.load);
+  losses.importance_weight = importance_weight;
+  losses.load_weight = load_weight;
+  return losses;
+}
+
+/// Adds ∂L/∂g(t, j) += ∂L/∂Importance[expert_ids(t, j)] to gradients.gates. O(T·k).
+template <typename Scalar>
+void importance_backward(const Routing<Scalar>& routing, const Vector<Scalar>& d_importance,
+                         GateGradients<Scalar>& gradients) {
+  for (Index token = 0; token < routing.num_tokens(); ++token) {
+    for (Index slot = 0; slot < routing.k(); ++slot) {
+      gradients.gates(token, slot) += d_importance[routing.expert_ids(token, slot)];
+    }
+  }
+}
+
+/// Adds the gradient of Σ_i d_load_i·Load_i through the smooth estimator:
+/// ∂P/∂c_i = φ(z)/s_i, ∂P/∂θ_i = −φ(z)/s_i (into the noisy logit that θ_i is),
+/// ∂P/∂s_i = −φ(z)·z/s_i. Does nothing where the load is the hard count (it has no gradient).
+/// O(T·E·k).
+template <typename Scalar>
+void load_backward(const Routing<Scalar>& routing, const Vector<Scalar>& d_load, GateGradients<Scalar>& gradients) {
+  if (!routing.has_smooth_load()) return;
+  detail::for_each_load_term(routing, [&](Index token, Index expert, Scalar z, Index threshold_expert) {
+    const Scalar scale = routing.noise_scale(token, expert);
+    const Scalar slope = d_load[expert] * normal_pdf(z) / scale;
+    gradients.clean_logits(token, expert) += slope;
+    gradients.noisy_logits(token, threshold_expert) -= slope;
+    gradients.noise_scale(token, expert) -= slope * z;
+  });
+}
+
+/// Adds the gradient of losses.total() (times `upstream`) to `gradients`.
+template <typename Scalar>
+void auxiliary_losses_backward(const Routing<Scalar>& routing, const AuxiliaryLosses<Scalar>& losses,
+                               GateGradients<Scalar>& gradients, Scalar upstream = Scalar(1)) {
+  if (losses.importance_weight != Scalar(0)) {
+    const Vector<Scalar> d_importance =
+        (upstream * losses.importance_weight) * cv_squared_gradient(losses.importance);
+    importance_backward(routing, d_importance, gradients);
+  }
+  if (losses.load_weight != Scalar(0) && losses.smooth_load) {
+    const Vector<Scalar> d_load = (upstream * losses.load_weight) * cv_squared_gradient(losses.load);
+    load_backward(routing, d_load, gradients);
+  }
+}
+
+}  // namespace sparsemoe
+
+#endif  // SPARSEMOE_LOSSES_HPP

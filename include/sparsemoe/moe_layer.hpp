@@ -1,0 +1,409 @@
+// SPDX-License-Identifier: MIT
+// Copyright (c) 2026 The sparsemoe authors
+#ifndef SPARSEMOE_MOE_LAYER_HPP
+#define SPARSEMOE_MOE_LAYER_HPP
+
+/// \file moe_layer.hpp
+/// The sparsely-gated mixture-of-experts layer y = Σ_{i∈S(x)} g_i(x)·E_i(x) (Shazeer et al. 2017),
+/// forward and backward, run as explicit stages: route → group → expert compute → combine.
+
+#include "config.hpp"
+#include "detail/gemm.hpp"
+#include "detail/parallel.hpp"
+#include "expert.hpp"
+#include "gate.hpp"
+#include "losses.hpp"
+#include "parameters.hpp"
+#include "routing.hpp"
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+namespace sparsemoe {
+
+/// Sizes and settings of an MoELayer.
+struct MoEConfig {
+  Index input_dim = 0;           ///< d: token width (input and output)
+  Index hidden_dim = 0;          ///< h: hidden width of each expert
+  Index num_experts = 0;         ///< E
+  Index k = 0;                   ///< experts per token, 1 ≤ k ≤ E
+  double noise_epsilon = 1e-2;   ///< ε added to the noise scale softplus(x·W_noise)
+  std::uint64_t seed = 0;        ///< seeds the initial parameters and the training noise
+};
+
+/// Per-call settings of MoELayer::forward.
+struct ForwardOptions {
+  Mode mode = Mode::evaluation;    ///< training adds gate noise and keeps the cache for backward
+  std::uint64_t step = 0;          ///< selects the noise sample (use the training step); < 2^32
+  double importance_weight = 0.1;  ///< w_importance (the paper uses 0.1)
+  double load_weight = 0.1;        ///< w_load (the paper uses 0.1)
+};
+
+/// What a training-mode forward keeps for backward. Memory: T·d + T·k·p scalars (p = h, or 2h
+/// for SwiGLU); empty after an evaluation-mode forward.
+template <typename Scalar>
+struct ForwardCache {
+  const void* owner = nullptr;       ///< the layer that made it
+  Matrix<Scalar> input;              ///< T×d copy of the input
+  Matrix<Scalar> pre_activations;    ///< T·k×p, grouped rows: x·W1 + b1 of each routed token
+
+  /// Whether this cache can feed a backward pass.
+  bool empty() const { return owner == nullptr; }
+};
+
+/// Everything a forward pass returns.
+template <typename Scalar>
+struct ForwardResult {
+  Matrix<Scalar> output;             ///< T×d: y = Σ_{i∈S(x)} g_i(x)·E_i(x)
+  Routing<Scalar> routing;           ///< the gate's decisions (O(T·E))
+  DispatchPlan plan;                 ///< grouped rows per expert (tokens_per_expert, offsets, …)
+  AuxiliaryLosses<Scalar> losses;    ///< importance, load and both weighted losses
+  ForwardCache<Scalar> cache;        ///< for backward; empty in evaluation mode
+
+  /// Tokens routed to each expert (E entries).
+  const IndexVector& tokens_per_expert() const { return plan.tokens_per_expert; }
+};
+
+/// Gradients of every parameter of an MoELayer, laid out like the layer.
+template <typename Scalar, typename ExpertT>
+struct MoEGradients {
+  Matrix<Scalar> gate_weight;    ///< ∂L/∂W_g, d×E
+  Matrix<Scalar> noise_weight;   ///< ∂L/∂W_noise, d×E
+  std::vector<ExpertT> experts;  ///< ∂L/∂(W1, b1, W2, b2) of each expert, as expert-shaped tensors
+
+  /// All gradient tensors, in the same order as MoELayer::tensors().
+  std::vector<TensorView<Scalar>> tensors() {
+    std::vector<TensorView<Scalar>> list{make_tensor_view("gate.gate_weight", gate_weight),
+                                         make_tensor_view("gate.noise_weight", noise_weight)};
+    for (std::size_t e = 0; e < experts.size(); ++e) {
+      append_tensor_views(list, "expert" + std::to_string(e) + ".", experts[e].tensors());
+    }
+    return list;
+  }
+
+  /// Sets every gradient to zero.
+  void set_zero() {
+    gate_weight.setZero();
+    noise_weight.setZero();
+    for (auto& expert : experts) expert.set_zero();
+  }
+};
+
+/// Sparsely-gated mixture-of-experts layer over tokens of width d: a NoisyTopKGate picks k of E
+/// experts per token, and y = Σ_{i∈S(x)} g_i(x)·E_i(x).
+///
+/// Forward runs four named stages: route (gate logits, noise, top-k, softmax), group (a stable
+/// counting sort puts each expert's tokens into one contiguous block of rows), expert compute (two
+/// GEMMs per tile of 128 rows of one expert, OpenMP-parallel, biggest experts first), combine (each
+/// output row is the gate-weighted sum of its k expert rows, written by one thread). Tile
+/// boundaries depend only on the routing, never on the thread count, so results are bitwise
+/// identical for any number of threads.
+///
+/// The layer holds parameters only: forward and backward are const and keep their per-call state
+/// in the returned ForwardResult, so one layer can serve several threads at once (while nobody
+/// changes its parameters).
+///
+/// Cost per forward: 4·T·k·d·h flops in the experts (6·T·k·d·h for SwiGLU), 2·T·d·E in the gate
+/// (4·T·d·E in training); backward about twice that.
+///
+/// \code
+/// sparsemoe::MoELayer<float> layer({/*d*/ 64, /*h*/ 256, /*E*/ 8, /*k*/ 2});
+/// sparsemoe::Matrix<float> x = sparsemoe::Matrix<float>::Random(32, 64);
+/// auto result = layer.forward(x);                 // evaluation mode
+/// std::cout << result.output.rows() << "\n";      // 32
+/// \endcode
+template <typename Scalar_, typename ExpertT = Expert<Scalar_, Relu>>
+class MoELayer {
+ public:
+  using Scalar = Scalar_;
+  using ExpertType = ExpertT;
+  using Gradients = MoEGradients<Scalar, ExpertT>;
+  static_assert(std::is_same<typename ExpertT::Scalar, Scalar>::value, "ExpertT::Scalar must be the layer's Scalar");
+
+  /// Rows of one expert tile (fixed, so results do not depend on the thread count).
+  static constexpr Index expert_row_tile = 128;
+  /// Columns of one weight-gradient tile in backward.
+  static constexpr Index gradient_column_tile = 128;
+
+  /// Builds the layer: gate weights zero (the paper's initialisation), expert i initialised by
+  /// ExpertT::initialize_uniform with a seed derived from (config.seed, i).
+  /// Throws std::invalid_argument unless d, h, E ≥ 1, 1 ≤ k ≤ E and noise_epsilon > 0.
+  explicit MoELayer(const MoEConfig& config)
+      : gate_(checked(config).input_dim, config.num_experts, config.k, static_cast<Scalar>(config.noise_epsilon),
+              config.seed) {
+    std::uint64_t state = config.seed;
+    experts_.reserve(static_cast<std::size_t>(config.num_experts));
+    for (Index e = 0; e < config.num_experts; ++e) {
+      experts_.emplace_back(config.input_dim, config.hidden_dim);
+      experts_.back().initialize_uniform(detail::splitmix64(state));
+    }
+  }
+
+  Index input_dim() const { return gate_.input_dim(); }
+  Index hidden_dim() const { return experts_.front().hidden_dim(); }
+  Index num_experts() const { return gate_.num_experts(); }
+  Index k() const { return gate_.k(); }
+
+  NoisyTopKGate<Scalar>& gate() { return gate_; }
+  const NoisyTopKGate<Scalar>& gate() const { return gate_; }
+  ExpertT& expert(Index index) { return experts_.at(static_cast<std::size_t>(index)); }
+  const ExpertT& expert(Index index) const { return experts_.at(static_cast<std::size_t>(index)); }
+
+  /// Every parameter tensor: gate.gate_weight, gate.noise_weight, then expert0.w1, expert0.b1, …
+  std::vector<TensorView<Scalar>> tensors() {
+    std::vector<TensorView<Scalar>> list;
+    append_tensor_views(list, "gate.", gate_.tensors());
+    for (std::size_t e = 0; e < experts_.size(); ++e) {
+      append_tensor_views(list, "expert" + std::to_string(e) + ".", experts_[e].tensors());
+    }
+    return list;
+  }
+
+  /// Zero gradients shaped like this layer's parameters.
+  Gradients make_gradients() const {
+    Gradients gradients;
+    gradients.gate_weight = Matrix<Scalar>::Zero(input_dim(), num_experts());
+    gradients.noise_weight = Matrix<Scalar>::Zero(input_dim(), num_experts());
+    gradients.experts.assign(experts_.size(), ExpertT(input_dim(), hidden_dim()));
+    return gradients;
+  }
+
+  /// Forward pass over the T×d batch `input`. Throws std::invalid_argument on a width mismatch,
+  /// on negative or non-finite loss weights, on step ≥ 2^32, and (with the gate's check_finite)
+  /// on non-finite gate logits.
+  ForwardResult<Scalar> forward(ConstMatrixRef<Scalar> input, const ForwardOptions& options = {}) const {
+    const char* function = "sparsemoe::MoELayer::forward";
+    detail::require(input.cols() == input_dim(), function, "input must have ", input_dim(),
+                    " columns (the layer's input_dim), got ", input.rows(), "x", input.cols());
+    ForwardResult<Scalar> result;
+    result.routing = route(input, options);
+    result.plan = build_dispatch_plan(result.routing.expert_ids, num_experts());
+    result.losses = auxiliary_losses(result.routing, static_cast<Scalar>(options.importance_weight),
+                                     static_cast<Scalar>(options.load_weight));
+    const Matrix<Scalar> grouped_input = group(input, result.plan);
+    const bool training = options.mode == Mode::training;
+    if (training) {
+      result.cache.owner = this;
+      result.cache.input = input;
+      result.cache.pre_activations.resize(result.plan.num_rows(), pre_activation_width());
+    }
+    const Matrix<Scalar> expert_output =
+        compute_experts(grouped_input, result.plan, training ? &result.cache.pre_activations : nullptr);
+    result.output = combine(expert_output, result.routing, result.plan);
+    return result;
+  }
+
+  /// Stage 1, route: the gate's decisions for `input` (T×d).
+  Routing<Scalar> route(ConstMatrixRef<Scalar> input, const ForwardOptions& options) const {
+    return gate_.route(input, options.mode, options.step);
+  }
+
+  /// Stage 2, group: grouped row r of the result is input row plan.token_of_row[r] (T·k×d).
+  static Matrix<Scalar> group(ConstMatrixRef<Scalar> input, const DispatchPlan& plan) {
+    Matrix<Scalar> grouped(plan.num_rows(), input.cols());
+    detail::parallel_for(plan.num_rows(), [&](Index row) { grouped.row(row) = input.row(plan.token_of_row[row]); });
+    return grouped;
+  }
+
+  /// Stage 3, expert compute: E_i of every grouped row of expert i (T·k×d in, T·k×d out). When
+  /// `pre_activations` is given (T·k×p), the pre-activations are kept there for backward.
+  Matrix<Scalar> compute_experts(const Matrix<Scalar>& grouped_input, const DispatchPlan& plan,
+                                 Matrix<Scalar>* pre_activations) const {
+    Matrix<Scalar> expert_output(plan.num_rows(), input_dim());
+    const std::vector<Tile> tiles = row_tiles(plan);
+    const int threads = detail::max_threads();
+    std::vector<Matrix<Scalar>> hidden(static_cast<std::size_t>(threads));
+    std::vector<Matrix<Scalar>> pre_scratch(static_cast<std::size_t>(pre_activations ? 0 : threads));
+    detail::parallel_for_dynamic(static_cast<Index>(tiles.size()), [&](Index index) {
+      const Tile& tile = tiles[static_cast<std::size_t>(index)];
+      const auto thread = static_cast<std::size_t>(detail::thread_index());
+      Matrix<Scalar>& hidden_block = hidden[thread];
+      hidden_block.resize(tile.rows, hidden_dim());
+      Matrix<Scalar>* pre_block = nullptr;
+      if (!pre_activations) {
+        pre_block = &pre_scratch[thread];
+        pre_block->resize(tile.rows, pre_activation_width());
+      }
+      auto pre = pre_activations ? MatrixRef<Scalar>(pre_activations->middleRows(tile.first_row, tile.rows))
+                                 : MatrixRef<Scalar>(*pre_block);
+      expert_forward(experts_[static_cast<std::size_t>(tile.expert)], grouped_input.middleRows(tile.first_row, tile.rows),
+                     pre, hidden_block, expert_output.middleRows(tile.first_row, tile.rows));
+    });
+    return expert_output;
+  }
+
+  /// Stage 4, combine: y_t = Σ_j g(t, j)·expert_output[row of (t, j)], slots in order (T×d).
+  Matrix<Scalar> combine(const Matrix<Scalar>& expert_output, const Routing<Scalar>& routing,
+                         const DispatchPlan& plan) const {
+    Matrix<Scalar> output = Matrix<Scalar>::Zero(plan.num_tokens, input_dim());
+    detail::parallel_for(plan.num_tokens, [&](Index token) {
+      for (Index slot = 0; slot < plan.k; ++slot) {
+        output.row(token) += routing.gates(token, slot) * expert_output.row(plan.row_of_slot(token, slot));
+      }
+    });
+    return output;
+  }
+
+  /// Backward pass: from a training-mode forward's result and ∂L/∂y (T×d), returns ∂L/∂x (T×d)
+  /// and ADDS the gradient of L + losses.total() with respect to every parameter to `gradients`
+  /// (call gradients.set_zero() to start afresh). The auxiliary losses enter with the weights
+  /// that forward used; the training noise is the sample forward drew.
+  /// Throws std::invalid_argument if the result has no cache (evaluation mode), came from
+  /// another layer, or if d_output or gradients have the wrong shape.
+  Matrix<Scalar> backward(const ForwardResult<Scalar>& forward_result, ConstMatrixRef<Scalar> d_output,
+                          Gradients& gradients) const {
+    const char* function = "sparsemoe::MoELayer::backward";
+    const ForwardCache<Scalar>& cache = forward_result.cache;
+    const Routing<Scalar>& routing = forward_result.routing;
+    const DispatchPlan& plan = forward_result.plan;
+    detail::require(!cache.empty(), function,
+                    "the forward result has no cache: run forward with Mode::training before backward");
+    detail::require(cache.owner == this, function, "the forward result was made by another layer");
+    const Index tokens = cache.input.rows();
+    detail::require_shape(d_output, tokens, input_dim(), function, "d_output");
+    check_gradients(gradients, function);
+
+    GateGradients<Scalar> gate_gradients = GateGradients<Scalar>::zeros(routing);
+    auxiliary_losses_backward(routing, forward_result.losses, gate_gradients);
+
+    const Matrix<Scalar> grouped_input = group(cache.input, plan);
+    Matrix<Scalar> grouped_d_output = group(d_output, plan);
+    const Index rows = plan.num_rows();
+    Matrix<Scalar> hidden(rows, hidden_dim());
+    Matrix<Scalar> d_pre(rows, pre_activation_width());
+    Matrix<Scalar> d_grouped_input(rows, input_dim());
+    Vector<Scalar> d_gate_of_row(rows);
+
+    const std::vector<Tile> tiles = row_tiles(plan);
+    std::vector<Matrix<Scalar>> d_hidden(static_cast<std::size_t>(detail::max_threads()));
+    detail::parallel_for_dynamic(static_cast<Index>(tiles.size()), [&](Index index) {
+      const Tile& tile = tiles[static_cast<std::size_t>(index)];
+      const ExpertT& expert = experts_[static_cast<std::size_t>(tile.expert)];
+      Matrix<Scalar>& d_hidden_block = d_hidden[static_cast<std::size_t>(detail::thread_index())];
+      d_hidden_block.resize(tile.rows, hidden_dim());
+      auto d_out = grouped_d_output.middleRows(tile.first_row, tile.rows);
+      auto pre = cache.pre_activations.middleRows(tile.first_row, tile.rows);
+      auto hidden_block = hidden.middleRows(tile.first_row, tile.rows);
+      // Unscaled ∂L/∂hidden = dY·W2ᵀ gives both ⟨dY, E(x)⟩ and, times g, the expert's gradient.
+      detail::gemm(detail::operand(d_out), detail::operand(expert.w2(), detail::Op::transpose),
+                   d_hidden_block.data(), d_hidden_block.outerStride(), Scalar(1), false);
+      expert.activate(pre, hidden_block);
+      for (Index r = 0; r < tile.rows; ++r) {
+        const Index row = tile.first_row + r;
+        Scalar d_gate = d_hidden_block.row(r).dot(hidden_block.row(r));
+        if (expert.b2().size() > 0) d_gate += d_out.row(r).dot(expert.b2().transpose());
+        d_gate_of_row[row] = d_gate;
+        const Scalar gate = routing.gates(plan.token_of_row[row], plan.slot_of_row[row]);
+        d_hidden_block.row(r) *= gate;
+        d_out.row(r) *= gate;
+      }
+      auto d_pre_block = d_pre.middleRows(tile.first_row, tile.rows);
+      expert.activation_backward(pre, d_hidden_block, d_pre_block);
+      detail::gemm(detail::operand(d_pre_block), detail::operand(expert.w1(), detail::Op::transpose),
+                   d_grouped_input.row(tile.first_row).data(), d_grouped_input.outerStride(), Scalar(1), false);
+    });
+
+    accumulate_weight_gradients(plan, grouped_input, hidden, grouped_d_output, d_pre, gradients);
+
+    for (Index row = 0; row < rows; ++row) {
+      gate_gradients.gates(plan.token_of_row[row], plan.slot_of_row[row]) += d_gate_of_row[row];
+    }
+    Matrix<Scalar> d_input = Matrix<Scalar>::Zero(tokens, input_dim());
+    detail::parallel_for(tokens, [&](Index token) {
+      for (Index slot = 0; slot < plan.k; ++slot) d_input.row(token) += d_grouped_input.row(plan.row_of_slot(token, slot));
+    });
+    gate_.backward(routing, cache.input, gate_gradients, gradients.gate_weight, gradients.noise_weight, d_input);
+    return d_input;
+  }
+
+ private:
+  struct Tile {
+    Index expert;
+    Index first_row;
+    Index rows;
+  };
+
+  static const MoEConfig& checked(const MoEConfig& config) {
+    const char* function = "sparsemoe::MoELayer";
+    detail::require(config.input_dim >= 1, function, "input_dim must be >= 1, got ", config.input_dim);
+    detail::require(config.hidden_dim >= 1, function, "hidden_dim must be >= 1, got ", config.hidden_dim);
+    detail::require(config.num_experts >= 1, function, "num_experts must be >= 1, got ", config.num_experts);
+    detail::require(config.k >= 1 && config.k <= config.num_experts, function, "k must be in [1, num_experts = ",
+                    config.num_experts, "], got ", config.k);
+    return config;
+  }
+
+  Index pre_activation_width() const { return experts_.front().pre_activation_width(); }
+
+  /// Tiles of expert_row_tile rows per expert, biggest experts first (stable in expert id).
+  static std::vector<Tile> row_tiles(const DispatchPlan& plan) {
+    std::vector<Index> order(static_cast<std::size_t>(plan.num_experts));
+    for (Index e = 0; e < plan.num_experts; ++e) order[static_cast<std::size_t>(e)] = e;
+    std::stable_sort(order.begin(), order.end(), [&](Index a, Index b) {
+      return plan.tokens_per_expert[a] > plan.tokens_per_expert[b];
+    });
+    std::vector<Tile> tiles;
+    for (const Index expert : order) {
+      const Index count = plan.tokens_per_expert[expert];
+      for (Index first = 0; first < count; first += expert_row_tile) {
+        tiles.push_back({expert, plan.offsets[expert] + first, std::min(expert_row_tile, count - first)});
+      }
+    }
+    return tiles;
+  }
+
+  void check_gradients(Gradients& gradients, const char* function) const {
+    detail::require_shape(gradients.gate_weight, input_dim(), num_experts(), function, "gradients.gate_weight");
+    detail::require_shape(gradients.noise_weight, input_dim(), num_experts(), function, "gradients.noise_weight");
+    detail::require(static_cast<Index>(gradients.experts.size()) == num_experts(), function, "gradients has ",
+                    gradients.experts.size(), " experts, the layer ", num_experts());
+    for (const ExpertT& expert : gradients.experts) {
+      detail::require(expert.input_dim() == input_dim() && expert.hidden_dim() == hidden_dim(), function,
+                      "an expert gradient is ", expert.input_dim(), "x", expert.hidden_dim(), ", expected ",
+                      input_dim(), "x", hidden_dim());
+    }
+  }
+
+  /// ∂W1 += X_iᵀ·∂pre, ∂b1 += Σ ∂pre, ∂W2 += hiddenᵀ·∂out, ∂b2 += Σ ∂out for each expert i, in
+  /// tiles of gradient_column_tile columns; each tile reduces over all of the expert's rows in
+  /// row order, so no two threads touch one gradient element and the sum order is fixed.
+  void accumulate_weight_gradients(const DispatchPlan& plan, const Matrix<Scalar>& grouped_input,
+                                   const Matrix<Scalar>& hidden, const Matrix<Scalar>& d_output,
+                                   const Matrix<Scalar>& d_pre, Gradients& gradients) const {
+    struct GradientTile {
+      Index expert;
+      bool first_layer;
+      Index first_column;
+    };
+    std::vector<GradientTile> tiles;
+    for (Index expert = 0; expert < num_experts(); ++expert) {
+      if (plan.tokens_per_expert[expert] == 0) continue;
+      for (Index c = 0; c < pre_activation_width(); c += gradient_column_tile) tiles.push_back({expert, true, c});
+      for (Index c = 0; c < input_dim(); c += gradient_column_tile) tiles.push_back({expert, false, c});
+    }
+    detail::parallel_for_dynamic(static_cast<Index>(tiles.size()), [&](Index index) {
+      const GradientTile& tile = tiles[static_cast<std::size_t>(index)];
+      ExpertT& gradient = gradients.experts[static_cast<std::size_t>(tile.expert)];
+      const Index first_row = plan.offsets[tile.expert];
+      const Index rows = plan.tokens_per_expert[tile.expert];
+      const Matrix<Scalar>& left = tile.first_layer ? grouped_input : hidden;
+      const Matrix<Scalar>& right = tile.first_layer ? d_pre : d_output;
+      Matrix<Scalar>& weight = tile.first_layer ? gradient.w1() : gradient.w2();
+      Vector<Scalar>& bias = tile.first_layer ? gradient.b1() : gradient.b2();
+      const Index columns = std::min(gradient_column_tile, right.cols() - tile.first_column);
+      const auto right_block = right.block(first_row, tile.first_column, rows, columns);
+      detail::gemm(detail::operand(left.middleRows(first_row, rows), detail::Op::transpose),
+                   detail::operand(right_block), weight.data() + tile.first_column, weight.outerStride(), Scalar(1),
+                   true);
+      if (bias.size() > 0) bias.segment(tile.first_column, columns) += right_block.colwise().sum().transpose();
+    });
+  }
+
+  NoisyTopKGate<Scalar> gate_;
+  std::vector<ExpertT> experts_;
+};
+
+}  // namespace sparsemoe
+
+#endif  // SPARSEMOE_MOE_LAYER_HPP

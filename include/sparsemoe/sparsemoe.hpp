@@ -1,0 +1,18 @@
+// SPDX-License-Identifier: MIT
+// Copyright (c) 2026 The sparsemoe authors
+#ifndef SPARSEMOE_SPARSEMOE_HPP
+#define SPARSEMOE_SPARSEMOE_HPP
+
+/// \file sparsemoe.hpp
+/// Umbrella header: everything in sparsemoe.
+
+#include "activation.hpp"
+#include "config.hpp"
+#include "expert.hpp"
+#include "gate.hpp"
+#include "losses.hpp"
+#include "moe_layer.hpp"
+#include "parameters.hpp"
+#include "routing.hpp"
+
+#endif  // SPARSEMOE_SPARSEMOE_HPP
