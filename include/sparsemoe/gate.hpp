@@ -150,6 +150,14 @@ class NoisyTopKGate {
   /// Throws std::invalid_argument if input has the wrong width, if `step` ≥ 2^32, or (with
   /// check_finite) if a logit or noise scale is not finite, naming the first bad token row.
   Routing<Scalar> route(ConstMatrixRef<Scalar> input, Mode mode, std::uint64_t step = 0) const {
+    Routing<Scalar> routing;
+    route(input, mode, step, routing);
+    return routing;
+  }
+
+  /// Like route(input, mode, step), writing into `routing` and reusing its storage: no
+  /// allocation when T, E and the mode are those of the previous call (and k ≤ 64).
+  void route(ConstMatrixRef<Scalar> input, Mode mode, std::uint64_t step, Routing<Scalar>& routing) const {
     const char* function = "sparsemoe::NoisyTopKGate::route";
     detail::require(input.cols() == input_dim(), function, "input must have ", input_dim(),
                     " columns (the gate's input_dim), got ", input.rows(), "x", input.cols());
@@ -158,43 +166,42 @@ class NoisyTopKGate {
     const Index experts = num_experts();
     const bool training = mode == Mode::training;
     const bool smooth_load = training && k_ < experts;
-    Routing<Scalar> routing;
+    const Index noise_rows = training ? tokens : 0;
+    const Index noise_cols = training ? experts : 0;
     routing.expert_ids.resize(tokens, k_);
     routing.gates.resize(tokens, k_);
     routing.clean_logits.resize(tokens, experts);
-    if (training) {
-      routing.raw_noise.resize(tokens, experts);
-      routing.noise_scale.resize(tokens, experts);
-      routing.noise.resize(tokens, experts);
-    }
-    if (smooth_load) {
-      routing.kth_expert.resize(tokens);
-      routing.next_expert.resize(tokens);
-    }
+    routing.noisy_logits.resize(tokens, experts);
+    routing.raw_noise.resize(noise_rows, noise_cols);
+    routing.noise_scale.resize(noise_rows, noise_cols);
+    routing.noise.resize(noise_rows, noise_cols);
+    routing.kth_expert.resize(smooth_load ? tokens : 0);
+    routing.next_expert.resize(smooth_load ? tokens : 0);
     detail::parallel_for(detail::tile_count(tokens, detail::row_tile), [&](Index tile) {
       const Index first = tile * detail::row_tile;
       const Index rows = std::min(detail::row_tile, tokens - first);
       const auto x = input.middleRows(first, rows);
       detail::gemm(detail::operand(x), detail::operand(gate_weight_), routing.clean_logits.row(first).data(),
                    experts, Scalar(1), false);
-      if (training) {
-        detail::gemm(detail::operand(x), detail::operand(noise_weight_), routing.raw_noise.row(first).data(),
-                     experts, Scalar(1), false);
+      if (!training) {
+        routing.noisy_logits.middleRows(first, rows) = routing.clean_logits.middleRows(first, rows);
+        return;
       }
-      for (Index token = first; training && token < first + rows; ++token) {
+      detail::gemm(detail::operand(x), detail::operand(noise_weight_), routing.raw_noise.row(first).data(),
+                   experts, Scalar(1), false);
+      for (Index token = first; token < first + rows; ++token) {
         for (Index expert = 0; expert < experts; ++expert) {
           const Scalar scale = softplus(routing.raw_noise(token, expert)) + noise_epsilon_;
-          routing.noise_scale(token, expert) = scale;
-          routing.noise(token, expert) = static_cast<Scalar>(detail::standard_normal(
+          const auto noise = static_cast<Scalar>(detail::standard_normal(
               noise_seed_, step, static_cast<std::uint64_t>(token), static_cast<std::uint64_t>(expert)));
+          routing.noise_scale(token, expert) = scale;
+          routing.noise(token, expert) = noise;
+          routing.noisy_logits(token, expert) = routing.clean_logits(token, expert) + noise * scale;
         }
       }
     });
-    routing.noisy_logits = training ? Matrix<Scalar>(routing.clean_logits + routing.noise.cwiseProduct(routing.noise_scale))
-                                    : routing.clean_logits;
     if (check_finite_) require_finite(routing, function);
     detail::parallel_for(tokens, [&](Index token) { select(routing, token, smooth_load); });
-    return routing;
   }
 
   /// Backward through the gate. On entry `gradients` holds the direct gradients of the loss

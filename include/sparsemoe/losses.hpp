@@ -42,25 +42,40 @@ Vector<typename Derived::Scalar> cv_squared_gradient(const Eigen::MatrixBase<Der
       .matrix();
 }
 
-/// Importance_i = Σ_tokens g_i(x): the gate mass each expert receives. E entries; O(T·k).
+/// Importance_i = Σ_tokens g_i(x), the gate mass each expert receives, written into `result`
+/// (E entries, storage reused). O(T·k).
 template <typename Scalar>
-Vector<Scalar> importance(const Routing<Scalar>& routing) {
-  Vector<Scalar> result = Vector<Scalar>::Zero(routing.num_experts());
+void importance(const Routing<Scalar>& routing, Vector<Scalar>& result) {
+  result.setZero(routing.num_experts());
   for (Index token = 0; token < routing.num_tokens(); ++token) {
     for (Index slot = 0; slot < routing.k(); ++slot) {
       result[routing.expert_ids(token, slot)] += routing.gates(token, slot);
     }
   }
+}
+
+/// Importance_i = Σ_tokens g_i(x) (E entries). O(T·k).
+template <typename Scalar>
+Vector<Scalar> importance(const Routing<Scalar>& routing) {
+  Vector<Scalar> result;
+  importance(routing, result);
   return result;
+}
+
+/// Tokens routed to each expert, #{x : i ∈ S(x)} (as Scalars), written into `result`. O(T·k).
+template <typename Scalar>
+void hard_load(const Routing<Scalar>& routing, Vector<Scalar>& result) {
+  result.setZero(routing.num_experts());
+  for (Index token = 0; token < routing.num_tokens(); ++token) {
+    for (Index slot = 0; slot < routing.k(); ++slot) result[routing.expert_ids(token, slot)] += Scalar(1);
+  }
 }
 
 /// Tokens routed to each expert, #{x : i ∈ S(x)} (as Scalars). O(T·k).
 template <typename Scalar>
 Vector<Scalar> hard_load(const Routing<Scalar>& routing) {
-  Vector<Scalar> result = Vector<Scalar>::Zero(routing.num_experts());
-  for (Index token = 0; token < routing.num_tokens(); ++token) {
-    for (Index slot = 0; slot < routing.k(); ++slot) result[routing.expert_ids(token, slot)] += Scalar(1);
-  }
+  Vector<Scalar> result;
+  hard_load(routing, result);
   return result;
 }
 
@@ -103,12 +118,23 @@ void for_each_load_term(const Routing<Scalar>& routing, const Visit& visit) {
 
 /// Load_i: the paper's smooth estimator Σ_x P(x, i), P(x, i) = Φ((c_i − θ_i)/s_i), θ_i the k-th
 /// largest noisy logit among the OTHER experts, when `routing.has_smooth_load()` (training mode
-/// and k < E); otherwise the hard count of tokens per expert (see hard_load). O(T·E·k).
+/// and k < E); otherwise the hard count of tokens per expert (see hard_load). Written into
+/// `result` (E entries, storage reused). O(T·E·k).
+template <typename Scalar>
+void load(const Routing<Scalar>& routing, Vector<Scalar>& result) {
+  if (!routing.has_smooth_load()) {
+    hard_load(routing, result);
+    return;
+  }
+  result.setZero(routing.num_experts());
+  detail::for_each_load_term(routing, [&](Index, Index expert, Scalar z, Index) { result[expert] += normal_cdf(z); });
+}
+
+/// Load_i (E entries): the smooth estimator, or the hard count where it is undefined. O(T·E·k).
 template <typename Scalar>
 Vector<Scalar> load(const Routing<Scalar>& routing) {
-  if (!routing.has_smooth_load()) return hard_load(routing);
-  Vector<Scalar> result = Vector<Scalar>::Zero(routing.num_experts());
-  detail::for_each_load_term(routing, [&](Index, Index expert, Scalar z, Index) { result[expert] += normal_cdf(z); });
+  Vector<Scalar> result;
+  load(routing, result);
   return result;
 }
 
@@ -129,24 +155,31 @@ struct AuxiliaryLosses {
   Scalar total() const { return importance_loss() + load_loss(); }
 };
 
-/// Computes both auxiliary losses of `routing`. Throws std::invalid_argument unless both weights
-/// are finite and ≥ 0. O(T·E·k).
+/// Computes both auxiliary losses of `routing` into `losses`, reusing its storage. Throws
+/// std::invalid_argument unless both weights are finite and ≥ 0. O(T·E·k).
 template <typename Scalar>
-AuxiliaryLosses<Scalar> auxiliary_losses(const Routing<Scalar>& routing, Scalar importance_weight,
-                                         Scalar load_weight) {
+void auxiliary_losses(const Routing<Scalar>& routing, Scalar importance_weight, Scalar load_weight,
+                      AuxiliaryLosses<Scalar>& losses) {
   const char* function = "sparsemoe::auxiliary_losses";
   detail::require(std::isfinite(importance_weight) && importance_weight >= Scalar(0), function,
                   "importance_weight must be finite and >= 0, got ", importance_weight);
   detail::require(std::isfinite(load_weight) && load_weight >= Scalar(0), function,
                   "load_weight must be finite and >= 0, got ", load_weight);
-  AuxiliaryLosses<Scalar> losses;
-  losses.importance = importance(routing);
-  losses.load = load(routing);
+  importance(routing, losses.importance);
+  load(routing, losses.load);
   losses.smooth_load = routing.has_smooth_load();
   losses.importance_cv_squared = cv_squared(losses.importance);
   losses.load_cv_squared = cv_squared(losses.load);
   losses.importance_weight = importance_weight;
   losses.load_weight = load_weight;
+}
+
+/// Computes and returns both auxiliary losses of `routing` (see the overload above).
+template <typename Scalar>
+AuxiliaryLosses<Scalar> auxiliary_losses(const Routing<Scalar>& routing, Scalar importance_weight,
+                                         Scalar load_weight) {
+  AuxiliaryLosses<Scalar> losses;
+  auxiliary_losses(routing, importance_weight, load_weight, losses);
   return losses;
 }
 

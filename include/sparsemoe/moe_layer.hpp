@@ -50,6 +50,8 @@ struct ForwardCache {
 
   /// Whether this cache can feed a backward pass.
   bool empty() const { return owner == nullptr; }
+  /// Bytes held by the input copy and the pre-activations.
+  std::size_t bytes() const { return static_cast<std::size_t>(input.size() + pre_activations.size()) * sizeof(Scalar); }
 };
 
 /// Everything a forward pass returns.
@@ -63,6 +65,58 @@ struct ForwardResult {
 
   /// Tokens routed to each expert (E entries).
   const IndexVector& tokens_per_expert() const { return plan.tokens_per_expert; }
+};
+
+namespace detail {
+
+/// A block of consecutive grouped rows of one expert: the unit of parallel expert work.
+struct ExpertTile {
+  Index expert;
+  Index first_row;
+  Index rows;
+};
+
+/// Tiles of at most `tile_rows` rows per expert, biggest experts first (ties: lower id), so that
+/// the last tiles handed out are small. Reuses `expert_order` and `tiles`. O(E log E + tiles).
+inline void make_expert_tiles(const DispatchPlan& plan, Index tile_rows, std::vector<Index>& expert_order,
+                              std::vector<ExpertTile>& tiles) {
+  expert_order.resize(static_cast<std::size_t>(plan.num_experts));
+  for (Index e = 0; e < plan.num_experts; ++e) expert_order[static_cast<std::size_t>(e)] = e;
+  std::sort(expert_order.begin(), expert_order.end(), [&](Index a, Index b) {
+    const Index count_a = plan.tokens_per_expert[a];
+    const Index count_b = plan.tokens_per_expert[b];
+    return count_a != count_b ? count_a > count_b : a < b;
+  });
+  tiles.clear();
+  for (const Index expert : expert_order) {
+    const Index count = plan.tokens_per_expert[expert];
+    for (Index first = 0; first < count; first += tile_rows) {
+      tiles.push_back({expert, plan.offsets[expert] + first, std::min(tile_rows, count - first)});
+    }
+  }
+}
+
+}  // namespace detail
+
+/// Scratch memory of MoELayer::forward, reusable across calls: a forward of the same shape into
+/// the same workspace (and the same ForwardResult) allocates nothing. Not shared between threads:
+/// give each calling thread its own.
+template <typename Scalar>
+struct ForwardWorkspace {
+  Matrix<Scalar> grouped_input;              ///< T·k×d: each expert's tokens, contiguous
+  Matrix<Scalar> expert_output;              ///< T·k×d: E_i of each grouped row
+  std::vector<Matrix<Scalar>> hidden;        ///< per OpenMP thread, tile×h
+  std::vector<Matrix<Scalar>> pre;           ///< per OpenMP thread, tile×p (evaluation mode)
+  std::vector<detail::ExpertTile> tiles;     ///< this call's expert tiles
+  std::vector<Index> expert_order;           ///< experts by descending size
+
+  /// Bytes held by the matrices above.
+  std::size_t bytes() const {
+    std::size_t total = static_cast<std::size_t>(grouped_input.size() + expert_output.size());
+    for (const auto& block : hidden) total += static_cast<std::size_t>(block.size());
+    for (const auto& block : pre) total += static_cast<std::size_t>(block.size());
+    return total * sizeof(Scalar);
+  }
 };
 
 /// Gradients of every parameter of an MoELayer, laid out like the layer.
@@ -173,76 +227,84 @@ class MoELayer {
   /// on negative or non-finite loss weights, on step ≥ 2^32, and (with the gate's check_finite)
   /// on non-finite gate logits.
   ForwardResult<Scalar> forward(ConstMatrixRef<Scalar> input, const ForwardOptions& options = {}) const {
-    const char* function = "sparsemoe::MoELayer::forward";
-    detail::require(input.cols() == input_dim(), function, "input must have ", input_dim(),
-                    " columns (the layer's input_dim), got ", input.rows(), "x", input.cols());
     ForwardResult<Scalar> result;
-    result.routing = route(input, options);
-    result.plan = build_dispatch_plan(result.routing.expert_ids, num_experts());
-    result.losses = auxiliary_losses(result.routing, static_cast<Scalar>(options.importance_weight),
-                                     static_cast<Scalar>(options.load_weight));
-    const Matrix<Scalar> grouped_input = group(input, result.plan);
-    const bool training = options.mode == Mode::training;
-    if (training) {
-      result.cache.owner = this;
-      result.cache.input = input;
-      result.cache.pre_activations.resize(result.plan.num_rows(), pre_activation_width());
-    }
-    const Matrix<Scalar> expert_output =
-        compute_experts(grouped_input, result.plan, training ? &result.cache.pre_activations : nullptr);
-    result.output = combine(expert_output, result.routing, result.plan);
+    ForwardWorkspace<Scalar> workspace;
+    forward(input, options, result, workspace);
     return result;
   }
 
-  /// Stage 1, route: the gate's decisions for `input` (T×d).
-  Routing<Scalar> route(ConstMatrixRef<Scalar> input, const ForwardOptions& options) const {
-    return gate_.route(input, options.mode, options.step);
+  /// Forward pass into `result`, with scratch memory from `workspace`; both keep their storage
+  /// from call to call, so a forward of the same shape and mode allocates nothing. Evaluation
+  /// mode leaves result.cache empty.
+  void forward(ConstMatrixRef<Scalar> input, const ForwardOptions& options, ForwardResult<Scalar>& result,
+               ForwardWorkspace<Scalar>& workspace) const {
+    const char* function = "sparsemoe::MoELayer::forward";
+    detail::require(input.cols() == input_dim(), function, "input must have ", input_dim(),
+                    " columns (the layer's input_dim), got ", input.rows(), "x", input.cols());
+    const bool training = options.mode == Mode::training;
+    route(input, options, result.routing);
+    build_dispatch_plan(result.routing.expert_ids, num_experts(), result.plan);
+    auxiliary_losses(result.routing, static_cast<Scalar>(options.importance_weight),
+                     static_cast<Scalar>(options.load_weight), result.losses);
+    group(input, result.plan, workspace.grouped_input);
+    ForwardCache<Scalar>& cache = result.cache;
+    cache.owner = training ? this : nullptr;
+    if (training) {
+      cache.input = input;
+      cache.pre_activations.resize(result.plan.num_rows(), pre_activation_width());
+    } else {
+      cache.input.resize(0, 0);
+      cache.pre_activations.resize(0, 0);
+    }
+    compute_experts(result.plan, training ? &cache.pre_activations : nullptr, workspace);
+    combine(workspace.expert_output, result.routing, result.plan, result.output);
   }
 
-  /// Stage 2, group: grouped row r of the result is input row plan.token_of_row[r] (T·k×d).
-  static Matrix<Scalar> group(ConstMatrixRef<Scalar> input, const DispatchPlan& plan) {
-    Matrix<Scalar> grouped(plan.num_rows(), input.cols());
+  /// Stage 1, route: the gate's decisions for `input` (T×d), into `routing`.
+  void route(ConstMatrixRef<Scalar> input, const ForwardOptions& options, Routing<Scalar>& routing) const {
+    gate_.route(input, options.mode, options.step, routing);
+  }
+
+  /// Stage 2, group: grouped row r of `grouped` (T·k×d) is input row plan.token_of_row[r].
+  static void group(ConstMatrixRef<Scalar> input, const DispatchPlan& plan, Matrix<Scalar>& grouped) {
+    grouped.resize(plan.num_rows(), input.cols());
     detail::parallel_for(plan.num_rows(), [&](Index row) { grouped.row(row) = input.row(plan.token_of_row[row]); });
-    return grouped;
   }
 
-  /// Stage 3, expert compute: E_i of every grouped row of expert i (T·k×d in, T·k×d out). When
-  /// `pre_activations` is given (T·k×p), the pre-activations are kept there for backward.
-  Matrix<Scalar> compute_experts(const Matrix<Scalar>& grouped_input, const DispatchPlan& plan,
-                                 Matrix<Scalar>* pre_activations) const {
-    Matrix<Scalar> expert_output(plan.num_rows(), input_dim());
-    const std::vector<Tile> tiles = row_tiles(plan);
-    const int threads = detail::max_threads();
-    std::vector<Matrix<Scalar>> hidden(static_cast<std::size_t>(threads));
-    std::vector<Matrix<Scalar>> pre_scratch(static_cast<std::size_t>(pre_activations ? 0 : threads));
-    detail::parallel_for_dynamic(static_cast<Index>(tiles.size()), [&](Index index) {
-      const Tile& tile = tiles[static_cast<std::size_t>(index)];
+  /// Stage 3, expert compute: workspace.expert_output (T·k×d) = E_i of every grouped row of
+  /// expert i, from workspace.grouped_input. When `pre_activations` is given (T·k×p), the
+  /// pre-activations are kept there for backward.
+  void compute_experts(const DispatchPlan& plan, Matrix<Scalar>* pre_activations,
+                       ForwardWorkspace<Scalar>& workspace) const {
+    workspace.expert_output.resize(plan.num_rows(), input_dim());
+    detail::make_expert_tiles(plan, expert_row_tile, workspace.expert_order, workspace.tiles);
+    const auto threads = static_cast<std::size_t>(detail::max_threads());
+    workspace.hidden.resize(threads);
+    workspace.pre.resize(pre_activations ? 0 : threads);
+    for (auto& block : workspace.hidden) block.resize(expert_row_tile, hidden_dim());
+    for (auto& block : workspace.pre) block.resize(expert_row_tile, pre_activation_width());
+    detail::parallel_for_dynamic(static_cast<Index>(workspace.tiles.size()), [&](Index index) {
+      const detail::ExpertTile& tile = workspace.tiles[static_cast<std::size_t>(index)];
       const auto thread = static_cast<std::size_t>(detail::thread_index());
-      Matrix<Scalar>& hidden_block = hidden[thread];
-      hidden_block.resize(tile.rows, hidden_dim());
-      Matrix<Scalar>* pre_block = nullptr;
-      if (!pre_activations) {
-        pre_block = &pre_scratch[thread];
-        pre_block->resize(tile.rows, pre_activation_width());
-      }
-      auto pre = pre_activations ? MatrixRef<Scalar>(pre_activations->middleRows(tile.first_row, tile.rows))
-                                 : MatrixRef<Scalar>(*pre_block);
-      expert_forward(experts_[static_cast<std::size_t>(tile.expert)], grouped_input.middleRows(tile.first_row, tile.rows),
-                     pre, hidden_block, expert_output.middleRows(tile.first_row, tile.rows));
+      auto hidden = workspace.hidden[thread].topRows(tile.rows);
+      auto pre = pre_activations ? pre_activations->middleRows(tile.first_row, tile.rows)
+                                 : workspace.pre[thread].topRows(tile.rows);
+      expert_forward(experts_[static_cast<std::size_t>(tile.expert)],
+                     workspace.grouped_input.middleRows(tile.first_row, tile.rows), pre, hidden,
+                     workspace.expert_output.middleRows(tile.first_row, tile.rows));
     });
-    return expert_output;
   }
 
-  /// Stage 4, combine: y_t = Σ_j g(t, j)·expert_output[row of (t, j)], slots in order (T×d).
-  Matrix<Scalar> combine(const Matrix<Scalar>& expert_output, const Routing<Scalar>& routing,
-                         const DispatchPlan& plan) const {
-    Matrix<Scalar> output = Matrix<Scalar>::Zero(plan.num_tokens, input_dim());
+  /// Stage 4, combine: output_t (T×d) = Σ_j g(t, j)·expert_output[row of (t, j)], slots in order.
+  void combine(const Matrix<Scalar>& expert_output, const Routing<Scalar>& routing, const DispatchPlan& plan,
+               Matrix<Scalar>& output) const {
+    output.resize(plan.num_tokens, input_dim());
     detail::parallel_for(plan.num_tokens, [&](Index token) {
+      output.row(token).setZero();
       for (Index slot = 0; slot < plan.k; ++slot) {
         output.row(token) += routing.gates(token, slot) * expert_output.row(plan.row_of_slot(token, slot));
       }
     });
-    return output;
   }
 
   /// Backward pass: from a training-mode forward's result and ∂L/∂y (T×d), returns ∂L/∂x (T×d)
@@ -267,18 +329,22 @@ class MoELayer {
     GateGradients<Scalar> gate_gradients = GateGradients<Scalar>::zeros(routing);
     auxiliary_losses_backward(routing, forward_result.losses, gate_gradients);
 
-    const Matrix<Scalar> grouped_input = group(cache.input, plan);
-    Matrix<Scalar> grouped_d_output = group(d_output, plan);
+    Matrix<Scalar> grouped_input;
+    group(cache.input, plan, grouped_input);
+    Matrix<Scalar> grouped_d_output;
+    group(d_output, plan, grouped_d_output);
     const Index rows = plan.num_rows();
     Matrix<Scalar> hidden(rows, hidden_dim());
     Matrix<Scalar> d_pre(rows, pre_activation_width());
     Matrix<Scalar> d_grouped_input(rows, input_dim());
     Vector<Scalar> d_gate_of_row(rows);
 
-    const std::vector<Tile> tiles = row_tiles(plan);
+    std::vector<Index> expert_order;
+    std::vector<detail::ExpertTile> tiles;
+    detail::make_expert_tiles(plan, expert_row_tile, expert_order, tiles);
     std::vector<Matrix<Scalar>> d_hidden(static_cast<std::size_t>(detail::max_threads()));
     detail::parallel_for_dynamic(static_cast<Index>(tiles.size()), [&](Index index) {
-      const Tile& tile = tiles[static_cast<std::size_t>(index)];
+      const detail::ExpertTile& tile = tiles[static_cast<std::size_t>(index)];
       const ExpertT& expert = experts_[static_cast<std::size_t>(tile.expert)];
       Matrix<Scalar>& d_hidden_block = d_hidden[static_cast<std::size_t>(detail::thread_index())];
       d_hidden_block.resize(tile.rows, hidden_dim());
@@ -318,12 +384,6 @@ class MoELayer {
   }
 
  private:
-  struct Tile {
-    Index expert;
-    Index first_row;
-    Index rows;
-  };
-
   static const MoEConfig& checked(const MoEConfig& config) {
     const char* function = "sparsemoe::MoELayer";
     detail::require(config.input_dim >= 1, function, "input_dim must be >= 1, got ", config.input_dim);
@@ -335,23 +395,6 @@ class MoELayer {
   }
 
   Index pre_activation_width() const { return experts_.front().pre_activation_width(); }
-
-  /// Tiles of expert_row_tile rows per expert, biggest experts first (stable in expert id).
-  static std::vector<Tile> row_tiles(const DispatchPlan& plan) {
-    std::vector<Index> order(static_cast<std::size_t>(plan.num_experts));
-    for (Index e = 0; e < plan.num_experts; ++e) order[static_cast<std::size_t>(e)] = e;
-    std::stable_sort(order.begin(), order.end(), [&](Index a, Index b) {
-      return plan.tokens_per_expert[a] > plan.tokens_per_expert[b];
-    });
-    std::vector<Tile> tiles;
-    for (const Index expert : order) {
-      const Index count = plan.tokens_per_expert[expert];
-      for (Index first = 0; first < count; first += expert_row_tile) {
-        tiles.push_back({expert, plan.offsets[expert] + first, std::min(expert_row_tile, count - first)});
-      }
-    }
-    return tiles;
-  }
 
   void check_gradients(Gradients& gradients, const char* function) const {
     detail::require_shape(gradients.gate_weight, input_dim(), num_experts(), function, "gradients.gate_weight");

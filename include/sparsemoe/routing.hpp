@@ -69,43 +69,51 @@ struct DispatchPlan {
   Index row_of_slot(Index token, Index slot) const { return row_of_token_slot[token * k + slot]; }
 };
 
-/// Builds the dispatch plan of a T×k matrix of expert ids (each in [0, num_experts)) by counting
-/// sort: O(T·k + E) time, stable (tokens ascending inside each expert).
+/// Builds into `plan` the dispatch plan of a T×k matrix of expert ids (each in [0, num_experts))
+/// by counting sort: O(T·k + E) time, stable (tokens ascending inside each expert). Reuses the
+/// plan's storage: no allocation when the shapes are those of the previous call.
 /// Throws std::invalid_argument for an id out of range.
-inline DispatchPlan build_dispatch_plan(const IndexMatrix& expert_ids, Index num_experts) {
+inline void build_dispatch_plan(const IndexMatrix& expert_ids, Index num_experts, DispatchPlan& plan) {
   const char* function = "sparsemoe::build_dispatch_plan";
   detail::require(num_experts >= 1, function, "num_experts must be >= 1, got ", num_experts);
-  DispatchPlan plan;
   plan.num_tokens = expert_ids.rows();
   plan.num_experts = num_experts;
   plan.k = expert_ids.cols();
   const Index rows = plan.num_rows();
-  plan.tokens_per_expert = IndexVector::Zero(num_experts);
+  plan.tokens_per_expert.setZero(num_experts);
   for (Index token = 0; token < plan.num_tokens; ++token) {
     for (Index slot = 0; slot < plan.k; ++slot) {
       const Index expert = expert_ids(token, slot);
-      detail::require(expert >= 0 && expert < num_experts, function, "expert id ", expert,
-                      " of token ", token, " is outside [0, ", num_experts, ")");
+      detail::require(expert >= 0 && expert < num_experts, function, "expert id ", expert, " of token ", token,
+                      " is outside [0, ", num_experts, ")");
       ++plan.tokens_per_expert[expert];
     }
   }
+  // offsets[e + 1] first serves as the cursor of expert e, ending at the end of e's block.
   plan.offsets.resize(num_experts + 1);
   plan.offsets[0] = 0;
-  for (Index expert = 0; expert < num_experts; ++expert) {
-    plan.offsets[expert + 1] = plan.offsets[expert] + plan.tokens_per_expert[expert];
+  plan.offsets[1] = 0;
+  for (Index expert = 1; expert < num_experts; ++expert) {
+    plan.offsets[expert + 1] = plan.offsets[expert] + plan.tokens_per_expert[expert - 1];
   }
   plan.token_of_row.resize(rows);
   plan.slot_of_row.resize(rows);
   plan.row_of_token_slot.resize(rows);
-  IndexVector next_row = plan.offsets.head(num_experts);
   for (Index token = 0; token < plan.num_tokens; ++token) {
     for (Index slot = 0; slot < plan.k; ++slot) {
-      const Index row = next_row[expert_ids(token, slot)]++;
+      const Index row = plan.offsets[expert_ids(token, slot) + 1]++;
       plan.token_of_row[row] = token;
       plan.slot_of_row[row] = slot;
       plan.row_of_token_slot[token * plan.k + slot] = row;
     }
   }
+  SPARSEMOE_ASSERT(plan.offsets[num_experts] == rows);
+}
+
+/// Builds and returns the dispatch plan of `expert_ids` (see the overload above).
+inline DispatchPlan build_dispatch_plan(const IndexMatrix& expert_ids, Index num_experts) {
+  DispatchPlan plan;
+  build_dispatch_plan(expert_ids, num_experts, plan);
   return plan;
 }
 

@@ -12,7 +12,9 @@
 #include "gate.hpp"
 #include "losses.hpp"
 #include "moe_layer.hpp"
+#include "optimizers.hpp"
 #include "parameters.hpp"
 #include "routing.hpp"
+#include "training_losses.hpp"
 
 #endif  // SPARSEMOE_SPARSEMOE_HPP

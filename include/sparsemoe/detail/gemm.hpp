@@ -5,6 +5,10 @@
 
 #include "../config.hpp"
 
+#ifdef SPARSEMOE_WITH_LIBXSMM
+#include "gemm_libxsmm.hpp"
+#endif
+
 namespace sparsemoe {
 namespace detail {
 
@@ -54,7 +58,9 @@ void run_kernel(Index m, Index n, Index k, const ConstOperand<Scalar>& a,
 /// Always single-threaded and with a cache blocking that depends only on (m, n, k): callers
 /// parallelise over tiles themselves, so results are bitwise identical for any thread count
 /// (Eigen's own products would pick a thread-count-dependent blocking outside an OpenMP region).
-/// One-row or one-column results go through Eigen's matrix-vector kernel.
+/// One-row or one-column results go through Eigen's matrix-vector kernel. With
+/// SPARSEMOE_WITH_LIBXSMM defined, the other products run libxsmm JIT kernels over fixed 64×64
+/// output tiles (gemm_libxsmm.hpp); without it (the default), Eigen's GEMM kernel.
 /// Cost: 2·m·n·k flops.
 template <typename Scalar>
 void gemm(const ConstOperand<Scalar>& a, const ConstOperand<Scalar>& b, Scalar* c, Index ldc,
@@ -64,6 +70,13 @@ void gemm(const ConstOperand<Scalar>& a, const ConstOperand<Scalar>& b, Scalar* 
   const Index n = b.op_cols();
   SPARSEMOE_ASSERT(b.op_rows() == k);
   if (m == 0 || n == 0) return;
+#ifdef SPARSEMOE_WITH_LIBXSMM
+  if (m > 1 && n > 1 && k > 0 &&
+      libxsmm_backend::gemm<Scalar>(m, n, k, a.data, a.stride, a.op == Op::transpose, b.data, b.stride,
+                                    b.op == Op::transpose, c, ldc, alpha, accumulate)) {
+    return;
+  }
+#endif
   using OuterStrided = Eigen::Map<Matrix<Scalar>, Eigen::Unaligned, Eigen::OuterStride<>>;
   using ConstOuterStrided = Eigen::Map<const Matrix<Scalar>, Eigen::Unaligned, Eigen::OuterStride<>>;
   OuterStrided result(c, m, n, Eigen::OuterStride<>(ldc));
