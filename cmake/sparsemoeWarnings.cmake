@@ -7,6 +7,12 @@
 # usage requirements would then leak warning flags into users' builds.
 #
 # -Werror is added when SPARSEMOE_WERROR is ON (the CI configuration).
+#
+# sparsemoe_set_native(<target>)
+#
+# Compiles one of the project's own examples or benchmarks for the build machine's
+# CPU (-march=native) when SPARSEMOE_NATIVE is ON, so Eigen uses AVX2/AVX-512 there.
+# Users of the library choose their own architecture flags.
 
 include_guard(GLOBAL)
 
@@ -18,6 +24,17 @@ function(sparsemoe_set_warnings target)
     target_compile_options(${target} PRIVATE -Wall -Wextra -Wpedantic)
     if(SPARSEMOE_WERROR)
       target_compile_options(${target} PRIVATE -Werror)
+    endif()
+  endif()
+endfunction()
+
+function(sparsemoe_set_native target)
+  if(SPARSEMOE_NATIVE AND CMAKE_CXX_COMPILER_ID MATCHES "^(GNU|Clang|IntelLLVM)$")
+    target_compile_options(${target} PRIVATE -march=native)
+    # GCC 12's avx512fintrin.h trips -Wmaybe-uninitialized inside its own intrinsics
+    # (GCC bug 105593, fixed in GCC 13); it is not about this project's code.
+    if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU" AND CMAKE_CXX_COMPILER_VERSION VERSION_LESS 13)
+      target_compile_options(${target} PRIVATE -Wno-maybe-uninitialized)
     endif()
   endif()
 endfunction()

@@ -12,11 +12,22 @@
 
 #include <string>
 
-// Defined in test_odr_second_tu.cpp.
-std::string odr_second_tu_touch();
+std::string odr_second_tu_version();
+double odr_second_tu_forward_sum();
 
-TEST(Odr, TwoTranslationUnitsLink) {
-  const std::string here = sparsemoe::version_string();
-  EXPECT_FALSE(here.empty());
-  EXPECT_EQ(here, odr_second_tu_touch());
+TEST(Odr, TwoTranslationUnitsLinkAndAgree) {
+  EXPECT_EQ(sparsemoe::version_string(), odr_second_tu_version());
+  sparsemoe::MoEConfig config;
+  config.input_dim = 6;
+  config.hidden_dim = 10;
+  config.num_experts = 3;
+  config.k = 2;
+  sparsemoe::MoELayer<double> layer(config);
+  layer.gate().initialize_uniform(5);
+  sparsemoe::Matrix<double> input = sparsemoe::Matrix<double>::Constant(4, 6, 0.25);
+  sparsemoe::ForwardOptions options;
+  options.mode = sparsemoe::Mode::training;
+  const double here = layer.forward(input, options).output.sum();
+  EXPECT_NE(here, 0.0);
+  EXPECT_EQ(here, odr_second_tu_forward_sum());
 }

@@ -1,11 +1,29 @@
 // SPDX-License-Identifier: MIT
 // Copyright (c) 2026 The sparsemoe authors
 //
-// Second translation unit of test_odr (not a test executable of its own): it
-// includes the umbrella header again, so any header definition missing `inline`
-// is defined twice in the test_odr binary and fails to link.
+// ODR / "missing inline" check. This file and test_odr.cpp both include
+// the umbrella header and are linked into ONE executable (see tests/CMakeLists.txt).
+// A non-template function or variable defined in a header without `inline` is then
+// defined twice and the link fails. Add to odr_second_tu_touch() anything that
+// needs instantiating in the second TU (e.g. a MoELayer<float> forward pass).
 #include <sparsemoe/sparsemoe.hpp>
 
 #include <string>
 
-std::string odr_second_tu_touch() { return sparsemoe::version_string(); }
+// Uses every non-template entity of the library from a second translation unit, so a missing
+// `inline` in a header is a duplicate symbol at link time.
+std::string odr_second_tu_version() { return sparsemoe::version_string(); }
+
+double odr_second_tu_forward_sum() {
+  sparsemoe::MoEConfig config;
+  config.input_dim = 6;
+  config.hidden_dim = 10;
+  config.num_experts = 3;
+  config.k = 2;
+  sparsemoe::MoELayer<double> layer(config);
+  layer.gate().initialize_uniform(5);
+  sparsemoe::Matrix<double> input = sparsemoe::Matrix<double>::Constant(4, 6, 0.25);
+  sparsemoe::ForwardOptions options;
+  options.mode = sparsemoe::Mode::training;
+  return layer.forward(input, options).output.sum();
+}

@@ -156,7 +156,7 @@ class NoisyTopKGate {
   }
 
   /// Like route(input, mode, step), writing into `routing` and reusing its storage: no
-  /// allocation when T, E and the mode are those of the previous call (and k ≤ 64).
+  /// allocation when T, E and the mode are those of the previous call.
   void route(ConstMatrixRef<Scalar> input, Mode mode, std::uint64_t step, Routing<Scalar>& routing) const {
     const char* function = "sparsemoe::NoisyTopKGate::route";
     detail::require(input.cols() == input_dim(), function, "input must have ", input_dim(),
@@ -280,31 +280,29 @@ class NoisyTopKGate {
     }
   }
 
+  /// Top-k, gates and (for the load estimator) the k-th and (k+1)-th experts of one token.
+  /// O(E·k), no allocation.
   void select(Routing<Scalar>& routing, Index token, bool smooth_load) const {
-    constexpr Index max_stack = 64;
-    Index stack_ids[max_stack + 1];
-    std::vector<Index> heap_ids;
-    const Index wanted = smooth_load ? k_ + 1 : k_;
-    Index* ids = stack_ids;
-    if (wanted > max_stack + 1) {
-      heap_ids.resize(static_cast<std::size_t>(wanted));
-      ids = heap_ids.data();
-    }
+    const Index experts = num_experts();
     const Scalar* logits = routing.noisy_logits.row(token).data();
-    detail::select_top(logits, num_experts(), wanted, ids);
+    Index* ids = routing.expert_ids.row(token).data();
+    detail::select_top(logits, experts, k_, ids);
     const Scalar top = logits[ids[0]];
     Scalar sum = 0;
     for (Index slot = 0; slot < k_; ++slot) {
-      routing.expert_ids(token, slot) = ids[slot];
       const Scalar weight = std::exp(logits[ids[slot]] - top);
       routing.gates(token, slot) = weight;
       sum += weight;
     }
     routing.gates.row(token) /= sum;
-    if (smooth_load) {
-      routing.kth_expert[token] = ids[k_ - 1];
-      routing.next_expert[token] = ids[k_];
+    if (!smooth_load) return;
+    routing.kth_expert[token] = ids[k_ - 1];
+    Index next = -1;
+    for (Index expert = 0; expert < experts; ++expert) {
+      if (std::find(ids, ids + k_, expert) != ids + k_) continue;
+      if (next < 0 || detail::ranks_before(logits[expert], logits[next])) next = expert;
     }
+    routing.next_expert[token] = next;
   }
 
   Index k_;

@@ -73,8 +73,9 @@ void check_classification(const Eigen::MatrixBase<Derived>& logits, const IndexV
 }  // namespace detail
 
 /// Softmax cross-entropy, mean over the T rows:
-/// L = (1/T)·Σ_t (log Σ_c exp(z_tc) − z_t,y_t), computed as m_t + log Σ_c exp(z_tc − m_t) with
-/// m_t = max_c z_tc, so large logits do not overflow.
+/// L = (1/T)·Σ_t (log Σ_c exp(z_tc) − z_t,y_t), computed per row as
+/// (m_t − z_t,y_t) + log Σ_c exp(z_tc − m_t) with m_t = max_c z_tc: large logits do not overflow,
+/// and both terms are ≥ 0, so nothing cancels.
 /// `logits` is T×C (T, C ≥ 1), `labels` holds T class ids in [0, C). Throws
 /// std::invalid_argument on a size mismatch or a label out of range. O(T·C).
 ///
@@ -92,7 +93,7 @@ typename Derived::Scalar softmax_cross_entropy(const Eigen::MatrixBase<Derived>&
   for (Index row = 0; row < logits.rows(); ++row) {
     const Scalar largest = logits.row(row).maxCoeff();
     const Scalar log_sum = std::log((logits.row(row).array() - largest).exp().sum());
-    total += largest + log_sum - logits(row, labels[row]);
+    total += (largest - logits(row, labels[row])) + log_sum;  // two terms ≥ 0: no cancellation
   }
   return total / static_cast<Scalar>(logits.rows());
 }

@@ -16,8 +16,9 @@
 /// Row-major C (m×n) = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, so libxsmm's "A" is our B
 /// and its "B" is our A. libxsmm 1.17's JIT supports a transposed second operand (our A used
 /// transposed: the weight gradients Xᵀ·∂pre) but not a transposed first one (our B used
-/// transposed: ∂Y·W2ᵀ, ∂pre·W1ᵀ in backward); for that case each column panel of op(B) is
-/// transposed once into a thread-local buffer (k × tile_cols) and reused by every row tile.
+/// transposed: ∂Y·W2ᵀ, ∂pre·W1ᵀ in backward). Both transposed cases are packed instead (measured
+/// faster than libxsmm's own transposed-B kernel, see bench/NOTES.md): op(B) once per call into
+/// a thread-local k×n buffer, op(A) once per row tile into a thread-local tile_rows×k buffer.
 /// The JIT kernels only take alpha = 1 and beta ∈ {0, 1}; alpha ≠ 1 goes through a thread-local
 /// tile buffer. The buffers grow to their largest size once per thread and are then reused.
 
@@ -68,10 +69,56 @@ Scalar* scratch(Index size) {
   return buffer.data();
 }
 
+/// panel (column-major tn×k, leading dimension ld) = columns [j0, j0+tn) of op(B) = rows of the
+/// stored B (n×k, row stride ldb). Reads each cache line of B once, whole (16 scalars of one row
+/// at a time), so power-of-two strides do not thrash L1.
+template <typename Scalar>
+void pack_transposed_panel(const Scalar* b, Index ldb, Index j0, Index tn, Index k, Scalar* panel, Index ld) {
+  constexpr Index chunk = 64 / static_cast<Index>(sizeof(Scalar));
+  for (Index k0 = 0; k0 < k; k0 += chunk) {
+    const Index kc = std::min(chunk, k - k0);
+    for (Index j = 0; j < tn; ++j) {
+      const Scalar* source = b + (j0 + j) * ldb + k0;
+      Scalar* target = panel + k0 * ld + j;
+      for (Index t = 0; t < kc; ++t) target[t * ld] = source[t];
+    }
+  }
+}
+
+/// block (row-major tm×k, row stride ld) = rows [i0, i0+tm) of op(A) = columns of the stored A
+/// (k×m, row stride lda); reads each cache line of A once, whole.
+template <typename Scalar>
+void pack_transposed_block(const Scalar* a, Index lda, Index i0, Index tm, Index k, Scalar* block, Index ld) {
+  constexpr Index chunk = 64 / static_cast<Index>(sizeof(Scalar));
+  for (Index c0 = 0; c0 < tm; c0 += chunk) {
+    const Index cc = std::min(chunk, tm - c0);
+    for (Index kk = 0; kk < k; ++kk) {
+      const Scalar* source = a + kk * lda + i0 + c0;
+      Scalar* target = block + c0 * ld + kk;
+      for (Index t = 0; t < cc; ++t) target[t * ld] = source[t];
+    }
+  }
+}
+
+/// Leading dimension of a packed buffer of k scalars per line: k rounded up to a cache line, plus
+/// one line when that is a multiple of 1 KiB (so consecutive lines do not share L1 sets).
+template <typename Scalar>
+Index padded_leading_dimension(Index k) {
+  constexpr Index line = 64 / static_cast<Index>(sizeof(Scalar));
+  Index ld = (k + line - 1) / line * line;
+  if ((ld * static_cast<Index>(sizeof(Scalar))) % 1024 == 0) ld += line;
+  return ld;
+}
+
 /// C = alpha·op(A)·op(B) (+ C when `accumulate`), row-major, through libxsmm. A is stored with row
 /// stride lda (m×k, or k×m when trans_a), B with row stride ldb (k×n, or n×k when trans_b).
 /// Returns false (having touched nothing) when libxsmm cannot take the problem; the caller then
 /// falls back to Eigen. Requires m, n, k ≥ 1.
+///
+/// Loop order: row tiles outside, column tiles inside, so the row block of op(A) (tile_rows × k)
+/// stays in L2 while the column panels of op(B) stream past it. A transposed A is packed once per
+/// row tile; a transposed B is packed once per column panel into a buffer that holds all of op(B)
+/// (so it is packed once per call, during the first row tile).
 template <typename Scalar>
 bool gemm(Index m, Index n, Index k, const Scalar* a, Index lda, bool trans_a, const Scalar* b, Index ldb,
           bool trans_b, Scalar* c, Index ldc, Scalar alpha, bool accumulate) {
@@ -80,11 +127,12 @@ bool gemm(Index m, Index n, Index k, const Scalar* a, Index lda, bool trans_a, c
   const bool scaled = alpha != Scalar(1);
   const Index tm_full = std::min(tile_rows, m);
   const Index tn_full = std::min(tile_cols, n);
-  // Kernel layout: libxsmm's A' is op(B) panel (tn×k col-major), B' is op(A) block (k×tm).
-  const Index lda_kernel = trans_b ? tn_full : ldb;  // packed panel has leading dimension tn_full
-  const Index ldb_kernel = lda;
-  // With alpha ≠ 1 the kernel writes a tm×tn tile buffer (row-major, stride tn_full), beta = 0.
-  const Index ldc_kernel = scaled ? tn_full : ldc;
+  const Index panels = (n + tn_full - 1) / tn_full;
+  // Kernel layout: libxsmm's A' is an op(B) panel (tn×k column-major), its B' an op(A) block
+  // (k×tm column-major = tm×k row-major), its C' a C tile (tn×tm column-major).
+  const Index lda_kernel = trans_b ? tn_full : ldb;
+  const Index ld_block = trans_a ? padded_leading_dimension<Scalar>(k) : lda;
+  const Index ldc_kernel = scaled ? tn_full : ldc;  // alpha ≠ 1: kernel writes a tile buffer
   const bool beta_one = accumulate && !scaled;
   // The (at most four) kernels of this problem: full/edge tile in each direction.
   Kernel<Scalar> kernels[2][2] = {{nullptr, nullptr}, {nullptr, nullptr}};
@@ -95,30 +143,28 @@ bool gemm(Index m, Index n, Index k, const Scalar* a, Index lda, bool trans_a, c
     for (int edge_n = 0; edge_n < 2; ++edge_n) {
       const Index tn = edge_n ? tn_edge : tn_full;
       if (tn == 0) continue;
-      // A packed edge panel keeps leading dimension tn_full: always valid (≥ tn).
-      kernels[edge_m][edge_n] = dispatch<Scalar>(tn, tm, k, lda_kernel, ldb_kernel, ldc_kernel, trans_a, beta_one);
+      kernels[edge_m][edge_n] = dispatch<Scalar>(tn, tm, k, lda_kernel, ld_block, ldc_kernel, false, beta_one);
       if (!kernels[edge_m][edge_n]) return false;
     }
   }
-  Scalar* panel = trans_b ? scratch<Scalar, 0>(k * tn_full) : nullptr;
-  Scalar* tile = scaled ? scratch<Scalar, 1>(tm_full * tn_full) : nullptr;
-  for (Index j0 = 0; j0 < n; j0 += tn_full) {
-    const Index tn = std::min(tn_full, n - j0);
-    const Scalar* a_kernel;  // libxsmm's A': columns j0.. of op(B)
-    if (trans_b) {
-      // op(B)(kk, j) = B_stored(j, kk): gather the panel as column-major tn×k, ld = tn_full.
-      for (Index kk = 0; kk < k; ++kk) {
-        Scalar* out = panel + kk * tn_full;
-        for (Index j = 0; j < tn; ++j) out[j] = b[(j0 + j) * ldb + kk];
-      }
-      a_kernel = panel;
-    } else {
-      a_kernel = b + j0;
+  Scalar* packed_b = trans_b ? scratch<Scalar, 0>(panels * tn_full * k) : nullptr;
+  Scalar* packed_a = trans_a ? scratch<Scalar, 1>(tm_full * ld_block) : nullptr;
+  Scalar* tile = scaled ? scratch<Scalar, 2>(tm_full * tn_full) : nullptr;
+  for (Index i0 = 0; i0 < m; i0 += tm_full) {
+    const Index tm = std::min(tm_full, m - i0);
+    const Scalar* b_kernel = a + i0 * lda;
+    if (trans_a) {
+      pack_transposed_block(a, lda, i0, tm, k, packed_a, ld_block);
+      b_kernel = packed_a;
     }
-    for (Index i0 = 0; i0 < m; i0 += tm_full) {
-      const Index tm = std::min(tm_full, m - i0);
+    for (Index j0 = 0, panel = 0; j0 < n; j0 += tn_full, ++panel) {
+      const Index tn = std::min(tn_full, n - j0);
+      const Scalar* a_kernel = b + j0;
+      if (trans_b) {
+        a_kernel = packed_b + panel * tn_full * k;
+        if (i0 == 0) pack_transposed_panel(b, ldb, j0, tn, k, const_cast<Scalar*>(a_kernel), tn_full);
+      }
       const Kernel<Scalar> kernel = kernels[tm != tm_full][tn != tn_full];
-      const Scalar* b_kernel = trans_a ? a + i0 : a + i0 * lda;
       Scalar* c_tile = c + i0 * ldc + j0;
       if (!scaled) {
         kernel(a_kernel, b_kernel, c_tile);

@@ -1,0 +1,110 @@
+// SPDX-License-Identifier: MIT
+// Copyright (c) 2026 The sparsemoe authors
+//
+// Steady state allocates nothing: a forward pass of the same shape into the same ForwardResult
+// and ForwardWorkspace must not allocate. Two independent counters: this binary replaces the
+// global operator new/delete with counting versions, and Eigen's own heap allocations (which go
+// through std::malloc, not operator new) are counted through EIGEN_RUNTIME_NO_MALLOC, whose check
+// reports through eigen_assert, redefined here to count instead of abort (it is active even in
+// NDEBUG builds).
+
+#include <atomic>
+#include <cstdlib>
+#include <new>
+
+namespace {
+std::atomic<long> eigen_heap_allocations{0};
+}  // namespace
+
+#define EIGEN_RUNTIME_NO_MALLOC
+#define eigen_assert(condition)                                                     \
+  do {                                                                              \
+    if (!(condition)) eigen_heap_allocations.fetch_add(1, std::memory_order_relaxed); \
+  } while (false)
+
+#include <sparsemoe/sparsemoe.hpp>
+
+#include <gtest/gtest.h>
+
+#include <vector>
+
+namespace {
+std::atomic<long> allocations{0};
+}  // namespace
+
+void* operator new(std::size_t size) {
+  allocations.fetch_add(1, std::memory_order_relaxed);
+  if (void* pointer = std::malloc(size == 0 ? 1 : size)) return pointer;
+  throw std::bad_alloc();
+}
+void* operator new[](std::size_t size) { return operator new(size); }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+#endif
+void operator delete(void* pointer) noexcept { std::free(pointer); }
+void operator delete[](void* pointer) noexcept { std::free(pointer); }
+void operator delete(void* pointer, std::size_t) noexcept { std::free(pointer); }
+void operator delete[](void* pointer, std::size_t) noexcept { std::free(pointer); }
+
+namespace {
+
+template <typename Scalar, typename ExpertT>
+void expect_no_allocation(sparsemoe::Mode mode) {
+  sparsemoe::MoEConfig config;
+  config.input_dim = 24;
+  config.hidden_dim = 40;
+  config.num_experts = 6;
+  config.k = 2;
+  sparsemoe::MoELayer<Scalar, ExpertT> layer(config);
+  layer.gate().initialize_uniform(3);
+  const sparsemoe::Matrix<Scalar> input = sparsemoe::Matrix<Scalar>::Random(300, 24);
+  sparsemoe::ForwardOptions options;
+  options.mode = mode;
+  sparsemoe::ForwardResult<Scalar> result;
+  sparsemoe::ForwardWorkspace<Scalar> workspace;
+  layer.forward(input, options, result, workspace);
+  const Scalar* output = result.output.data();
+  const Scalar* grouped = workspace.grouped_input.data();
+  const Scalar* logits = result.routing.noisy_logits.data();
+  const auto* rows = result.plan.token_of_row.data();
+
+  options.step = 1;
+  const long before = allocations.load();
+  const long eigen_before = eigen_heap_allocations.load();
+  Eigen::internal::set_is_malloc_allowed(false);
+  layer.forward(input, options, result, workspace);
+  Eigen::internal::set_is_malloc_allowed(true);
+  EXPECT_EQ(allocations.load() - before, 0) << "operator new calls in a steady-state forward";
+  EXPECT_EQ(eigen_heap_allocations.load() - eigen_before, 0) << "Eigen heap allocations in a steady-state forward";
+  EXPECT_EQ(result.output.data(), output);
+  EXPECT_EQ(workspace.grouped_input.data(), grouped);
+  EXPECT_EQ(result.routing.noisy_logits.data(), logits);
+  EXPECT_EQ(result.plan.token_of_row.data(), rows);
+  EXPECT_EQ(result.output.rows(), 300);
+  EXPECT_TRUE(result.output.allFinite());
+}
+
+}  // namespace
+
+TEST(Allocation, SteadyStateEvaluationForwardAllocatesNothing) {
+  expect_no_allocation<float, sparsemoe::Expert<float, sparsemoe::Relu>>(sparsemoe::Mode::evaluation);
+  expect_no_allocation<double, sparsemoe::Expert<double, sparsemoe::Silu>>(sparsemoe::Mode::evaluation);
+}
+
+TEST(Allocation, SteadyStateTrainingForwardAllocatesNothing) {
+  expect_no_allocation<float, sparsemoe::Expert<float, sparsemoe::Relu>>(sparsemoe::Mode::training);
+  expect_no_allocation<float, sparsemoe::SwiGluExpert<float>>(sparsemoe::Mode::training);
+}
+
+TEST(Allocation, CountersSeeAllocations) {
+  const long before = allocations.load();
+  auto* probe = new std::vector<int>(100);
+  delete probe;
+  EXPECT_GE(allocations.load() - before, 2);
+  const long eigen_before = eigen_heap_allocations.load();
+  Eigen::internal::set_is_malloc_allowed(false);
+  Eigen::VectorXd vector(1000);
+  Eigen::internal::set_is_malloc_allowed(true);
+  EXPECT_EQ(eigen_heap_allocations.load() - eigen_before, 1);
+  EXPECT_EQ(vector.size(), 1000);
+}
