@@ -31,10 +31,10 @@ endfunction()
 function(sparsemoe_set_native target)
   if(SPARSEMOE_NATIVE AND CMAKE_CXX_COMPILER_ID MATCHES "^(GNU|Clang|IntelLLVM)$")
     target_compile_options(${target} PRIVATE -march=native)
-    # GCC 12's avx512fintrin.h trips -Wmaybe-uninitialized inside its own intrinsics
+    # GCC 12's avx512fintrin.h trips -W(maybe-)uninitialized inside its own intrinsics
     # (GCC bug 105593, fixed in GCC 13); it is not about this project's code.
     if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU" AND CMAKE_CXX_COMPILER_VERSION VERSION_LESS 13)
-      target_compile_options(${target} PRIVATE -Wno-maybe-uninitialized)
+      target_compile_options(${target} PRIVATE -Wno-maybe-uninitialized -Wno-uninitialized)
     endif()
   endif()
 endfunction()

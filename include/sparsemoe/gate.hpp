@@ -177,7 +177,8 @@ class NoisyTopKGate {
     routing.noise.resize(noise_rows, noise_cols);
     routing.kth_expert.resize(smooth_load ? tokens : 0);
     routing.next_expert.resize(smooth_load ? tokens : 0);
-    detail::parallel_for(detail::tile_count(tokens, detail::row_tile), [&](Index tile) {
+    const double route_tile_flops = 4.0 * static_cast<double>(detail::row_tile * input_dim() * experts);
+    detail::parallel_for(detail::tile_count(tokens, detail::row_tile), route_tile_flops, [&](Index tile) {
       const Index first = tile * detail::row_tile;
       const Index rows = std::min(detail::row_tile, tokens - first);
       const auto x = input.middleRows(first, rows);
@@ -201,7 +202,8 @@ class NoisyTopKGate {
       }
     });
     if (check_finite_) require_finite(routing, function);
-    detail::parallel_for(tokens, [&](Index token) { select(routing, token, smooth_load); });
+    detail::parallel_for(tokens, static_cast<double>(4 * experts * (k_ + 1)),
+                         [&](Index token) { select(routing, token, smooth_load); });
   }
 
   /// Backward through the gate. On entry `gradients` holds the direct gradients of the loss
@@ -227,7 +229,7 @@ class NoisyTopKGate {
     detail::require_shape(d_input, tokens, input_dim(), function, "d_input");
     const bool noisy = routing.noisy();
     if (noisy) detail::require_shape(gradients.noise_scale, tokens, experts, function, "gradients.noise_scale");
-    detail::parallel_for(tokens, [&](Index token) {
+    detail::parallel_for(tokens, static_cast<double>(8 * experts + 4 * k_), [&](Index token) {
       Scalar weighted_sum = 0;
       for (Index slot = 0; slot < k_; ++slot) weighted_sum += routing.gates(token, slot) * gradients.gates(token, slot);
       for (Index slot = 0; slot < k_; ++slot) {
@@ -244,7 +246,8 @@ class NoisyTopKGate {
       }
     });
     const Index width = input_dim();
-    detail::parallel_for(detail::tile_count(width, detail::row_tile), [&](Index tile) {
+    const double weight_tile_flops = 4.0 * static_cast<double>(detail::row_tile * tokens * experts);
+    detail::parallel_for(detail::tile_count(width, detail::row_tile), weight_tile_flops, [&](Index tile) {
       const Index first = tile * detail::row_tile;
       const Index columns = std::min(detail::row_tile, width - first);
       const auto x_columns = detail::operand(input.middleCols(first, columns), detail::Op::transpose);
@@ -255,7 +258,8 @@ class NoisyTopKGate {
                      d_noise_weight.outerStride(), Scalar(1), true);
       }
     });
-    detail::parallel_for(detail::tile_count(tokens, detail::row_tile), [&](Index tile) {
+    const double input_tile_flops = 4.0 * static_cast<double>(detail::row_tile * width * experts);
+    detail::parallel_for(detail::tile_count(tokens, detail::row_tile), input_tile_flops, [&](Index tile) {
       const Index first = tile * detail::row_tile;
       const Index rows = std::min(detail::row_tile, tokens - first);
       Scalar* output = d_input.row(first).data();

@@ -268,7 +268,8 @@ class MoELayer {
   /// Stage 2, group: grouped row r of `grouped` (T·k×d) is input row plan.token_of_row[r].
   static void group(ConstMatrixRef<Scalar> input, const DispatchPlan& plan, Matrix<Scalar>& grouped) {
     grouped.resize(plan.num_rows(), input.cols());
-    detail::parallel_for(plan.num_rows(), [&](Index row) { grouped.row(row) = input.row(plan.token_of_row[row]); });
+    detail::parallel_for(plan.num_rows(), static_cast<double>(input.cols()),
+                         [&](Index row) { grouped.row(row) = input.row(plan.token_of_row[row]); });
   }
 
   /// Stage 3, expert compute: workspace.expert_output (T·k×d) = E_i of every grouped row of
@@ -283,7 +284,8 @@ class MoELayer {
     workspace.pre.resize(pre_activations ? 0 : threads);
     for (auto& block : workspace.hidden) block.resize(expert_row_tile, hidden_dim());
     for (auto& block : workspace.pre) block.resize(expert_row_tile, pre_activation_width());
-    detail::parallel_for_dynamic(static_cast<Index>(workspace.tiles.size()), [&](Index index) {
+    detail::parallel_for_dynamic(static_cast<Index>(workspace.tiles.size()), tile_flops(plan, workspace.tiles.size()),
+                                 [&](Index index) {
       const detail::ExpertTile& tile = workspace.tiles[static_cast<std::size_t>(index)];
       const auto thread = static_cast<std::size_t>(detail::thread_index());
       auto hidden = workspace.hidden[thread].topRows(tile.rows);
@@ -299,7 +301,7 @@ class MoELayer {
   void combine(const Matrix<Scalar>& expert_output, const Routing<Scalar>& routing, const DispatchPlan& plan,
                Matrix<Scalar>& output) const {
     output.resize(plan.num_tokens, input_dim());
-    detail::parallel_for(plan.num_tokens, [&](Index token) {
+    detail::parallel_for(plan.num_tokens, static_cast<double>(plan.k * input_dim()), [&](Index token) {
       output.row(token).setZero();
       for (Index slot = 0; slot < plan.k; ++slot) {
         output.row(token) += routing.gates(token, slot) * expert_output.row(plan.row_of_slot(token, slot));
@@ -343,7 +345,7 @@ class MoELayer {
     std::vector<detail::ExpertTile> tiles;
     detail::make_expert_tiles(plan, expert_row_tile, expert_order, tiles);
     std::vector<Matrix<Scalar>> d_hidden(static_cast<std::size_t>(detail::max_threads()));
-    detail::parallel_for_dynamic(static_cast<Index>(tiles.size()), [&](Index index) {
+    detail::parallel_for_dynamic(static_cast<Index>(tiles.size()), 2 * tile_flops(plan, tiles.size()), [&](Index index) {
       const detail::ExpertTile& tile = tiles[static_cast<std::size_t>(index)];
       const ExpertT& expert = experts_[static_cast<std::size_t>(tile.expert)];
       Matrix<Scalar>& d_hidden_block = d_hidden[static_cast<std::size_t>(detail::thread_index())];
@@ -376,7 +378,7 @@ class MoELayer {
       gate_gradients.gates(plan.token_of_row[row], plan.slot_of_row[row]) += d_gate_of_row[row];
     }
     Matrix<Scalar> d_input = Matrix<Scalar>::Zero(tokens, input_dim());
-    detail::parallel_for(tokens, [&](Index token) {
+    detail::parallel_for(tokens, static_cast<double>(plan.k * input_dim()), [&](Index token) {
       for (Index slot = 0; slot < plan.k; ++slot) d_input.row(token) += d_grouped_input.row(plan.row_of_slot(token, slot));
     });
     gate_.backward(routing, cache.input, gate_gradients, gradients.gate_weight, gradients.noise_weight, d_input);
@@ -395,6 +397,13 @@ class MoELayer {
   }
 
   Index pre_activation_width() const { return experts_.front().pre_activation_width(); }
+
+  /// Average flops of one of `tiles` tiles sharing the expert forward of `plan`'s rows.
+  double tile_flops(const DispatchPlan& plan, std::size_t tiles) const {
+    const double total = 2.0 * static_cast<double>(plan.num_rows()) * static_cast<double>(input_dim()) *
+                         static_cast<double>(pre_activation_width() + hidden_dim());
+    return tiles == 0 ? 0.0 : total / static_cast<double>(tiles);
+  }
 
   void check_gradients(Gradients& gradients, const char* function) const {
     detail::require_shape(gradients.gate_weight, input_dim(), num_experts(), function, "gradients.gate_weight");
@@ -425,7 +434,7 @@ class MoELayer {
       for (Index c = 0; c < pre_activation_width(); c += gradient_column_tile) tiles.push_back({expert, true, c});
       for (Index c = 0; c < input_dim(); c += gradient_column_tile) tiles.push_back({expert, false, c});
     }
-    detail::parallel_for_dynamic(static_cast<Index>(tiles.size()), [&](Index index) {
+    detail::parallel_for_dynamic(static_cast<Index>(tiles.size()), tile_flops(plan, tiles.size()), [&](Index index) {
       const GradientTile& tile = tiles[static_cast<std::size_t>(index)];
       ExpertT& gradient = gradients.experts[static_cast<std::size_t>(tile.expert)];
       const Index first_row = plan.offsets[tile.expert];

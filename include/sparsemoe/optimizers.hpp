@@ -11,7 +11,8 @@
 /// Both keep one state tensor (or two) per parameter tensor, allocated on the first `step` and
 /// shape-checked on every later one; after the first step, `step` allocates nothing. The updates
 /// are element-wise Eigen array expressions over each tensor's flat storage (vectorised), O(N)
-/// for N parameters in all.
+/// for N parameters in all. `restore_state` replaces the whole state at once (hyper-parameters,
+/// step count, layout, state tensors), which is what checkpoint.hpp's loader uses.
 ///
 /// \code
 /// sparsemoe::MoELayer<float> layer({/*d*/ 32, /*h*/ 64, /*E*/ 8, /*k*/ 2});
@@ -29,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace sparsemoe {
@@ -175,10 +177,55 @@ class Sgd {
     step_count_ = 0;
   }
 
+  /// Replaces the whole state, as a checkpoint loader needs: afterwards this optimizer behaves
+  /// exactly like the one whose state is given (same hyper-parameters, step count, recorded
+  /// tensor layout and velocities), so training resumes bitwise as if never interrupted.
+  ///
+  /// - `options`: the hyper-parameters, checked as by the constructor.
+  /// - `step_count` ≥ 0: steps taken. With 0 the state is that of a fresh optimizer (nothing
+  ///   recorded; `parameters` is ignored and `velocities` must be empty).
+  /// - `parameters`: the tensors the state belongs to (e.g. `layer.tensors()`); their names and
+  ///   shapes are recorded as a first step would, and later steps are checked against them.
+  /// - `velocities`: empty when μ = 0 (or step_count = 0), otherwise one flat vector of
+  ///   parameters[i].size() scalars per parameter tensor, in the parameters' order.
+  ///
+  /// Throws std::invalid_argument naming the first problem before changing anything (strong
+  /// guarantee: validation and the allocations happen first, the commit only moves). Cost:
+  /// O(number of tensors); the velocities are moved in, not copied.
+  void restore_state(const SgdOptions& options, std::int64_t step_count,
+                     const std::vector<TensorView<Scalar>>& parameters, std::vector<Vector<Scalar>> velocities) {
+    const char* function = "sparsemoe::Sgd::restore_state";
+    checked(options);
+    detail::require(step_count >= 0, function, "step_count must be >= 0, got ", step_count);
+    detail::TensorLayout layout;
+    if (step_count == 0) {
+      detail::require(velocities.empty(), function, "step_count is 0 (a fresh optimizer) but ", velocities.size(),
+                      " velocity tensors were given; expected none");
+    } else {
+      layout.check(parameters, parameters, function);
+      const std::size_t expected = options.momentum > 0.0 ? parameters.size() : 0;
+      detail::require(velocities.size() == expected, function, "expected ", expected,
+                      " velocity tensors (one per parameter tensor when momentum > 0, none otherwise; momentum = ",
+                      options.momentum, ", ", parameters.size(), " parameter tensors), got ", velocities.size());
+      for (std::size_t i = 0; i < velocities.size(); ++i) {
+        detail::require(velocities[i].size() == parameters[i].size(), function, "velocity tensor ", i,
+                        " must have ", parameters[i].size(), " scalars (parameter tensor '", parameters[i].name,
+                        "' is ", parameters[i].rows, "x", parameters[i].cols, "), got ", velocities[i].size());
+      }
+      layout.record(parameters);
+    }
+    // Commit: moves only, nothing here throws.
+    options_ = options;
+    step_count_ = step_count;
+    layout_ = std::move(layout);
+    velocities_ = std::move(velocities);
+  }
+
   /// Updates every parameter tensor in place from its gradient (see the class comment).
   /// `parameters` and `gradients` must have the same length and pairwise the same shapes; on
   /// later steps they must also have the count and shapes of the first step. Throws
-  /// std::invalid_argument naming the tensor otherwise, before changing anything.
+  /// std::invalid_argument naming the tensor otherwise, before changing anything. Gradients
+  /// are not checked for NaN or infinity (they would propagate into the parameters).
   void step(const std::vector<TensorView<Scalar>>& parameters, const std::vector<TensorView<Scalar>>& gradients) {
     layout_.check(parameters, gradients, "sparsemoe::Sgd::step");
     const bool use_momentum = options_.momentum > 0.0;
@@ -186,7 +233,9 @@ class Sgd {
       layout_.record(parameters);
       if (use_momentum) {
         velocities_.clear();
-        for (const TensorView<Scalar>& parameter : parameters) velocities_.push_back(Vector<Scalar>::Zero(parameter.size()));
+        for (const TensorView<Scalar>& parameter : parameters) {
+          velocities_.push_back(Vector<Scalar>::Zero(parameter.size()));
+        }
       }
     }
     ++step_count_;
@@ -258,9 +307,9 @@ struct AdamOptions {
 ///     m̂ = m / (1 − β1ᵗ),       v̂ = v / (1 − β2ᵗ)
 ///     θ ← θ − lr·m̂ / (√v̂ + ε)
 ///
-/// The constants 1 − β and the bias corrections 1 − βᵗ are computed in double. State: two tensors (m, v) per parameter
-/// tensor. Cost per step: O(N) for N parameters, about ten flops and one square root each;
-/// nothing is allocated after the first step.
+/// The constants 1 − β and the bias corrections 1 − βᵗ are computed in double. State: two
+/// tensors (m, v) per parameter tensor. Cost per step: O(N) for N parameters, about ten flops
+/// and one square root each; nothing is allocated after the first step.
 template <typename Scalar_>
 class Adam {
  public:
@@ -296,10 +345,60 @@ class Adam {
     step_count_ = 0;
   }
 
+  /// Replaces the whole state, as a checkpoint loader needs: afterwards this optimizer behaves
+  /// exactly like the one whose state is given (same hyper-parameters, step count t, recorded
+  /// tensor layout and moments), so training resumes bitwise as if never interrupted.
+  ///
+  /// - `options`: the hyper-parameters, checked as by the constructor.
+  /// - `step_count` ≥ 0: steps taken, t. With 0 the state is that of a fresh optimizer (nothing
+  ///   recorded; `parameters` is ignored and both moment lists must be empty).
+  /// - `parameters`: the tensors the state belongs to (e.g. `layer.tensors()`); their names and
+  ///   shapes are recorded as a first step would, and later steps are checked against them.
+  /// - `first_moments`, `second_moments` (t ≥ 1): one flat vector of parameters[i].size()
+  ///   scalars per parameter tensor each, in the parameters' order.
+  ///
+  /// Throws std::invalid_argument naming the first problem before changing anything (strong
+  /// guarantee: validation and the allocations happen first, the commit only moves). Cost:
+  /// O(number of tensors); the moments are moved in, not copied.
+  void restore_state(const AdamOptions& options, std::int64_t step_count,
+                     const std::vector<TensorView<Scalar>>& parameters, std::vector<Vector<Scalar>> first_moments,
+                     std::vector<Vector<Scalar>> second_moments) {
+    const char* function = "sparsemoe::Adam::restore_state";
+    checked(options);
+    detail::require(step_count >= 0, function, "step_count must be >= 0, got ", step_count);
+    detail::TensorLayout layout;
+    if (step_count == 0) {
+      detail::require(first_moments.empty() && second_moments.empty(), function,
+                      "step_count is 0 (a fresh optimizer) but ", first_moments.size(), " first and ",
+                      second_moments.size(), " second moment tensors were given; expected none");
+    } else {
+      layout.check(parameters, parameters, function);
+      detail::require(first_moments.size() == parameters.size() && second_moments.size() == parameters.size(),
+                      function, "expected ", parameters.size(),
+                      " first and second moment tensors (one per parameter tensor), got ", first_moments.size(),
+                      " and ", second_moments.size());
+      for (std::size_t i = 0; i < parameters.size(); ++i) {
+        detail::require(first_moments[i].size() == parameters[i].size() &&
+                            second_moments[i].size() == parameters[i].size(),
+                        function, "moment tensors ", i, " must have ", parameters[i].size(),
+                        " scalars each (parameter tensor '", parameters[i].name, "' is ", parameters[i].rows, "x",
+                        parameters[i].cols, "), got ", first_moments[i].size(), " and ", second_moments[i].size());
+      }
+      layout.record(parameters);
+    }
+    // Commit: moves only, nothing here throws.
+    options_ = options;
+    step_count_ = step_count;
+    layout_ = std::move(layout);
+    first_moments_ = std::move(first_moments);
+    second_moments_ = std::move(second_moments);
+  }
+
   /// Updates every parameter tensor in place from its gradient (see the class comment).
   /// `parameters` and `gradients` must have the same length and pairwise the same shapes; on
   /// later steps they must also have the count and shapes of the first step. Throws
-  /// std::invalid_argument naming the tensor otherwise, before changing anything.
+  /// std::invalid_argument naming the tensor otherwise, before changing anything. Gradients
+  /// are not checked for NaN or infinity (they would propagate into the parameters).
   void step(const std::vector<TensorView<Scalar>>& parameters, const std::vector<TensorView<Scalar>>& gradients) {
     layout_.check(parameters, gradients, "sparsemoe::Adam::step");
     if (!layout_.recorded()) {

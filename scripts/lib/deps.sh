@@ -15,6 +15,8 @@ SPARSEMOE_DEPS=(
   ninja-build
   g++
   libeigen3-dev
+  libxsmm-dev
+  libxxhash-dev
   libgtest-dev
   libbenchmark-dev
   libomp-dev

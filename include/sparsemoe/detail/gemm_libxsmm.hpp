@@ -16,15 +16,19 @@
 /// Row-major C (m×n) = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, so libxsmm's "A" is our B
 /// and its "B" is our A. libxsmm 1.17's JIT supports a transposed second operand (our A used
 /// transposed: the weight gradients Xᵀ·∂pre) but not a transposed first one (our B used
-/// transposed: ∂Y·W2ᵀ, ∂pre·W1ᵀ in backward). Both transposed cases are packed instead (measured
-/// faster than libxsmm's own transposed-B kernel, see bench/NOTES.md): op(B) once per call into
-/// a thread-local k×n buffer, op(A) once per row tile into a thread-local tile_rows×k buffer.
+/// transposed: ∂Y·W2ᵀ, ∂pre·W1ᵀ in backward). The first is used as is (measured 5–12 % faster than
+/// packing op(A), bench/NOTES.md); for the second, op(B) is packed once per call into a
+/// thread-local k×n buffer (AVX-512 16×16 register transposes) and the plain kernel runs on it.
 /// The JIT kernels only take alpha = 1 and beta ∈ {0, 1}; alpha ≠ 1 goes through a thread-local
 /// tile buffer. The buffers grow to their largest size once per thread and are then reused.
 
 #include "../config.hpp"
 
 #include <libxsmm.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <climits>
@@ -69,45 +73,60 @@ Scalar* scratch(Index size) {
   return buffer.data();
 }
 
-/// panel (column-major tn×k, leading dimension ld) = columns [j0, j0+tn) of op(B) = rows of the
-/// stored B (n×k, row stride ldb). Reads each cache line of B once, whole (16 scalars of one row
-/// at a time), so power-of-two strides do not thrash L1.
-template <typename Scalar>
-void pack_transposed_panel(const Scalar* b, Index ldb, Index j0, Index tn, Index k, Scalar* panel, Index ld) {
-  constexpr Index chunk = 64 / static_cast<Index>(sizeof(Scalar));
-  for (Index k0 = 0; k0 < k; k0 += chunk) {
-    const Index kc = std::min(chunk, k - k0);
-    for (Index j = 0; j < tn; ++j) {
-      const Scalar* source = b + (j0 + j) * ldb + k0;
-      Scalar* target = panel + k0 * ld + j;
-      for (Index t = 0; t < kc; ++t) target[t * ld] = source[t];
+#if defined(__AVX512F__)
+/// dst (16×16, row stride ldd) = transpose of src (16×16, row stride lds), in registers.
+inline void transpose_16x16(const float* src, Index lds, float* dst, Index ldd) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int h = 0; h < 16; h += 8) {
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
+      t[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xDD);
     }
   }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ldd, r[i]);
 }
+#endif
 
-/// block (row-major tm×k, row stride ld) = rows [i0, i0+tm) of op(A) = columns of the stored A
-/// (k×m, row stride lda); reads each cache line of A once, whole.
+/// dst(c, r) = src(r, c) for r < rows, c < cols (src row stride lds, dst row stride ldd).
+/// Blocks of one cache line each way: each line of src is read once, whole, so power-of-two
+/// strides do not thrash L1; float blocks are transposed in AVX-512 registers when available.
 template <typename Scalar>
-void pack_transposed_block(const Scalar* a, Index lda, Index i0, Index tm, Index k, Scalar* block, Index ld) {
-  constexpr Index chunk = 64 / static_cast<Index>(sizeof(Scalar));
-  for (Index c0 = 0; c0 < tm; c0 += chunk) {
-    const Index cc = std::min(chunk, tm - c0);
-    for (Index kk = 0; kk < k; ++kk) {
-      const Scalar* source = a + kk * lda + i0 + c0;
-      Scalar* target = block + c0 * ld + kk;
-      for (Index t = 0; t < cc; ++t) target[t * ld] = source[t];
+void transpose_copy(const Scalar* src, Index lds, Index rows, Index cols, Scalar* dst, Index ldd) {
+  constexpr Index block = 64 / static_cast<Index>(sizeof(Scalar));
+  for (Index r0 = 0; r0 < rows; r0 += block) {
+    const Index rb = std::min(block, rows - r0);
+    for (Index c0 = 0; c0 < cols; c0 += block) {
+      const Index cb = std::min(block, cols - c0);
+#if defined(__AVX512F__)
+      if constexpr (std::is_same<Scalar, float>::value) {
+        if (rb == block && cb == block) {
+          transpose_16x16(src + r0 * lds + c0, lds, dst + c0 * ldd + r0, ldd);
+          continue;
+        }
+      }
+#endif
+      for (Index r = 0; r < rb; ++r) {
+        const Scalar* source = src + (r0 + r) * lds + c0;
+        Scalar* target = dst + c0 * ldd + r0 + r;
+        for (Index c = 0; c < cb; ++c) target[c * ldd] = source[c];
+      }
     }
   }
-}
-
-/// Leading dimension of a packed buffer of k scalars per line: k rounded up to a cache line, plus
-/// one line when that is a multiple of 1 KiB (so consecutive lines do not share L1 sets).
-template <typename Scalar>
-Index padded_leading_dimension(Index k) {
-  constexpr Index line = 64 / static_cast<Index>(sizeof(Scalar));
-  Index ld = (k + line - 1) / line * line;
-  if ((ld * static_cast<Index>(sizeof(Scalar))) % 1024 == 0) ld += line;
-  return ld;
 }
 
 /// C = alpha·op(A)·op(B) (+ C when `accumulate`), row-major, through libxsmm. A is stored with row
@@ -116,9 +135,9 @@ Index padded_leading_dimension(Index k) {
 /// falls back to Eigen. Requires m, n, k ≥ 1.
 ///
 /// Loop order: row tiles outside, column tiles inside, so the row block of op(A) (tile_rows × k)
-/// stays in L2 while the column panels of op(B) stream past it. A transposed A is packed once per
-/// row tile; a transposed B is packed once per column panel into a buffer that holds all of op(B)
-/// (so it is packed once per call, during the first row tile).
+/// stays in L2 while the column panels of op(B) stream past it. A transposed A goes through
+/// libxsmm's TRANS_B kernels; a transposed B is packed once per column panel into a buffer that
+/// holds all of op(B) (so it is packed once per call, during the first row tile).
 template <typename Scalar>
 bool gemm(Index m, Index n, Index k, const Scalar* a, Index lda, bool trans_a, const Scalar* b, Index ldb,
           bool trans_b, Scalar* c, Index ldc, Scalar alpha, bool accumulate) {
@@ -131,7 +150,6 @@ bool gemm(Index m, Index n, Index k, const Scalar* a, Index lda, bool trans_a, c
   // Kernel layout: libxsmm's A' is an op(B) panel (tn×k column-major), its B' an op(A) block
   // (k×tm column-major = tm×k row-major), its C' a C tile (tn×tm column-major).
   const Index lda_kernel = trans_b ? tn_full : ldb;
-  const Index ld_block = trans_a ? padded_leading_dimension<Scalar>(k) : lda;
   const Index ldc_kernel = scaled ? tn_full : ldc;  // alpha ≠ 1: kernel writes a tile buffer
   const bool beta_one = accumulate && !scaled;
   // The (at most four) kernels of this problem: full/edge tile in each direction.
@@ -143,26 +161,24 @@ bool gemm(Index m, Index n, Index k, const Scalar* a, Index lda, bool trans_a, c
     for (int edge_n = 0; edge_n < 2; ++edge_n) {
       const Index tn = edge_n ? tn_edge : tn_full;
       if (tn == 0) continue;
-      kernels[edge_m][edge_n] = dispatch<Scalar>(tn, tm, k, lda_kernel, ld_block, ldc_kernel, false, beta_one);
+      kernels[edge_m][edge_n] = dispatch<Scalar>(tn, tm, k, lda_kernel, lda, ldc_kernel, trans_a, beta_one);
       if (!kernels[edge_m][edge_n]) return false;
     }
   }
   Scalar* packed_b = trans_b ? scratch<Scalar, 0>(panels * tn_full * k) : nullptr;
-  Scalar* packed_a = trans_a ? scratch<Scalar, 1>(tm_full * ld_block) : nullptr;
-  Scalar* tile = scaled ? scratch<Scalar, 2>(tm_full * tn_full) : nullptr;
+  Scalar* tile = scaled ? scratch<Scalar, 1>(tm_full * tn_full) : nullptr;
   for (Index i0 = 0; i0 < m; i0 += tm_full) {
     const Index tm = std::min(tm_full, m - i0);
-    const Scalar* b_kernel = a + i0 * lda;
-    if (trans_a) {
-      pack_transposed_block(a, lda, i0, tm, k, packed_a, ld_block);
-      b_kernel = packed_a;
-    }
+    // libxsmm's B' (k×tm): op(A) rows i0.. as stored (A not transposed), or through the kernel's
+    // own TRANS_B (A transposed: stored k×m, so rows i0.. of op(A) are columns i0.. of A).
+    const Scalar* b_kernel = trans_a ? a + i0 : a + i0 * lda;
     for (Index j0 = 0, panel = 0; j0 < n; j0 += tn_full, ++panel) {
       const Index tn = std::min(tn_full, n - j0);
       const Scalar* a_kernel = b + j0;
       if (trans_b) {
         a_kernel = packed_b + panel * tn_full * k;
-        if (i0 == 0) pack_transposed_panel(b, ldb, j0, tn, k, const_cast<Scalar*>(a_kernel), tn_full);
+        // panel(kk, j) (column-major tn×k) = op(B)(kk, j0 + j) = B(j0 + j, kk)
+        if (i0 == 0) transpose_copy(b + j0 * ldb, ldb, tn, k, const_cast<Scalar*>(a_kernel), tn_full);
       }
       const Kernel<Scalar> kernel = kernels[tm != tm_full][tn != tn_full];
       Scalar* c_tile = c + i0 * ldc + j0;

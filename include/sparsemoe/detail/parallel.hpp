@@ -12,14 +12,22 @@
 namespace sparsemoe {
 namespace detail {
 
+/// Below this much work (in flops, roughly) a loop runs on the calling thread alone: starting
+/// and joining an OpenMP team costs more than it saves, and an idle team spinning on a busy
+/// machine costs far more.
+constexpr double parallel_work_threshold = 131072.0;
+
 /// Calls body(i) for i in [0, count), split statically across the OpenMP team (serially without
-/// OpenMP). Each i must write only its own outputs: results never depend on the thread count.
+/// OpenMP, or when count·work_per_item < parallel_work_threshold). Each i must write only its own
+/// outputs, so results never depend on the thread count.
 template <typename Body>
-void parallel_for(Index count, const Body& body) {
+void parallel_for(Index count, double work_per_item, const Body& body) {
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static)
+  const bool worth_it = count > 1 && static_cast<double>(count) * work_per_item >= parallel_work_threshold;
+#pragma omp parallel for schedule(static) if (worth_it)
   for (Index i = 0; i < count; ++i) body(i);
 #else
+  static_cast<void>(work_per_item);
   for (Index i = 0; i < count; ++i) body(i);
 #endif
 }
@@ -27,11 +35,13 @@ void parallel_for(Index count, const Body& body) {
 /// Like parallel_for, but hands out one i at a time (for work items of uneven cost, listed
 /// biggest first so that the last ones to finish are small).
 template <typename Body>
-void parallel_for_dynamic(Index count, const Body& body) {
+void parallel_for_dynamic(Index count, double work_per_item, const Body& body) {
 #ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 1)
+  const bool worth_it = count > 1 && static_cast<double>(count) * work_per_item >= parallel_work_threshold;
+#pragma omp parallel for schedule(dynamic, 1) if (worth_it)
   for (Index i = 0; i < count; ++i) body(i);
 #else
+  static_cast<void>(work_per_item);
   for (Index i = 0; i < count; ++i) body(i);
 #endif
 }

@@ -1,0 +1,717 @@
+// SPDX-License-Identifier: MIT
+// Copyright (c) 2026 The sparsemoe authors
+//
+// The benchmark suite of issue 5: the MoE layer (forward, forward+backward) at configs A, B, C, D,
+// Decode and SkewA with 1 and 2 threads; the gate, grouping and combine stages alone; and, in the
+// same binary, the references needed to judge them: an FMA-peak probe, a read-bandwidth probe, a
+// plain GEMM of the same FLOPs through the same backend, and a naive per-token loop.
+//
+// The probes run first, in main(), before any benchmark: their results are stored and used for the
+// "frac_peak" counter (fraction of the FMA peak measured for the same thread count) and for the
+// memory floor of D and Decode. After the run, a ratio table (issue 5's targets) is printed and,
+// with --ratio_table=<path>, written as TSV (read by scripts/bench and scripts/plot-bench).
+//
+// Build in Release with -march=native (scripts/bench does). Float throughout.
+
+#include <sparsemoe/sparsemoe.hpp>
+
+#include <benchmark/benchmark.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace {
+
+using sparsemoe::Index;
+using Scalar = float;
+using Mat = sparsemoe::Matrix<Scalar>;
+using Layer = sparsemoe::MoELayer<Scalar>;
+
+#ifdef SPARSEMOE_WITH_LIBXSMM
+constexpr const char* backend_name = "libxsmm";
+#else
+constexpr const char* backend_name = "eigen";
+#endif
+
+void set_threads(int threads) {
+#ifdef _OPENMP
+  omp_set_num_threads(threads);
+#else
+  (void)threads;
+#endif
+}
+
+int available_threads() {
+#ifdef _OPENMP
+  return omp_get_num_procs();
+#else
+  return 1;
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Probes
+
+/// FLOPs of `iterations` rounds of 16 independent FMA chains, on this thread.
+#if defined(__AVX512F__)
+constexpr int fma_lanes = 16;
+__attribute__((noinline)) float fma_chains(long iterations) {
+  __m512 acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_set1_ps(0.001f * static_cast<float>(i));
+  const __m512 mul = _mm512_set1_ps(0.999999f), add = _mm512_set1_ps(1e-7f);
+  for (long it = 0; it < iterations; ++it) {
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_fmadd_ps(acc[i], mul, add);
+  }
+  __m512 sum = acc[0];
+  for (int i = 1; i < 16; ++i) sum = _mm512_add_ps(sum, acc[i]);
+  return _mm512_reduce_add_ps(sum);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int fma_lanes = 8;
+__attribute__((noinline)) float fma_chains(long iterations) {
+  __m256 acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm256_set1_ps(0.001f * static_cast<float>(i));
+  const __m256 mul = _mm256_set1_ps(0.999999f), add = _mm256_set1_ps(1e-7f);
+  for (long it = 0; it < iterations; ++it) {
+    for (int i = 0; i < 16; ++i) acc[i] = _mm256_fmadd_ps(acc[i], mul, add);
+  }
+  alignas(32) float out[8];
+  __m256 sum = acc[0];
+  for (int i = 1; i < 16; ++i) sum = _mm256_add_ps(sum, acc[i]);
+  _mm256_store_ps(out, sum);
+  float total = 0;
+  for (float v : out) total += v;
+  return total;
+}
+#else
+constexpr int fma_lanes = 1;
+__attribute__((noinline)) float fma_chains(long iterations) {
+  float acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = 0.001f * static_cast<float>(i);
+  for (long it = 0; it < iterations; ++it) {
+    for (int i = 0; i < 16; ++i) acc[i] = std::fma(acc[i], 0.999999f, 1e-7f);
+  }
+  float total = 0;
+  for (float v : acc) total += v;
+  return total;
+}
+#endif
+constexpr double fma_flops_per_iteration = 2.0 * 16 * fma_lanes;
+
+double now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+/// Aggregate FMA GFLOP/s of `threads` threads each running the chains (best of 5).
+double measure_peak(int threads) {
+  const long iterations = 20000000;
+  double best = 0;
+  volatile float sink = 0;
+  for (int trial = 0; trial < 5; ++trial) {
+    const double start = now();
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+    { sink = sink + fma_chains(iterations); }
+#else
+    sink = sink + fma_chains(iterations);
+#endif
+    const double seconds = now() - start;
+    best = std::max(best, threads * fma_flops_per_iteration * static_cast<double>(iterations) / seconds * 1e-9);
+  }
+  return best;
+}
+
+/// Sum of a float array, split statically over the team.
+float array_sum(const float* data, Index size) {
+  float total = 0;
+#ifdef _OPENMP
+#pragma omp parallel for simd schedule(static) reduction(+ : total)
+#endif
+  for (Index i = 0; i < size; ++i) total += data[i];
+  return total;
+}
+
+/// The array the bandwidth probe reads: 512 MiB, far past the L3.
+const std::vector<float>& bandwidth_array() {
+  static const std::vector<float> data(Index(128) << 20, 1.0f);
+  return data;
+}
+
+/// Read bandwidth, GB/s, of `threads` threads summing the array (best of 5).
+double measure_bandwidth(int threads) {
+  const auto& data = bandwidth_array();
+  set_threads(threads);
+  double best = 0;
+  volatile float sink = 0;
+  for (int trial = 0; trial < 5; ++trial) {
+    const double start = now();
+    sink = sink + array_sum(data.data(), static_cast<Index>(data.size()));
+    const double seconds = now() - start;
+    best = std::max(best, static_cast<double>(data.size() * sizeof(float)) / seconds * 1e-9);
+  }
+  return best;
+}
+
+struct Machine {
+  double peak[3] = {0, 0, 0};       // GFLOP/s for 1 and 2 threads
+  double bandwidth[3] = {0, 0, 0};  // GB/s for 1 and 2 threads
+};
+Machine machine;
+
+double peak_for(int threads) { return machine.peak[std::min(threads, 2)]; }
+double bandwidth_for(int threads) { return machine.bandwidth[std::min(threads, 2)]; }
+
+void BM_PeakFMA(benchmark::State& state, int threads) {
+  const long iterations = 2000000;
+  volatile float sink = 0;
+  for (auto _ : state) {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+    { sink = sink + fma_chains(iterations); }
+#else
+    sink = sink + fma_chains(iterations);
+#endif
+  }
+  const double flops = threads * fma_flops_per_iteration * static_cast<double>(iterations);
+  state.counters["GFLOPs"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["probe_GFLOPs"] = peak_for(threads);
+}
+
+void BM_ReadBandwidth(benchmark::State& state, int threads) {
+  const auto& data = bandwidth_array();
+  set_threads(threads);
+  for (auto _ : state) benchmark::DoNotOptimize(array_sum(data.data(), static_cast<Index>(data.size())));
+  state.counters["GBps"] = benchmark::Counter(static_cast<double>(data.size() * sizeof(float)) * 1e-9,
+                                              benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["probe_GBps"] = bandwidth_for(threads);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configurations
+
+struct Config {
+  const char* label;
+  Index tokens, d, h, experts, k;
+  bool skew = false;
+};
+
+const Config configs[] = {
+    {"A", 4096, 512, 2048, 8, 2},    {"B", 4096, 1024, 4096, 16, 2}, {"C", 512, 512, 2048, 64, 4},
+    {"D", 64, 512, 2048, 8, 2},      {"Decode", 1, 1024, 4096, 8, 2}, {"SkewA", 4096, 512, 2048, 8, 2, true},
+};
+
+const Config& config_named(const std::string& label) {
+  for (const Config& c : configs) {
+    if (label == c.label) return c;
+  }
+  std::abort();
+}
+
+double expert_forward_flops(const Config& c) {
+  return 4.0 * static_cast<double>(c.tokens * c.k) * static_cast<double>(c.d) * static_cast<double>(c.h);
+}
+
+/// A layer and an input for one config, built once per process and shared by every benchmark.
+///
+/// Routing: the gate gets U(±1/√d) weights (initialize_uniform), so routing is balanced-ish.
+/// SkewA: input column 0 is a marker, 10 for 90% of the tokens (every token whose index is not a
+/// multiple of 10) and 0 for the rest, and W_g(0, ·) is 0 except W_g(0, 0) = 10: those tokens get a
+/// logit boost of 100 for expert 0, which is then always in their top-k, so expert 0 receives 90%
+/// of the tokens (0.9·T of the T·k rows) and the other slot spreads over the others as in A.
+struct Setup {
+  std::unique_ptr<Layer> layer;
+  Mat input;
+  Mat d_output;
+  explicit Setup(const Config& c) {
+    sparsemoe::MoEConfig mc;
+    mc.input_dim = c.d;
+    mc.hidden_dim = c.h;
+    mc.num_experts = c.experts;
+    mc.k = c.k;
+    mc.seed = 42;
+    layer = std::make_unique<Layer>(mc);
+    layer->gate().initialize_uniform(7);
+    input.resize(c.tokens, c.d);
+    sparsemoe::detail::fill_uniform(input.data(), input.size(), Scalar(1), 11, 0);
+    d_output.resize(c.tokens, c.d);
+    sparsemoe::detail::fill_uniform(d_output.data(), d_output.size(), Scalar(1), 13, 0);
+    if (c.skew) {
+      for (Index t = 0; t < c.tokens; ++t) input(t, 0) = (t % 10 != 0) ? Scalar(10) : Scalar(0);
+      layer->gate().gate_weight().row(0).setZero();
+      layer->gate().gate_weight()(0, 0) = Scalar(10);
+    }
+  }
+};
+
+Setup& setup_for(const Config& c) {
+  static std::map<std::string, std::unique_ptr<Setup>> cache;
+  auto& slot = cache[c.label];
+  if (!slot) slot = std::make_unique<Setup>(c);
+  return *slot;
+}
+
+/// Bytes of the parameters of the experts that received at least one token.
+double used_expert_bytes(const Layer& layer, const sparsemoe::DispatchPlan& plan) {
+  double bytes = 0;
+  for (Index e = 0; e < layer.num_experts(); ++e) {
+    if (plan.tokens_per_expert[e] == 0) continue;
+    const auto& expert = layer.expert(e);
+    bytes += static_cast<double>(expert.w1().size() + expert.b1().size() + expert.w2().size() + expert.b2().size()) *
+             sizeof(Scalar);
+  }
+  return bytes;
+}
+
+/// Evicts the caches: reads and writes 64 MiB (twice the L3).
+void flush_caches() {
+  static std::vector<float> junk(Index(16) << 20, 1.0f);
+  for (float& v : junk) v = v * 0.5f + 0.5f;
+  benchmark::ClobberMemory();
+}
+
+void add_rate_counters(benchmark::State& state, double flops, Index tokens, int threads) {
+  state.counters["GFLOPs"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["tokens_per_s"] = benchmark::Counter(static_cast<double>(tokens), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["frac_peak"] =
+      benchmark::Counter(flops * 1e-9 / peak_for(threads), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["threads"] = threads;
+}
+
+/// Time per iteration ÷ memory floor (bytes of used experts ÷ measured read bandwidth).
+void add_floor_counter(benchmark::State& state, double bytes, int threads) {
+  const double floor_seconds = bytes / (bandwidth_for(threads) * 1e9);
+  state.counters["weight_MB"] = bytes * 1e-6;
+  state.counters["floor_us"] = floor_seconds * 1e6;
+  state.counters["x_floor"] = benchmark::Counter(
+      floor_seconds, benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layer benchmarks
+
+void BM_LayerForward(benchmark::State& state, const Config& c, int threads, bool cold) {
+  set_threads(threads);
+  Setup& s = setup_for(c);
+  sparsemoe::ForwardOptions options;  // evaluation: no cache
+  sparsemoe::ForwardResult<Scalar> warm;
+  sparsemoe::ForwardWorkspace<Scalar> workspace;
+  s.layer->forward(s.input, options, warm, workspace);
+  for (auto _ : state) {
+    if (cold) {
+      state.PauseTiming();
+      flush_caches();
+      state.ResumeTiming();
+    }
+    s.layer->forward(s.input, options, warm, workspace);
+    benchmark::DoNotOptimize(warm.output.data());
+  }
+  state.counters["workspace_bytes"] = static_cast<double>(workspace.bytes());
+  add_rate_counters(state, expert_forward_flops(c), c.tokens, threads);
+  add_floor_counter(state, used_expert_bytes(*s.layer, warm.plan), threads);
+  const auto& counts = warm.tokens_per_expert();
+  state.counters["max_expert_rows"] = static_cast<double>(counts.maxCoeff());
+  state.counters["cache_bytes"] = static_cast<double>((warm.cache.input.size() + warm.cache.pre_activations.size()) *
+                                                      sizeof(Scalar));
+}
+
+void BM_LayerForwardBackward(benchmark::State& state, const Config& c, int threads) {
+  set_threads(threads);
+  Setup& s = setup_for(c);
+  sparsemoe::ForwardOptions options;
+  options.mode = sparsemoe::Mode::training;
+  auto gradients = s.layer->make_gradients();
+  double cache_bytes = 0, routing_bytes = 0;
+  sparsemoe::ForwardResult<Scalar> result;
+  sparsemoe::ForwardWorkspace<Scalar> workspace;
+  for (auto _ : state) {
+    s.layer->forward(s.input, options, result, workspace);
+    auto d_input = s.layer->backward(result, s.d_output, gradients);
+    benchmark::DoNotOptimize(d_input.data());
+    cache_bytes = static_cast<double>((result.cache.input.size() + result.cache.pre_activations.size()) * sizeof(Scalar));
+    const auto& r = result.routing;
+    routing_bytes = static_cast<double>((r.gates.size() + r.clean_logits.size() + r.noisy_logits.size() +
+                                         r.raw_noise.size() + r.noise_scale.size() + r.noise.size()) *
+                                        sizeof(Scalar));
+  }
+  add_rate_counters(state, 3 * expert_forward_flops(c), c.tokens, threads);
+  state.counters["workspace_bytes"] = static_cast<double>(workspace.bytes());
+  state.counters["cache_bytes"] = cache_bytes;
+  state.counters["routing_bytes"] = routing_bytes;
+  // Issue 5's bound: T·k·(d + h) scalars (+ O(T·E) for the gate, counted in routing_bytes).
+  state.counters["cache_bound_bytes"] = static_cast<double>(c.tokens * c.k * (c.d + c.h)) * sizeof(Scalar);
+}
+
+// Stages alone, at A.
+void BM_Gate(benchmark::State& state, const Config& c, int threads) {
+  set_threads(threads);
+  Setup& s = setup_for(c);
+  sparsemoe::Routing<Scalar> routing;
+  for (auto _ : state) {
+    s.layer->route(s.input, sparsemoe::ForwardOptions{}, routing);
+    benchmark::DoNotOptimize(routing.gates.data());
+  }
+  state.counters["tokens_per_s"] = benchmark::Counter(static_cast<double>(c.tokens), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["threads"] = threads;
+}
+
+void BM_Group(benchmark::State& state, const Config& c, int threads) {
+  set_threads(threads);
+  Setup& s = setup_for(c);
+  sparsemoe::Routing<Scalar> routing;
+  s.layer->route(s.input, sparsemoe::ForwardOptions{}, routing);
+  sparsemoe::DispatchPlan plan;
+  Mat grouped;
+  for (auto _ : state) {
+    sparsemoe::build_dispatch_plan(routing.expert_ids, c.experts, plan);
+    Layer::group(s.input, plan, grouped);
+    benchmark::DoNotOptimize(grouped.data());
+  }
+  state.counters["tokens_per_s"] = benchmark::Counter(static_cast<double>(c.tokens), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["threads"] = threads;
+}
+
+void BM_Combine(benchmark::State& state, const Config& c, int threads) {
+  set_threads(threads);
+  Setup& s = setup_for(c);
+  sparsemoe::Routing<Scalar> routing;
+  s.layer->route(s.input, sparsemoe::ForwardOptions{}, routing);
+  const auto plan = sparsemoe::build_dispatch_plan(routing.expert_ids, c.experts);
+  const Mat expert_output = Mat::Constant(plan.num_rows(), c.d, Scalar(0.5));
+  Mat output;
+  for (auto _ : state) {
+    s.layer->combine(expert_output, routing, plan, output);
+    benchmark::DoNotOptimize(output.data());
+  }
+  state.counters["threads"] = threads;
+}
+
+void BM_ExpertCompute(benchmark::State& state, const Config& c, int threads) {
+  set_threads(threads);
+  Setup& s = setup_for(c);
+  sparsemoe::Routing<Scalar> routing;
+  s.layer->route(s.input, sparsemoe::ForwardOptions{}, routing);
+  const auto plan = sparsemoe::build_dispatch_plan(routing.expert_ids, c.experts);
+  sparsemoe::ForwardWorkspace<Scalar> workspace;
+  Layer::group(s.input, plan, workspace.grouped_input);
+  for (auto _ : state) {
+    s.layer->compute_experts(plan, nullptr, workspace);
+    benchmark::DoNotOptimize(workspace.expert_output.data());
+  }
+  add_rate_counters(state, expert_forward_flops(c), c.tokens, threads);
+}
+
+// ---------------------------------------------------------------------------------------------
+// References
+
+/// The expert FLOPs of a forward as one expert's two GEMMs over all T·k rows, in the layer's
+/// tiles of 128 rows, through the same detail::gemm (same backend), weights warm, no routing.
+void BM_PlainGemm(benchmark::State& state, const Config& c, int threads) {
+  set_threads(threads);
+  const Index rows = c.tokens * c.k, tile = 128;
+  Mat x(rows, c.d), w1(c.d, c.h), w2(c.h, c.d), y(rows, c.d);
+  sparsemoe::detail::fill_uniform(x.data(), x.size(), Scalar(1), 1, 0);
+  sparsemoe::detail::fill_uniform(w1.data(), w1.size(), Scalar(0.05), 2, 0);
+  sparsemoe::detail::fill_uniform(w2.data(), w2.size(), Scalar(0.05), 3, 0);
+  std::vector<Mat> hidden(static_cast<std::size_t>(available_threads() + 1), Mat(tile, c.h));
+  const Index tiles = (rows + tile - 1) / tile;
+  for (auto _ : state) {
+    sparsemoe::detail::parallel_for_dynamic(tiles, [&](Index t) {
+      const Index first = t * tile, count = std::min(tile, rows - first);
+      Mat& hb = hidden[static_cast<std::size_t>(sparsemoe::detail::thread_index())];
+      using sparsemoe::detail::operand;
+      sparsemoe::detail::gemm(operand(x.middleRows(first, count)), operand(w1), hb.data(), hb.outerStride(),
+                              Scalar(1), false);
+      sparsemoe::detail::gemm(operand(hb.topRows(count)), operand(w2), y.row(first).data(), y.outerStride(),
+                              Scalar(1), false);
+    });
+    benchmark::DoNotOptimize(y.data());
+  }
+  add_rate_counters(state, expert_forward_flops(c), c.tokens, threads);
+}
+
+/// The naive per-token loop: for each token, for each of its k experts, Eigen matrix-vector
+/// products y_t += g·(relu(x_t·W1 + b1)·W2 + b2) (routing from the same gate, parallel over tokens).
+void BM_NaiveTokenLoop(benchmark::State& state, const Config& c, int threads) {
+  set_threads(threads);
+  Setup& s = setup_for(c);
+  const Layer& layer = *s.layer;
+  sparsemoe::Routing<Scalar> routing;
+  for (auto _ : state) {
+    layer.route(s.input, sparsemoe::ForwardOptions{}, routing);
+    Mat output = Mat::Zero(c.tokens, c.d);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static)
+#endif
+    for (Index t = 0; t < c.tokens; ++t) {
+      for (Index j = 0; j < c.k; ++j) {
+        const auto& expert = layer.expert(routing.expert_ids(t, j));
+        Eigen::Matrix<Scalar, 1, Eigen::Dynamic> hidden =
+            (s.input.row(t) * expert.w1() + expert.b1().transpose()).cwiseMax(Scalar(0));
+        output.row(t) += routing.gates(t, j) * (hidden * expert.w2() + expert.b2().transpose());
+      }
+    }
+    benchmark::DoNotOptimize(output.data());
+  }
+  add_rate_counters(state, expert_forward_flops(c), c.tokens, threads);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Registration and the ratio table
+
+std::vector<int> thread_counts() {
+  std::vector<int> counts{1};
+  if (available_threads() >= 2) counts.push_back(2);
+  return counts;
+}
+
+void register_all() {
+  using benchmark::RegisterBenchmark;
+  for (int t : thread_counts()) {
+    RegisterBenchmark(("Probe/PeakFMA/threads:" + std::to_string(t)).c_str(), BM_PeakFMA, t)->UseRealTime();
+  }
+  for (int t : thread_counts()) {
+    RegisterBenchmark(("Probe/ReadBandwidth/threads:" + std::to_string(t)).c_str(), BM_ReadBandwidth, t)->UseRealTime();
+  }
+  for (const Config& c : configs) {
+    for (int t : thread_counts()) {
+      const std::string suffix = "/threads:" + std::to_string(t);
+      RegisterBenchmark((std::string(c.label) + "/Forward" + suffix).c_str(), BM_LayerForward, c, t, false)
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond);
+      if (std::string(c.label) == "D" || std::string(c.label) == "Decode") {
+        RegisterBenchmark((std::string(c.label) + "/ForwardCold" + suffix).c_str(), BM_LayerForward, c, t, true)
+            ->UseRealTime()
+            ->Unit(benchmark::kMillisecond);
+      }
+      RegisterBenchmark((std::string(c.label) + "/ForwardBackward" + suffix).c_str(), BM_LayerForwardBackward, c, t)
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond);
+    }
+  }
+  const Config& a = config_named("A");
+  for (int t : thread_counts()) {
+    const std::string suffix = "/threads:" + std::to_string(t);
+    RegisterBenchmark(("A/Stage/Gate" + suffix).c_str(), BM_Gate, a, t)->UseRealTime()->Unit(benchmark::kMillisecond);
+    RegisterBenchmark(("A/Stage/Group" + suffix).c_str(), BM_Group, a, t)->UseRealTime()->Unit(benchmark::kMillisecond);
+    RegisterBenchmark(("A/Stage/Combine" + suffix).c_str(), BM_Combine, a, t)->UseRealTime()->Unit(benchmark::kMillisecond);
+    RegisterBenchmark(("A/Stage/ExpertCompute" + suffix).c_str(), BM_ExpertCompute, a, t)
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+    RegisterBenchmark(("A/Ref/PlainGemm" + suffix).c_str(), BM_PlainGemm, a, t)->UseRealTime()->Unit(benchmark::kMillisecond);
+    RegisterBenchmark(("C/Ref/PlainGemm" + suffix).c_str(), BM_PlainGemm, config_named("C"), t)
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+    RegisterBenchmark(("D/Ref/NaiveTokenLoop" + suffix).c_str(), BM_NaiveTokenLoop, config_named("D"), t)
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+  }
+}
+
+/// Keeps every run (and prints like the console reporter).
+class RecordingReporter : public benchmark::ConsoleReporter {
+ public:
+  struct Record {
+    double seconds;      // real time per iteration
+    double cpu_seconds;  // CPU time of the main thread per iteration
+    std::map<std::string, double> counters;
+  };
+  std::map<std::string, Record> runs;
+  void ReportRuns(const std::vector<Run>& reports) override {
+    for (const Run& run : reports) {
+      if (run.error_occurred) continue;
+      Record record;
+      record.seconds = run.GetAdjustedRealTime() / benchmark::GetTimeUnitMultiplier(run.time_unit);
+      record.cpu_seconds = run.GetAdjustedCPUTime() / benchmark::GetTimeUnitMultiplier(run.time_unit);
+      for (const auto& [name, counter] : run.counters) record.counters[name] = counter.value;
+      std::string name = run.benchmark_name();
+      const std::string suffix = "/real_time";
+      if (name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0) {
+        name.resize(name.size() - suffix.size());
+      }
+      runs[name] = record;
+    }
+    ConsoleReporter::ReportRuns(reports);
+  }
+  const Record* find(const std::string& name) const {
+    auto it = runs.find(name);
+    return it == runs.end() ? nullptr : &it->second;
+  }
+  double counter(const std::string& name, const std::string& key) const {
+    const Record* r = find(name);
+    if (!r) return NAN;
+    auto it = r->counters.find(key);
+    return it == r->counters.end() ? NAN : it->second;
+  }
+  double seconds(const std::string& name) const {
+    const Record* r = find(name);
+    return r ? r->seconds : NAN;
+  }
+  double cpu_seconds(const std::string& name) const {
+    const Record* r = find(name);
+    return r ? r->cpu_seconds : NAN;
+  }
+};
+
+struct Row {
+  std::string metric;
+  double measured;
+  std::string target;  // as text: ">=0.85", "<=1.2", ...
+  double bound;
+  bool at_least;
+};
+
+void print_table(const RecordingReporter& rec, const char* tsv_path) {
+  const int t2 = available_threads() >= 2 ? 2 : 1;
+  const std::string T = "/threads:" + std::to_string(t2);
+  auto frac = [&](const std::string& name) { return rec.counter(name, "frac_peak"); };
+  std::vector<Row> rows;
+  auto add = [&](std::string metric, double value, double bound, bool at_least) {
+    char text[32];
+    std::snprintf(text, sizeof text, "%s%.2f", at_least ? ">=" : "<=", bound);
+    rows.push_back({std::move(metric), value, text, bound, at_least});
+  };
+  add("A_forward_frac_peak", frac("A/Forward" + T), 0.85, true);
+  add("A_fwdbwd_frac_peak", frac("A/ForwardBackward" + T), 0.80, true);
+  add("B_forward_frac_peak", frac("B/Forward" + T), 0.83, true);
+  add("C_forward_frac_peak", frac("C/Forward" + T), 0.68, true);
+  add("D_forward_x_memfloor", rec.counter("D/Forward" + T, "x_floor"), 1.2, false);
+  add("D_cold_x_memfloor", rec.counter("D/ForwardCold" + T, "x_floor"), 1.2, false);
+  add("Decode_forward_x_memfloor", rec.counter("Decode/Forward" + T, "x_floor"), 1.2, false);
+  add("Decode_cold_x_memfloor", rec.counter("Decode/ForwardCold" + T, "x_floor"), 1.2, false);
+  const double overhead = (rec.seconds("A/Stage/Gate" + T) + rec.seconds("A/Stage/Group" + T) +
+                           rec.seconds("A/Stage/Combine" + T)) /
+                          rec.seconds("A/Forward" + T);
+  add("A_overhead_gate+group+combine", overhead, 0.05, false);
+  add("A_speedup_1to2_threads", rec.seconds("A/Forward/threads:1") / rec.seconds("A/Forward" + T), 1.9, true);
+  add("SkewA_over_A_forward_time", rec.seconds("SkewA/Forward" + T) / rec.seconds("A/Forward" + T), 1.1, false);
+  const double cache_bytes = rec.counter("A/ForwardBackward" + T, "cache_bytes");
+  const double bound_bytes = rec.counter("A/ForwardBackward" + T, "cache_bound_bytes");
+  add("A_cache_over_Tk(d+h)", cache_bytes / bound_bytes, 1.0, false);
+  // References (no target: context for the rows above).
+  auto ref = [&](std::string metric, double value) { rows.push_back({std::move(metric), value, "ref", 0, true}); };
+  ref("A_fwdbwd_speedup_1to2", rec.seconds("A/ForwardBackward/threads:1") / rec.seconds("A/ForwardBackward" + T));
+  ref("B_fwdbwd_frac_peak", frac("B/ForwardBackward" + T));
+  ref("C_fwdbwd_frac_peak", frac("C/ForwardBackward" + T));
+  ref("SkewA_fwdbwd_over_A", rec.seconds("SkewA/ForwardBackward" + T) / rec.seconds("A/ForwardBackward" + T));
+  ref("A_expert_compute_frac_peak", frac("A/Stage/ExpertCompute" + T));
+  ref("A_plain_gemm_frac_peak", frac("A/Ref/PlainGemm" + T));
+  ref("C_plain_gemm_frac_peak", frac("C/Ref/PlainGemm" + T));
+  ref("D_naive_loop_frac_peak", frac("D/Ref/NaiveTokenLoop" + T));
+  ref("D_forward_frac_peak", frac("D/Forward" + T));
+  ref("D_forward_over_naive_loop_time", rec.seconds("D/Forward" + T) / rec.seconds("D/Ref/NaiveTokenLoop" + T));
+  // One thread, CPU time of the main thread instead of wall time: robust to other jobs time-sharing
+  // the cores (a shared machine), normalised by the FMA probe's CPU-time rate of the same run.
+  const double probe_flops = rec.counter("Probe/PeakFMA/threads:1", "GFLOPs") * rec.seconds("Probe/PeakFMA/threads:1");
+  const double peak_cpu = probe_flops / rec.cpu_seconds("Probe/PeakFMA/threads:1");
+  auto cpu_frac = [&](const std::string& name, double flops) { return flops * 1e-9 / rec.cpu_seconds(name) / peak_cpu; };
+  const Config& a = config_named("A");
+  ref("1t_cpu_A_forward_frac_peak", cpu_frac("A/Forward/threads:1", expert_forward_flops(a)));
+  ref("1t_cpu_A_fwdbwd_frac_peak", cpu_frac("A/ForwardBackward/threads:1", 3 * expert_forward_flops(a)));
+  ref("1t_cpu_B_forward_frac_peak", cpu_frac("B/Forward/threads:1", expert_forward_flops(config_named("B"))));
+  ref("1t_cpu_C_forward_frac_peak", cpu_frac("C/Forward/threads:1", expert_forward_flops(config_named("C"))));
+  ref("1t_cpu_D_forward_frac_peak", cpu_frac("D/Forward/threads:1", expert_forward_flops(config_named("D"))));
+  ref("1t_cpu_SkewA_forward_frac_peak", cpu_frac("SkewA/Forward/threads:1", expert_forward_flops(a)));
+  ref("1t_cpu_A_plain_gemm_frac_peak", cpu_frac("A/Ref/PlainGemm/threads:1", expert_forward_flops(a)));
+  ref("1t_cpu_A_overhead_gate+group+combine",
+      (rec.cpu_seconds("A/Stage/Gate/threads:1") + rec.cpu_seconds("A/Stage/Group/threads:1") +
+       rec.cpu_seconds("A/Stage/Combine/threads:1")) / rec.cpu_seconds("A/Forward/threads:1"));
+  ref("1t_cpu_peak_GFLOPs", peak_cpu);
+  ref("peak_GFLOPs_1thread", machine.peak[1]);
+  ref("peak_GFLOPs_" + std::to_string(t2) + "threads", machine.peak[t2]);
+  ref("read_GBps_1thread", machine.bandwidth[1]);
+  ref("read_GBps_" + std::to_string(t2) + "threads", machine.bandwidth[t2]);
+
+  std::printf("\nsparsemoe ratio table (backend: %s, float, %d threads unless stated)\n", backend_name, t2);
+  std::printf("%-34s %10s %8s %s\n", "metric", "measured", "target", "status");
+  for (const Row& r : rows) {
+    std::string status;
+    if (r.target == "ref") {
+      status = "-";
+    } else if (std::isnan(r.measured)) {
+      status = "n/a";
+    } else {
+      const bool met = r.at_least ? r.measured >= r.bound : r.measured <= r.bound;
+      if (met) {
+        status = "met";
+      } else {
+        char text[64];
+        std::snprintf(text, sizeof text, "MISSED by %.1f%%",
+                      100.0 * (r.at_least ? (r.bound - r.measured) / r.bound : (r.measured - r.bound) / r.bound));
+        status = text;
+      }
+    }
+    std::printf("%-34s %10.3f %8s %s\n", r.metric.c_str(), r.measured, r.target.c_str(), status.c_str());
+  }
+  if (tsv_path) {
+    std::ofstream out(tsv_path);
+    out << "# backend=" << backend_name << "\n";
+    out << "metric\tmeasured\ttarget\n";
+    for (const Row& r : rows) out << r.metric << '\t' << r.measured << '\t' << r.target << '\n';
+    out << "# per-benchmark: name\treal_s_per_iter\tGFLOPs\tfrac_peak\tcpu_s_per_iter (main thread)\n";
+    for (const auto& entry : rec.runs) {
+      const std::string& name = entry.first;
+      const RecordingReporter::Record& record = entry.second;
+      auto get = [&record](const char* key) {
+        auto it = record.counters.find(key);
+        return it == record.counters.end() ? NAN : it->second;
+      };
+      out << "run\t" << name << '\t' << record.seconds << '\t' << get("GFLOPs") << '\t' << get("frac_peak") << '\t'
+          << record.cpu_seconds << '\n';
+    }
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const char* tsv_path = nullptr;
+  std::vector<char*> args;
+  for (int i = 0; i < argc; ++i) {
+    if (std::strncmp(argv[i], "--ratio_table=", 14) == 0) {
+      tsv_path = argv[i] + 14;
+    } else {
+      args.push_back(argv[i]);
+    }
+  }
+  int count = static_cast<int>(args.size());
+  benchmark::Initialize(&count, args.data());
+  if (benchmark::ReportUnrecognizedArguments(count, args.data())) return 1;
+  // The probes first: every fraction of peak and memory floor below uses them.
+  for (int t : thread_counts()) {
+    machine.peak[t] = measure_peak(t);
+    machine.bandwidth[t] = measure_bandwidth(t);
+  }
+  if (available_threads() < 2) {
+    machine.peak[2] = machine.peak[1];
+    machine.bandwidth[2] = machine.bandwidth[1];
+  }
+  char text[128];
+  std::snprintf(text, sizeof text, "1 thread %.1f GFLOP/s, 2 threads %.1f GFLOP/s", machine.peak[1], machine.peak[2]);
+  benchmark::AddCustomContext("fma_peak", text);
+  std::snprintf(text, sizeof text, "1 thread %.1f GB/s, 2 threads %.1f GB/s", machine.bandwidth[1], machine.bandwidth[2]);
+  benchmark::AddCustomContext("read_bandwidth", text);
+  benchmark::AddCustomContext("sparsemoe_backend", backend_name);
+  std::fprintf(stderr, "probes: FMA peak %.1f / %.1f GFLOP/s, read bandwidth %.1f / %.1f GB/s (1 / 2 threads); backend %s\n",
+               machine.peak[1], machine.peak[2], machine.bandwidth[1], machine.bandwidth[2], backend_name);
+  register_all();
+  RecordingReporter reporter;
+  benchmark::RunSpecifiedBenchmarks(&reporter);
+  print_table(reporter, tsv_path);
+  benchmark::Shutdown();
+  return 0;
+}
