@@ -430,7 +430,8 @@ void BM_PlainGemm(benchmark::State& state, const Config& c, int threads) {
   std::vector<Mat> hidden(static_cast<std::size_t>(available_threads() + 1), Mat(tile, c.h));
   const Index tiles = (rows + tile - 1) / tile;
   for (auto _ : state) {
-    sparsemoe::detail::parallel_for_dynamic(tiles, [&](Index t) {
+    const double tile_flops = 4.0 * static_cast<double>(tile * c.d * c.h);
+    sparsemoe::detail::parallel_for_dynamic(tiles, tile_flops, [&](Index t) {
       const Index first = t * tile, count = std::min(tile, rows - first);
       Mat& hb = hidden[static_cast<std::size_t>(sparsemoe::detail::thread_index())];
       using sparsemoe::detail::operand;

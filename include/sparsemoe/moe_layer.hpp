@@ -242,13 +242,15 @@ class MoELayer {
     detail::require(input.cols() == input_dim(), function, "input must have ", input_dim(),
                     " columns (the layer's input_dim), got ", input.rows(), "x", input.cols());
     const bool training = options.mode == Mode::training;
+    // The cache becomes usable only when this call has completed: a throw below (non-finite
+    // logits, bad weights) must not leave an earlier call's cache behind for backward.
+    ForwardCache<Scalar>& cache = result.cache;
+    cache.owner = nullptr;
     route(input, options, result.routing);
     build_dispatch_plan(result.routing.expert_ids, num_experts(), result.plan);
     auxiliary_losses(result.routing, static_cast<Scalar>(options.importance_weight),
                      static_cast<Scalar>(options.load_weight), result.losses);
     group(input, result.plan, workspace.grouped_input);
-    ForwardCache<Scalar>& cache = result.cache;
-    cache.owner = training ? this : nullptr;
     if (training) {
       cache.input = input;
       cache.pre_activations.resize(result.plan.num_rows(), pre_activation_width());
@@ -258,6 +260,7 @@ class MoELayer {
     }
     compute_experts(result.plan, training ? &cache.pre_activations : nullptr, workspace);
     combine(workspace.expert_output, result.routing, result.plan, result.output);
+    if (training) cache.owner = this;
   }
 
   /// Stage 1, route: the gate's decisions for `input` (T×d), into `routing`.
