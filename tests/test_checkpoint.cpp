@@ -304,6 +304,16 @@ struct CaseNames {
   }
 };
 
+/// Empty when `a` and `b` are equal, else where they first differ (binary snapshots are not printed).
+std::string difference(const std::string& a, const std::string& b) {
+  if (a == b) return {};
+  const auto mismatch = std::mismatch(a.begin(), a.end(), b.begin(), b.end());
+  return "they differ from byte " + std::to_string(mismatch.first - a.begin()) + " (sizes " + std::to_string(a.size()) +
+         " and " + std::to_string(b.size()) + ")";
+}
+#define EXPECT_SAME_BYTES(a, b) EXPECT_EQ(difference((a), (b)), "") << #a " vs " #b
+#define EXPECT_OTHER_BYTES(a, b) EXPECT_NE(difference((a), (b)), "") << #a " vs " #b
+
 /// Expects `action` to throw CheckpointError of `kind`; returns its message.
 template <typename Action>
 std::string expect_error(CheckpointErrorKind kind, Action&& action) {
@@ -345,14 +355,14 @@ TYPED_TEST(Checkpoint, LayerRoundTripIsBitwiseIncludingNaNPayloadsAndNegativeZer
 
   Layer loaded = make_layer<Layer>(2, 0.5);  // other weights, ε and seed
   loaded.gate().set_check_finite(false);
-  ASSERT_NE(snapshot(loaded), snapshot(original));
+  ASSERT_NE(difference(snapshot(loaded), snapshot(original)), "");
   sparsemoe::deserialize_checkpoint(bytes.data(), bytes.size(), loaded);
-  EXPECT_EQ(snapshot(loaded), snapshot(original));  // every byte, the NaN payloads and −0.0 included
+  EXPECT_SAME_BYTES(snapshot(loaded), snapshot(original));  // every byte, the NaN payloads and −0.0 included
   EXPECT_EQ(loaded.gate().noise_seed(), original.gate().noise_seed());
   const Scalar loaded_epsilon = loaded.gate().noise_epsilon();
   const Scalar original_epsilon = original.gate().noise_epsilon();
   EXPECT_EQ(std::memcmp(&loaded_epsilon, &original_epsilon, sizeof(Scalar)), 0);
-  EXPECT_EQ(sparsemoe::serialize_checkpoint(loaded), bytes);
+  EXPECT_SAME_BYTES(sparsemoe::serialize_checkpoint(loaded), bytes);
   // A −0.0 is still negative, and the payload NaN kept its bits.
   const Scalar negative_zero = loaded.tensors()[0].data[2];
   EXPECT_TRUE(negative_zero == Scalar(0) && std::signbit(negative_zero));
@@ -395,7 +405,7 @@ TYPED_TEST(Checkpoint, FileNamesAndShapesAreTheLayerTensors) {
   // config() builds a layer the file loads into.
   Layer rebuilt(info.config());
   sparsemoe::deserialize_checkpoint(bytes.data(), bytes.size(), rebuilt);
-  EXPECT_EQ(snapshot(rebuilt), snapshot(layer));
+  EXPECT_SAME_BYTES(snapshot(rebuilt), snapshot(layer));
 }
 
 TYPED_TEST(Checkpoint, ForwardAndBackwardAreBitwiseAfterLoadingFromAFile) {
@@ -455,16 +465,16 @@ TYPED_TEST(Checkpoint, AdamStateRoundTripResumesTrainingBitwise) {
   Layer loaded = make_layer<Layer>(7);
   sparsemoe::Adam<Scalar> restored;  // default hyper-parameters, no state
   sparsemoe::deserialize_checkpoint(bytes.data(), bytes.size(), loaded, restored);
-  EXPECT_EQ(snapshot(loaded), snapshot(original));
-  EXPECT_EQ(snapshot(restored), snapshot(adam));
+  EXPECT_SAME_BYTES(snapshot(loaded), snapshot(original));
+  EXPECT_SAME_BYTES(snapshot(restored), snapshot(adam));
   EXPECT_EQ(restored.step_count(), 3);
-  EXPECT_EQ(sparsemoe::serialize_checkpoint(loaded, restored), bytes);
+  EXPECT_SAME_BYTES(sparsemoe::serialize_checkpoint(loaded, restored), bytes);
 
   // Two more steps on both: still bitwise equal (hyper-parameters, t, m and v all came back).
   train(original, adam, 2, 3);
   train(loaded, restored, 2, 3);
-  EXPECT_EQ(snapshot(loaded), snapshot(original));
-  EXPECT_EQ(snapshot(restored), snapshot(adam));
+  EXPECT_SAME_BYTES(snapshot(loaded), snapshot(original));
+  EXPECT_SAME_BYTES(snapshot(restored), snapshot(adam));
 }
 
 TYPED_TEST(Checkpoint, SgdStateRoundTripResumesTrainingBitwise) {
@@ -485,13 +495,13 @@ TYPED_TEST(Checkpoint, SgdStateRoundTripResumesTrainingBitwise) {
     Layer loaded = make_layer<Layer>(9);
     sparsemoe::Sgd<Scalar> restored;
     sparsemoe::deserialize_checkpoint(bytes.data(), bytes.size(), loaded, restored);
-    EXPECT_EQ(snapshot(loaded), snapshot(original));
-    EXPECT_EQ(snapshot(restored), snapshot(sgd));
-    EXPECT_EQ(sparsemoe::serialize_checkpoint(loaded, restored), bytes);
+    EXPECT_SAME_BYTES(snapshot(loaded), snapshot(original));
+    EXPECT_SAME_BYTES(snapshot(restored), snapshot(sgd));
+    EXPECT_SAME_BYTES(sparsemoe::serialize_checkpoint(loaded, restored), bytes);
     train(original, sgd, 2, 3);
     train(loaded, restored, 2, 3);
-    EXPECT_EQ(snapshot(loaded), snapshot(original)) << "momentum " << momentum;
-    EXPECT_EQ(snapshot(restored), snapshot(sgd)) << "momentum " << momentum;
+    EXPECT_SAME_BYTES(snapshot(loaded), snapshot(original)) << "momentum " << momentum;
+    EXPECT_SAME_BYTES(snapshot(restored), snapshot(sgd)) << "momentum " << momentum;
   }
 }
 
@@ -509,10 +519,10 @@ TYPED_TEST(Checkpoint, FreshOptimizerRoundTrip) {
   sparsemoe::Adam<Scalar> stepped;
   train(loaded, stepped, 1);  // has state that must go
   sparsemoe::deserialize_checkpoint(bytes.data(), bytes.size(), loaded, stepped);
-  EXPECT_EQ(snapshot(stepped), snapshot(fresh));
+  EXPECT_SAME_BYTES(snapshot(stepped), snapshot(fresh));
   train(original, fresh, 2);
   train(loaded, stepped, 2);
-  EXPECT_EQ(snapshot(loaded), snapshot(original));
+  EXPECT_SAME_BYTES(snapshot(loaded), snapshot(original));
 }
 
 TYPED_TEST(Checkpoint, TruncationAtEveryOffsetIsReportedAndChangesNothing) {
@@ -536,8 +546,8 @@ TYPED_TEST(Checkpoint, TruncationAtEveryOffsetIsReportedAndChangesNothing) {
       expect_error(CheckpointErrorKind::truncated, [&] { sparsemoe::inspect_checkpoint(bytes.data(), length); });
     }
   }
-  EXPECT_EQ(snapshot(target), before);
-  EXPECT_EQ(snapshot(target_adam), adam_before);
+  EXPECT_SAME_BYTES(snapshot(target), before);
+  EXPECT_SAME_BYTES(snapshot(target_adam), adam_before);
 }
 
 TYPED_TEST(Checkpoint, EverySingleByteFlipIsRejectedAndChangesNothing) {
@@ -574,8 +584,8 @@ TYPED_TEST(Checkpoint, EverySingleByteFlipIsRejectedAndChangesNothing) {
       }
     }
   }
-  EXPECT_EQ(snapshot(target), before);
-  EXPECT_EQ(snapshot(target_adam), adam_before);
+  EXPECT_SAME_BYTES(snapshot(target), before);
+  EXPECT_SAME_BYTES(snapshot(target_adam), adam_before);
 }
 
 TYPED_TEST(Checkpoint, WrongScalarTypeIsReported) {
@@ -594,7 +604,7 @@ TYPED_TEST(Checkpoint, WrongScalarTypeIsReported) {
             std::string::npos) << message;
   EXPECT_NE(message.find(std::is_same<Scalar, float>::value ? "got float64" : "got float32"), std::string::npos)
       << message;
-  EXPECT_EQ(snapshot(target), before);
+  EXPECT_SAME_BYTES(snapshot(target), before);
 }
 
 TYPED_TEST(Checkpoint, WrongExpertKindIsReported) {
@@ -612,7 +622,7 @@ TYPED_TEST(Checkpoint, WrongExpertKindIsReported) {
             std::string::npos) << message;
   EXPECT_NE(message.find("got \"" + sparsemoe::ExpertKind<typename OtherKind<typename TypeParam::ExpertT>::type>::name()),
             std::string::npos) << message;
-  EXPECT_EQ(snapshot(target), before);
+  EXPECT_SAME_BYTES(snapshot(target), before);
 }
 
 TYPED_TEST(Checkpoint, WrongShapesAreReportedWithBothValues) {
@@ -646,7 +656,7 @@ TYPED_TEST(Checkpoint, WrongShapesAreReportedWithBothValues) {
     EXPECT_NE(message.find(std::string("expected ") + change.field), std::string::npos) << message;
     EXPECT_NE(message.find("got " + std::to_string(change.got)), std::string::npos) << message;
   }
-  EXPECT_EQ(snapshot(target), before);
+  EXPECT_SAME_BYTES(snapshot(target), before);
 }
 
 TYPED_TEST(Checkpoint, ForgedTensorShapeAndNameAreReported) {
@@ -681,7 +691,7 @@ TYPED_TEST(Checkpoint, ForgedTensorShapeAndNameAreReported) {
     sparsemoe::deserialize_checkpoint(forged.data(), forged.size(), target);
   });
   EXPECT_NE(message.find("to be 'expert1.w1' (the layer's), got 'expert3.w1'"), std::string::npos) << message;
-  EXPECT_EQ(snapshot(target), before);
+  EXPECT_SAME_BYTES(snapshot(target), before);
 }
 
 TYPED_TEST(Checkpoint, ForgedButResealedContentIsMalformed) {
@@ -755,8 +765,8 @@ TYPED_TEST(Checkpoint, ForgedButResealedContentIsMalformed) {
   expect_error(CheckpointErrorKind::wrong_scalar_type, [&] {
     sparsemoe::deserialize_checkpoint(forged.data(), forged.size(), target, target_sgd);
   });
-  EXPECT_EQ(snapshot(target), before);
-  EXPECT_EQ(snapshot(target_sgd), sgd_before);
+  EXPECT_SAME_BYTES(snapshot(target), before);
+  EXPECT_SAME_BYTES(snapshot(target_sgd), sgd_before);
 }
 
 TYPED_TEST(Checkpoint, MissingOrOtherOptimizerStateIsReported) {
@@ -781,12 +791,12 @@ TYPED_TEST(Checkpoint, MissingOrOtherOptimizerStateIsReported) {
     sparsemoe::deserialize_checkpoint(with_sgd.data(), with_sgd.size(), target, adam);
   });
   EXPECT_NE(message.find("expected adam optimizer state, got sgd state"), std::string::npos) << message;
-  EXPECT_EQ(snapshot(target), before);
-  EXPECT_EQ(snapshot(adam), adam_before);
+  EXPECT_SAME_BYTES(snapshot(target), before);
+  EXPECT_SAME_BYTES(snapshot(adam), adam_before);
   // The layer-only loader accepts a file with optimizer state (verified, then ignored).
   sparsemoe::deserialize_checkpoint(with_sgd.data(), with_sgd.size(), target);
-  EXPECT_EQ(snapshot(target), snapshot(original));
-  EXPECT_EQ(snapshot(adam), adam_before);
+  EXPECT_SAME_BYTES(snapshot(target), snapshot(original));
+  EXPECT_SAME_BYTES(snapshot(adam), adam_before);
 }
 
 TYPED_TEST(Checkpoint, MagicVersionAndTrailingBytesAreReported) {
@@ -823,7 +833,7 @@ TYPED_TEST(Checkpoint, MagicVersionAndTrailingBytesAreReported) {
                          " bytes (the header's total size), got " + std::to_string(bytes.size() - 1)),
             std::string::npos)
       << message;
-  EXPECT_EQ(snapshot(target), before);
+  EXPECT_SAME_BYTES(snapshot(target), before);
 }
 
 // The checksum is what stands between a flipped payload bit and a silently different model: the
@@ -845,12 +855,12 @@ TYPED_TEST(Checkpoint, ChecksumIsTheOnlyGuardAgainstPayloadCorruption) {
     sparsemoe::deserialize_checkpoint(corrupted.data(), corrupted.size(), target);
   });
   EXPECT_NE(message.find("expected XXH3-64 0x"), std::string::npos) << message;
-  EXPECT_EQ(snapshot(target), before);
+  EXPECT_SAME_BYTES(snapshot(target), before);
 
   reseal(corrupted);
   sparsemoe::deserialize_checkpoint(corrupted.data(), corrupted.size(), target);
   Layer reference = original;
-  EXPECT_NE(snapshot(target), snapshot(reference));
+  EXPECT_OTHER_BYTES(snapshot(target), snapshot(reference));
   EXPECT_NE(std::memcmp(target.tensors()[4].data + 1, reference.tensors()[4].data + 1, sizeof(Scalar)), 0);
 }
 
@@ -888,14 +898,14 @@ TEST_F(CheckpointFiles, SaveLoadOverwriteAndNoTemporaryFilesRemain) {
   const FloatLayer second = make_layer<FloatLayer>(41);
   const std::string path = (directory_ / "model.ckpt").string();
   sparsemoe::save_checkpoint(path, first);
-  EXPECT_EQ(read(path), sparsemoe::serialize_checkpoint(first));
+  EXPECT_SAME_BYTES(read(path), sparsemoe::serialize_checkpoint(first));
   sparsemoe::save_checkpoint(path, second);  // over the old one
-  EXPECT_EQ(read(path), sparsemoe::serialize_checkpoint(second));
+  EXPECT_SAME_BYTES(read(path), sparsemoe::serialize_checkpoint(second));
   EXPECT_EQ(entries(directory_), std::set<std::string>{"model.ckpt"});
   FloatLayer loaded = make_layer<FloatLayer>(42);
   sparsemoe::load_checkpoint(path, loaded);
   FloatLayer reference = second;
-  EXPECT_EQ(snapshot(loaded), snapshot(reference));
+  EXPECT_SAME_BYTES(snapshot(loaded), snapshot(reference));
   const sparsemoe::CheckpointInfo info = sparsemoe::read_checkpoint_info(path);
   EXPECT_EQ(info.noise_seed, 41u);
   EXPECT_EQ(info.expert_kind, "expert:relu");
@@ -906,20 +916,20 @@ TEST_F(CheckpointFiles, SaveLoadOverwriteAndNoTemporaryFilesRemain) {
   sparsemoe::save_checkpoint(path, trained, adam);
   sparsemoe::Adam<float> restored;
   sparsemoe::load_checkpoint(path, loaded, restored);
-  EXPECT_EQ(snapshot(loaded), snapshot(trained));
-  EXPECT_EQ(snapshot(restored), snapshot(adam));
+  EXPECT_SAME_BYTES(snapshot(loaded), snapshot(trained));
+  EXPECT_SAME_BYTES(snapshot(restored), snapshot(adam));
   sparsemoe::Sgd<float> sgd(sparsemoe::SgdOptions{0.1, 0.9, false, 0.0});
   train(trained, sgd, 2);
   sparsemoe::save_checkpoint(path, trained, sgd);
   sparsemoe::Sgd<float> sgd_restored;
   sparsemoe::load_checkpoint(path, loaded, sgd_restored);
-  EXPECT_EQ(snapshot(sgd_restored), snapshot(sgd));
+  EXPECT_SAME_BYTES(snapshot(sgd_restored), snapshot(sgd));
   // A relative path (no directory part) works too.
   const fs::path previous = fs::current_path();
   fs::current_path(directory_);
   sparsemoe::save_checkpoint("relative.ckpt", first);
   fs::current_path(previous);
-  EXPECT_EQ(read(directory_ / "relative.ckpt"), sparsemoe::serialize_checkpoint(first));
+  EXPECT_SAME_BYTES(read(directory_ / "relative.ckpt"), sparsemoe::serialize_checkpoint(first));
   EXPECT_EQ(entries(directory_), (std::set<std::string>{"model.ckpt", "relative.ckpt"}));
 }
 
@@ -933,7 +943,7 @@ TEST_F(CheckpointFiles, LoadingAMissingFileOrADirectoryIsAnIoError) {
   message = expect_error(CheckpointErrorKind::io, [&] { sparsemoe::load_checkpoint(directory_.string(), target); });
   EXPECT_NE(message.find("expected a regular file, got a directory"), std::string::npos) << message;
   expect_error(CheckpointErrorKind::io, [&] { sparsemoe::read_checkpoint_info(missing); });
-  EXPECT_EQ(snapshot(target), before);
+  EXPECT_SAME_BYTES(snapshot(target), before);
   // A file error is also a std::runtime_error.
   EXPECT_THROW(sparsemoe::load_checkpoint(missing, target), std::runtime_error);
 }
@@ -951,7 +961,7 @@ TEST_F(CheckpointFiles, CorruptedFileNamesThePath) {
       expect_error(CheckpointErrorKind::checksum_mismatch, [&] { sparsemoe::load_checkpoint(path, target); });
   EXPECT_EQ(message.rfind("sparsemoe::load_checkpoint: '" + path + "': checksum_mismatch: expected XXH3-64 0x", 0), 0u)
       << message;
-  EXPECT_EQ(snapshot(target), before);
+  EXPECT_SAME_BYTES(snapshot(target), before);
 }
 
 TEST_F(CheckpointFiles, FailedWriteKeepsThePreviousCheckpoint) {
@@ -978,7 +988,7 @@ TEST_F(CheckpointFiles, FailedWriteKeepsThePreviousCheckpoint) {
   ::signal(SIGXFSZ, previous_handler);
   EXPECT_NE(message.find("writing the temporary file"), std::string::npos) << message;
   EXPECT_NE(message.find("File too large"), std::string::npos) << message;
-  EXPECT_EQ(read(path), old_bytes);
+  EXPECT_SAME_BYTES(read(path), old_bytes);
   EXPECT_EQ(entries(directory_), std::set<std::string>{"model.ckpt"});
 }
 
@@ -1005,7 +1015,7 @@ TEST_F(CheckpointFiles, ParentThatIsARegularFileFailsCleanly) {
   });
   EXPECT_NE(message.find("cannot create the temporary file"), std::string::npos) << message;
   EXPECT_NE(message.find("Not a directory"), std::string::npos) << message;
-  EXPECT_EQ(read(parent), "precious");
+  EXPECT_SAME_BYTES(read(parent), "precious");
   EXPECT_EQ(entries(directory_), std::set<std::string>{"not_a_directory"});
   expect_error(CheckpointErrorKind::io, [&] { sparsemoe::save_checkpoint("", layer); });
   expect_error(CheckpointErrorKind::io, [&] { sparsemoe::save_checkpoint((directory_ / "").string(), layer); });
@@ -1021,7 +1031,7 @@ TEST_F(CheckpointFiles, ReadOnlyDirectoryKeepsThePreviousCheckpoint) {
                   fs::perm_options::remove);
   expect_error(CheckpointErrorKind::io, [&] { sparsemoe::save_checkpoint(path, make_layer<FloatLayer>(51)); });
   fs::permissions(directory_, fs::perms::owner_write, fs::perm_options::add);
-  EXPECT_EQ(read(path), old_bytes);
+  EXPECT_SAME_BYTES(read(path), old_bytes);
   EXPECT_EQ(entries(directory_), std::set<std::string>{"model.ckpt"});
 }
 
@@ -1087,7 +1097,7 @@ TEST(CheckpointArguments, RestoreStateValidatesBeforeChangingAnything) {
   sparsemoe::AdamOptions bad;
   bad.beta1 = 1.0;
   EXPECT_THROW(adam.restore_state(bad, 2, views, moments, moments), std::invalid_argument);
-  EXPECT_EQ(snapshot(adam), before);
+  EXPECT_SAME_BYTES(snapshot(adam), before);
 
   sparsemoe::Sgd<float> sgd(sparsemoe::SgdOptions{0.1, 0.9, false, 0.0});
   train(layer, sgd, 1);
@@ -1097,7 +1107,7 @@ TEST(CheckpointArguments, RestoreStateValidatesBeforeChangingAnything) {
   EXPECT_THROW(sgd.restore_state(sparsemoe::SgdOptions{0.1, 0.9, false, 0.0}, 1, views, short_moments),
                std::invalid_argument);
   EXPECT_THROW(sgd.restore_state(sparsemoe::SgdOptions{0.1, 0.0, true, 0.0}, 1, views, {}), std::invalid_argument);
-  EXPECT_EQ(snapshot(sgd), sgd_before);
+  EXPECT_SAME_BYTES(snapshot(sgd), sgd_before);
   // A restored layout is enforced by the next step, as a recorded one is.
   sgd.restore_state(sparsemoe::SgdOptions{0.1, 0.9, false, 0.0}, 1, views, moments);
   sparsemoe::MoEConfig smaller = make_config(73);

@@ -108,6 +108,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <ostream>
 #include <stdexcept>
 #include <string>
 #include <system_error>
@@ -131,7 +132,7 @@ static_assert(std::numeric_limits<double>::is_iec559 && sizeof(double) == 8,
               "sparsemoe checkpoints need IEEE-754 binary64 double");
 
 /// The checkpoint format version this build writes, and the only one it reads.
-constexpr std::uint32_t checkpoint_format_version = 1;
+inline constexpr std::uint32_t checkpoint_format_version = 1;
 
 /// Which check a checkpoint operation failed; see CheckpointError::kind().
 enum class CheckpointErrorKind {
@@ -167,6 +168,9 @@ inline const char* to_string(CheckpointErrorKind kind) {
   }
   return "unknown";
 }
+
+/// Writes to_string(kind) (for test output and logs).
+inline std::ostream& operator<<(std::ostream& stream, CheckpointErrorKind kind) { return stream << to_string(kind); }
 
 namespace detail {
 
@@ -268,19 +272,20 @@ struct CheckpointInfo {
 
 namespace detail {
 
-constexpr char checkpoint_magic[8] = {'S', 'P', 'M', 'O', 'E', 'C', 'K', 'P'};
-constexpr std::size_t checkpoint_magic_size = 8;
+/// The 8 magic bytes every checkpoint starts with.
+inline constexpr char checkpoint_magic[8] = {'S', 'P', 'M', 'O', 'E', 'C', 'K', 'P'};
+inline constexpr std::size_t checkpoint_magic_size = 8;
 /// Offset of the u32 version, of the u64 total size, and the size of that fixed prefix.
-constexpr std::size_t checkpoint_version_offset = 8;
-constexpr std::size_t checkpoint_size_offset = 12;
-constexpr std::size_t checkpoint_prefix_size = 20;
-constexpr std::size_t checkpoint_checksum_size = 8;
+inline constexpr std::size_t checkpoint_version_offset = 8;
+inline constexpr std::size_t checkpoint_size_offset = 12;
+inline constexpr std::size_t checkpoint_prefix_size = 20;
+inline constexpr std::size_t checkpoint_checksum_size = 8;
 /// The smallest well-formed file: prefix, scalar code and size, an empty kind string, d, h, E, k,
 /// ε, seed, tensor count, "none" (4 + 4 bytes), checksum.
-constexpr std::size_t checkpoint_min_size = checkpoint_prefix_size + 8 + 4 + 6 * 8 + 8 + 8 + checkpoint_checksum_size;
+inline constexpr std::size_t checkpoint_min_size = checkpoint_prefix_size + 8 + 4 + 6 * 8 + 8 + 8 + checkpoint_checksum_size;
 /// Limits on stored strings (a guard against absurd lengths, far above any real name).
-constexpr std::size_t checkpoint_max_kind_length = 256;
-constexpr std::size_t checkpoint_max_name_length = 4096;
+inline constexpr std::size_t checkpoint_max_kind_length = 256;
+inline constexpr std::size_t checkpoint_max_name_length = 4096;
 
 /// Scalar type code stored in a checkpoint: 1 = float (binary32), 2 = double (binary64).
 template <typename Scalar>
@@ -713,6 +718,17 @@ std::vector<WrittenTensor> write_layer(CheckpointWriter& writer, const MoELayer<
 /// No optimizer: kind "none".
 struct NoOptimizer {};
 
+/// How many parameter-sized state tensors each parameter tensor has in the file.
+inline Index state_copies(const NoOptimizer&) { return 0; }
+template <typename Scalar>
+Index state_copies(const Sgd<Scalar>& optimizer) {
+  return optimizer.velocities().empty() ? 0 : 1;
+}
+template <typename Scalar>
+Index state_copies(const Adam<Scalar>& optimizer) {
+  return optimizer.first_moments().empty() ? 0 : 2;
+}
+
 inline void write_optimizer(CheckpointWriter& writer, const std::vector<WrittenTensor>&, const NoOptimizer&,
                             const char*) {
   writer.str("none");
@@ -785,9 +801,14 @@ void write_optimizer(CheckpointWriter& writer, const std::vector<WrittenTensor>&
 template <typename Scalar, typename ExpertT, typename Optimizer>
 std::string serialize(const MoELayer<Scalar, ExpertT>& layer, const Optimizer& optimizer, const char* function) {
   std::string bytes;
-  const Index expert_scalars = 2 * layer.input_dim() * (layer.hidden_dim() + 1) + layer.hidden_dim();
-  bytes.reserve(static_cast<std::size_t>(2 * layer.input_dim() * layer.num_experts() +
-                                         layer.num_experts() * 2 * expert_scalars) * sizeof(Scalar) + 4096);
+  // Reserve the exact payload (parameters, plus their state copies) and a generous allowance for
+  // the names and fields, so that the buffer is allocated once.
+  const ExpertT& first = layer.expert(0);
+  const Index expert_scalars = first.w1().size() + first.b1().size() + first.w2().size() + first.b2().size();
+  const Index parameter_scalars = 2 * layer.input_dim() * layer.num_experts() + layer.num_experts() * expert_scalars;
+  const Index tensors = 2 + 4 * layer.num_experts();
+  bytes.reserve(static_cast<std::size_t>(parameter_scalars * (1 + state_copies(optimizer))) * sizeof(Scalar) +
+                static_cast<std::size_t>(tensors * (1 + state_copies(optimizer)) * 96 + 256));
   CheckpointWriter writer(bytes);
   writer.bytes(checkpoint_magic, checkpoint_magic_size);
   writer.u32(checkpoint_format_version);
@@ -920,9 +941,7 @@ void deserialize(const void* data, std::size_t size, MoELayer<Scalar, ExpertT>& 
                  const std::string& context) {
   static_assert(std::is_nothrow_move_assignable<NoisyTopKGate<Scalar>>::value,
                 "the checkpoint commit relies on a no-throw gate move");
-  if (data == nullptr && size != 0) {
-    checkpoint_fail(CheckpointErrorKind::io, context, "got a null pointer for ", size, " bytes");
-  }
+  require(data != nullptr || size == 0, context.c_str(), "data is a null pointer but size is ", size);
   static const unsigned char empty = 0;
   const auto* bytes = size == 0 ? &empty : static_cast<const unsigned char*>(data);
   const ParsedCheckpoint parsed = parse_checkpoint(bytes, size, context);
@@ -958,7 +977,7 @@ inline std::string read_file(const std::string& path, const char* function) {
   const std::string context = file_context(function, path);
   int fd = -1;
   do {
-    fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);  // O_NONBLOCK: a FIFO must not hang us
   } while (fd < 0 && errno == EINTR);
   if (fd < 0) {
     const int error = errno;
@@ -1100,7 +1119,8 @@ std::string serialize_checkpoint(const MoELayer<Scalar, ExpertT>& layer, const A
 /// Loads the checkpoint in the `size` bytes at `data` into `layer`, which must have the file's
 /// Scalar, expert kind, d, h, E and k; its parameters, noise ε and noise seed are replaced. An
 /// optimizer section in the file is verified but ignored. Throws CheckpointError (see
-/// CheckpointErrorKind) and then leaves `layer` unchanged. O(size).
+/// CheckpointErrorKind) and then leaves `layer` unchanged; std::invalid_argument if `data` is
+/// null while `size` > 0. O(size).
 template <typename Scalar, typename ExpertT>
 void deserialize_checkpoint(const void* data, std::size_t size, MoELayer<Scalar, ExpertT>& layer) {
   detail::NoOptimizer none;
@@ -1126,13 +1146,12 @@ void deserialize_checkpoint(const void* data, std::size_t size, MoELayer<Scalar,
 }
 
 /// What the checkpoint in the `size` bytes at `data` holds, after the integrity and structure
-/// checks (no target layer: no scalar, kind or shape comparison). Throws CheckpointError. O(size).
+/// checks (no target layer: no scalar, kind or shape comparison). Throws CheckpointError
+/// (std::invalid_argument if `data` is null while `size` > 0). O(size).
 inline CheckpointInfo inspect_checkpoint(const void* data, std::size_t size) {
   static const unsigned char empty = 0;
-  if (data == nullptr && size != 0) {
-    detail::checkpoint_fail(CheckpointErrorKind::io, "sparsemoe::inspect_checkpoint", "got a null pointer for ", size,
-                            " bytes");
-  }
+  detail::require(data != nullptr || size == 0, "sparsemoe::inspect_checkpoint", "data is a null pointer but size is ",
+                  size);
   const auto* bytes = size == 0 ? &empty : static_cast<const unsigned char*>(data);
   return detail::parse_checkpoint(bytes, size, "sparsemoe::inspect_checkpoint").info;
 }
