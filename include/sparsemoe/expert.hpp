@@ -151,6 +151,7 @@ class SwiGluExpert {
 
   /// hidden = silu(pre_gate) ⊙ pre_up; pre is rows×2h, hidden rows×h.
   void activate(ConstMatrixRef<Scalar> pre, MatrixRef<Scalar> hidden) const {
+    if (pre.rows() == 0) return;  // column blocks of an empty (null) block are not formed
     const Index h = hidden_dim();
     hidden = pre.leftCols(h);
     Silu::apply<Scalar>(hidden);
@@ -159,6 +160,7 @@ class SwiGluExpert {
 
   /// d_pre_gate = d_hidden ⊙ pre_up ⊙ silu'(pre_gate), d_pre_up = d_hidden ⊙ silu(pre_gate).
   void activation_backward(ConstMatrixRef<Scalar> pre, ConstMatrixRef<Scalar> d_hidden, MatrixRef<Scalar> d_pre) const {
+    if (pre.rows() == 0) return;
     const Index h = hidden_dim();
     auto d_gate = d_pre.leftCols(h);
     auto d_up = d_pre.rightCols(h);
@@ -196,6 +198,7 @@ void expert_forward(const ExpertT& expert, ConstMatrixRef<typename ExpertT::Scal
                     MatrixRef<typename ExpertT::Scalar> output) {
   using Scalar = typename ExpertT::Scalar;
   SPARSEMOE_ASSERT(input.cols() == expert.input_dim() && pre.rows() == input.rows() && output.rows() == input.rows());
+  if (input.rows() == 0) return;
   detail::gemm(detail::operand(input), detail::operand(expert.w1()), pre.data(), pre.outerStride(), Scalar(1), false);
   if (expert.b1().size() > 0) pre.rowwise() += expert.b1().transpose();
   expert.activate(pre, hidden);
