@@ -347,12 +347,12 @@ class MoELayer {
     std::vector<Index> expert_order;
     std::vector<detail::ExpertTile> tiles;
     detail::make_expert_tiles(plan, expert_row_tile, expert_order, tiles);
-    std::vector<Matrix<Scalar>> d_hidden(static_cast<std::size_t>(detail::max_threads()));
+    std::vector<Matrix<Scalar>> d_hidden(static_cast<std::size_t>(detail::max_threads()),
+                                         Matrix<Scalar>(expert_row_tile, hidden_dim()));
     detail::parallel_for_dynamic(static_cast<Index>(tiles.size()), 2 * tile_flops(plan, tiles.size()), [&](Index index) {
       const detail::ExpertTile& tile = tiles[static_cast<std::size_t>(index)];
       const ExpertT& expert = experts_[static_cast<std::size_t>(tile.expert)];
-      Matrix<Scalar>& d_hidden_block = d_hidden[static_cast<std::size_t>(detail::thread_index())];
-      d_hidden_block.resize(tile.rows, hidden_dim());
+      auto d_hidden_block = d_hidden[static_cast<std::size_t>(detail::thread_index())].topRows(tile.rows);
       auto d_out = grouped_d_output.middleRows(tile.first_row, tile.rows);
       auto pre = cache.pre_activations.middleRows(tile.first_row, tile.rows);
       auto hidden_block = hidden.middleRows(tile.first_row, tile.rows);
