@@ -304,20 +304,30 @@ void add_floor_counter(benchmark::State& state, double bytes, int threads) {
 // ---------------------------------------------------------------------------------------------
 // Layer benchmarks
 
-void BM_LayerForward(benchmark::State& state, const Config& c, int threads, bool cold) {
+/// Evaluation-mode forward; `packed`: through MoELayer::pack_experts()'s packed weights (made
+/// once, outside the timing, as a server would); `cold`: caches flushed before each iteration.
+void BM_LayerForward(benchmark::State& state, const Config& c, int threads, bool cold, bool packed) {
   set_threads(threads);
   Setup& s = setup_for(c);
   sparsemoe::ForwardOptions options;  // evaluation: no cache
   sparsemoe::ForwardResult<Scalar> warm;
   sparsemoe::ForwardWorkspace<Scalar> workspace;
-  s.layer->forward(s.input, options, warm, workspace);
+  const sparsemoe::PackedExperts<Scalar> packed_experts = packed ? s.layer->pack_experts() : sparsemoe::PackedExperts<Scalar>{};
+  const auto run = [&] {
+    if (packed) {
+      s.layer->forward(s.input, options, warm, workspace, packed_experts);
+    } else {
+      s.layer->forward(s.input, options, warm, workspace);
+    }
+  };
+  run();
   for (auto _ : state) {
     if (cold) {
       state.PauseTiming();
       flush_caches();
       state.ResumeTiming();
     }
-    s.layer->forward(s.input, options, warm, workspace);
+    run();
     benchmark::DoNotOptimize(warm.output.data());
   }
   state.counters["workspace_bytes"] = static_cast<double>(workspace.bytes());
@@ -491,13 +501,16 @@ void register_all() {
   for (const Config& c : configs) {
     for (int t : thread_counts()) {
       const std::string suffix = "/threads:" + std::to_string(t);
-      RegisterBenchmark((std::string(c.label) + "/Forward" + suffix).c_str(), BM_LayerForward, c, t, false)
-          ->UseRealTime()
-          ->Unit(benchmark::kMillisecond);
-      if (std::string(c.label) == "D" || std::string(c.label) == "Decode") {
-        RegisterBenchmark((std::string(c.label) + "/ForwardCold" + suffix).c_str(), BM_LayerForward, c, t, true)
+      for (const bool packed : {false, true}) {
+        const std::string kind = packed ? "/ForwardPacked" : "/Forward";
+        RegisterBenchmark((std::string(c.label) + kind + suffix).c_str(), BM_LayerForward, c, t, false, packed)
             ->UseRealTime()
             ->Unit(benchmark::kMillisecond);
+        if (std::string(c.label) == "D" || std::string(c.label) == "Decode") {
+          RegisterBenchmark((std::string(c.label) + kind + "Cold" + suffix).c_str(), BM_LayerForward, c, t, true, packed)
+              ->UseRealTime()
+              ->Unit(benchmark::kMillisecond);
+        }
       }
       RegisterBenchmark((std::string(c.label) + "/ForwardBackward" + suffix).c_str(), BM_LayerForwardBackward, c, t)
           ->UseRealTime()

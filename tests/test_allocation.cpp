@@ -49,7 +49,7 @@ void operator delete[](void* pointer, std::size_t) noexcept { std::free(pointer)
 namespace {
 
 template <typename Scalar, typename ExpertT>
-void expect_no_allocation(sparsemoe::Mode mode) {
+void expect_no_allocation(sparsemoe::Mode mode, bool packed = false) {
   sparsemoe::MoEConfig config;
   config.input_dim = 24;
   config.hidden_dim = 40;
@@ -62,7 +62,16 @@ void expect_no_allocation(sparsemoe::Mode mode) {
   options.mode = mode;
   sparsemoe::ForwardResult<Scalar> result;
   sparsemoe::ForwardWorkspace<Scalar> workspace;
-  layer.forward(input, options, result, workspace);
+  const sparsemoe::PackedExperts<Scalar> packed_experts =
+      packed ? layer.pack_experts() : sparsemoe::PackedExperts<Scalar>{};
+  const auto run = [&] {
+    if (packed) {
+      layer.forward(input, options, result, workspace, packed_experts);
+    } else {
+      layer.forward(input, options, result, workspace);
+    }
+  };
+  run();
   const Scalar* output = result.output.data();
   const Scalar* grouped = workspace.grouped_input.data();
   const Scalar* logits = result.routing.noisy_logits.data();
@@ -72,7 +81,7 @@ void expect_no_allocation(sparsemoe::Mode mode) {
   const long before = allocations.load();
   const long eigen_before = eigen_heap_allocations.load();
   Eigen::internal::set_is_malloc_allowed(false);
-  layer.forward(input, options, result, workspace);
+  run();
   Eigen::internal::set_is_malloc_allowed(true);
   EXPECT_EQ(allocations.load() - before, 0) << "operator new calls in a steady-state forward";
   EXPECT_EQ(eigen_heap_allocations.load() - eigen_before, 0) << "Eigen heap allocations in a steady-state forward";
@@ -89,6 +98,11 @@ void expect_no_allocation(sparsemoe::Mode mode) {
 TEST(Allocation, SteadyStateEvaluationForwardAllocatesNothing) {
   expect_no_allocation<float, sparsemoe::Expert<float, sparsemoe::Relu>>(sparsemoe::Mode::evaluation);
   expect_no_allocation<double, sparsemoe::Expert<double, sparsemoe::Silu>>(sparsemoe::Mode::evaluation);
+}
+
+TEST(Allocation, SteadyStatePackedForwardAllocatesNothing) {
+  expect_no_allocation<float, sparsemoe::Expert<float, sparsemoe::Relu>>(sparsemoe::Mode::evaluation, true);
+  expect_no_allocation<double, sparsemoe::SwiGluExpert<double>>(sparsemoe::Mode::evaluation, true);
 }
 
 TEST(Allocation, SteadyStateTrainingForwardAllocatesNothing) {

@@ -450,6 +450,77 @@ TYPED_TEST(MoELayerTest, ForwardMatchesNaiveLoopAcrossSizes) {
             << skipped << " of " << compared << "\n";
 }
 
+// Packed experts (the serving path): the same naive reference, over shapes whose d and h cut
+// the GEMM backend's 64-column panels and 64-row tiles unevenly (edges of 2, 8, 0 and 44).
+TYPED_TEST(MoELayerTest, PackedForwardMatchesNaiveLoop) {
+  using LayerT = TypeParam;
+  using Scalar = typename LayerT::Scalar;
+  const std::vector<std::pair<Index, Index>> widths = {{13, 29}, {130, 200}, {64, 128}};
+  std::uint64_t seed = 900;
+  double worst = 0;
+  for (const auto& dh : widths) {
+    for (const Index T : {Index(0), Index(1), Index(7), Index(300)}) {
+      const Index d = dh.first, h = dh.second, E = 5, k = 2;
+      SCOPED_TRACE("d=" + std::to_string(d) + " h=" + std::to_string(h) + " T=" + std::to_string(T));
+      ++seed;
+      LayerT layer(make_config(d, h, E, k, seed));
+      layer.gate().initialize_uniform(seed + 500);
+      std::mt19937_64 generator(seed);
+      const Matrix<Scalar> input = random_matrix<Scalar>(T, d, generator);
+      const sparsemoe::PackedExperts<Scalar> packed = layer.pack_experts();
+      EXPECT_EQ(packed.num_experts(), E);
+      sparsemoe::ForwardResult<Scalar> result;
+      sparsemoe::ForwardWorkspace<Scalar> workspace;
+      layer.forward(input, make_options(Mode::evaluation), result, workspace, packed);
+      EXPECT_TRUE(result.cache.empty());
+      check_routing(layer, input, result, false, 4 * logit_tolerance<Scalar>());
+      check_tokens_per_expert(layer, result);
+      worst = std::max(worst, check_output(layer, input, result));
+      if (::testing::Test::HasFailure()) return;
+    }
+  }
+  std::cout << "  worst |y − naive| / scale (packed) = " << worst << "\n";
+}
+
+// The packed experts are a copy: changing the layer's weights leaves a snapshot as it was, and
+// packing again picks the new weights up.
+TYPED_TEST(MoELayerTest, PackedExpertsAreASnapshot) {
+  using LayerT = TypeParam;
+  using Scalar = typename LayerT::Scalar;
+  const Index d = 70, h = 90, E = 3, k = 2, T = 40;
+  LayerT layer(make_config(d, h, E, k, 77));
+  layer.gate().initialize_uniform(78);
+  std::mt19937_64 generator(79);
+  const Matrix<Scalar> input = random_matrix<Scalar>(T, d, generator);
+  const sparsemoe::PackedExperts<Scalar> before = layer.pack_experts();
+  const LayerT original = layer;
+  for (Index e = 0; e < E; ++e) layer.expert(e).w2() *= Scalar(-2);
+  sparsemoe::ForwardResult<Scalar> result;
+  sparsemoe::ForwardWorkspace<Scalar> workspace;
+  layer.forward(input, make_options(Mode::evaluation), result, workspace, before);
+  check_output(original, input, result);
+  const sparsemoe::PackedExperts<Scalar> after = layer.pack_experts();
+  layer.forward(input, make_options(Mode::evaluation), result, workspace, after);
+  check_output(layer, input, result);
+}
+
+TYPED_TEST(MoELayerTest, PackedForwardRejectsTrainingAndForeignPackedExperts) {
+  using LayerT = TypeParam;
+  using Scalar = typename LayerT::Scalar;
+  LayerT layer(make_config(12, 20, 4, 2, 5));
+  const LayerT other(make_config(12, 20, 4, 2, 5));
+  const Matrix<Scalar> input = Matrix<Scalar>::Ones(3, 12);
+  sparsemoe::ForwardResult<Scalar> result;
+  sparsemoe::ForwardWorkspace<Scalar> workspace;
+  const sparsemoe::PackedExperts<Scalar> mine = layer.pack_experts();
+  EXPECT_THROW(layer.forward(input, make_options(Mode::training), result, workspace, mine), std::invalid_argument);
+  EXPECT_THROW(layer.forward(input, make_options(Mode::evaluation), result, workspace, other.pack_experts()),
+               std::invalid_argument);
+  EXPECT_THROW(layer.forward(input, make_options(Mode::evaluation), result, workspace, sparsemoe::PackedExperts<Scalar>{}),
+               std::invalid_argument);
+  EXPECT_NO_THROW(layer.forward(input, make_options(Mode::evaluation), result, workspace, mine));
+}
+
 // Every token's first choice is expert 5: W_g gives it a logit ~1000 (input column 0 is 1). With
 // T = 1000 that expert has eight 128-row tiles.
 TYPED_TEST(MoELayerTest, AllTokensRoutedToOneExpert) {

@@ -10,7 +10,10 @@
 ///  - `activate(pre, hidden)`: rows×p pre-activations → rows×h hidden values;
 ///  - `activation_backward(pre, d_hidden, d_pre)`: rows×h → rows×p;
 ///  - `tensors()`: the parameters as named views, in a fixed order; `set_zero()`;
-///  - a constructor (d, h) that zero-initialises, and `initialize_uniform(seed)`.
+///  - a constructor (d, h) that zero-initialises, and `initialize_uniform(seed)`;
+///  - optionally `static constexpr bool activation_is_elementwise`: true when hidden column j
+///    depends on pre column j only (p = h), so activate() may run on column blocks (the layer
+///    then fuses it into the GEMM's output tiles). Missing means false.
 /// E(x) = activate(x·W1 + b1)·W2 + b2, so one expert is two GEMMs over a block of rows.
 
 #include "activation.hpp"
@@ -32,6 +35,8 @@ class Expert {
  public:
   using Scalar = Scalar_;
   using Activation = Activation_;
+  /// activate() works column by column, so it may run on any column block of pre and hidden.
+  static constexpr bool activation_is_elementwise = true;
 
   /// A zero expert; throws std::invalid_argument unless d ≥ 1 and h ≥ 1.
   Expert(Index input_dim, Index hidden_dim) {
@@ -110,6 +115,8 @@ template <typename Scalar_>
 class SwiGluExpert {
  public:
   using Scalar = Scalar_;
+  /// activate() pairs column j with column h + j, so it needs whole rows of pre.
+  static constexpr bool activation_is_elementwise = false;
 
   /// A zero expert; throws std::invalid_argument unless d ≥ 1 and h ≥ 1.
   SwiGluExpert(Index input_dim, Index hidden_dim) {
@@ -187,6 +194,16 @@ class SwiGluExpert {
   Matrix<Scalar> w2_;
   Vector<Scalar> no_bias_;
 };
+
+namespace detail {
+
+/// ExpertT::activation_is_elementwise, or false when the type does not say.
+template <typename ExpertT, typename = void>
+struct activation_is_elementwise : std::false_type {};
+template <typename ExpertT>
+struct activation_is_elementwise<ExpertT, std::enable_if_t<ExpertT::activation_is_elementwise>> : std::true_type {};
+
+}  // namespace detail
 
 /// One expert over a block of rows, through the library's single-threaded GEMM:
 /// pre = x·W1 + b1 (rows×p), hidden = activate(pre) (rows×h), output = hidden·W2 + b2 (rows×d).

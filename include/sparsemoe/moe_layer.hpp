@@ -119,6 +119,51 @@ struct ForwardWorkspace {
   }
 };
 
+template <typename Scalar_, typename ExpertT>
+class MoELayer;
+
+/// A snapshot of every expert's parameters with W1 and W2 in the GEMM backend's packed layout
+/// (detail::PackedWeight: contiguous column panels), made by MoELayer::pack_experts() for
+/// serving. An evaluation-mode forward that is given it streams each weight panel front to back,
+/// which the hardware prefetchers follow: with libxsmm that is worth 1.2–1.7× on small batches
+/// whose weights come from memory (bench/NOTES.md). Memory: the experts' parameters once more,
+/// E·(2·d·h + h + d) scalars for Expert. It is a copy: after the layer's weights change, pack
+/// again. Immutable once made, so any number of threads may use one at once.
+template <typename Scalar>
+class PackedExperts {
+ public:
+  /// No experts: pass MoELayer::pack_experts()'s result instead.
+  PackedExperts() = default;
+
+  /// Whether this holds nothing.
+  bool empty() const { return owner_ == nullptr; }
+  /// Number of experts held.
+  Index num_experts() const { return static_cast<Index>(experts_.size()); }
+  /// Bytes of the packed weights and biases.
+  std::size_t bytes() const {
+    std::size_t total = 0;
+    for (const Entry& entry : experts_) {
+      total += entry.w1.bytes() + entry.w2.bytes() + static_cast<std::size_t>(entry.b1.size() + entry.b2.size()) *
+                                                          sizeof(Scalar);
+    }
+    return total;
+  }
+
+ private:
+  template <typename, typename>
+  friend class MoELayer;
+
+  struct Entry {
+    detail::PackedWeight<Scalar> w1;
+    Vector<Scalar> b1;
+    detail::PackedWeight<Scalar> w2;
+    Vector<Scalar> b2;
+  };
+
+  const void* owner_ = nullptr;
+  std::vector<Entry> experts_;
+};
+
 /// Gradients of every parameter of an MoELayer, laid out like the layer.
 template <typename Scalar, typename ExpertT>
 struct MoEGradients {
@@ -238,29 +283,45 @@ class MoELayer {
   /// mode leaves result.cache empty.
   void forward(ConstMatrixRef<Scalar> input, const ForwardOptions& options, ForwardResult<Scalar>& result,
                ForwardWorkspace<Scalar>& workspace) const {
+    forward_impl(input, options, result, workspace, nullptr);
+  }
+
+  /// The experts' current parameters, packed for the GEMM backend (see PackedExperts), for
+  /// evaluation-mode forwards. O(E·d·h) time and memory; parallel over experts.
+  PackedExperts<Scalar> pack_experts() const {
+    PackedExperts<Scalar> packed;
+    packed.experts_.resize(experts_.size());
+    const double work = 2.0 * static_cast<double>(input_dim()) * static_cast<double>(hidden_dim());
+    detail::parallel_for_dynamic(num_experts(), work, [&](Index e) {
+      const ExpertT& expert = experts_[static_cast<std::size_t>(e)];
+      auto& entry = packed.experts_[static_cast<std::size_t>(e)];
+      entry.w1 = detail::PackedWeight<Scalar>(expert.w1());
+      entry.b1 = expert.b1();
+      entry.w2 = detail::PackedWeight<Scalar>(expert.w2());
+      entry.b2 = expert.b2();
+    });
+    packed.owner_ = this;
+    return packed;
+  }
+
+  /// Evaluation-mode forward whose expert GEMMs read `packed` (made by this layer's
+  /// pack_experts(), from the weights it should use) instead of the layer's experts; otherwise as
+  /// the forward above. Throws std::invalid_argument when options.mode is training (backward
+  /// needs the layer's own weights) or when `packed` was not made by this layer.
+  void forward(ConstMatrixRef<Scalar> input, const ForwardOptions& options, ForwardResult<Scalar>& result,
+               ForwardWorkspace<Scalar>& workspace, const PackedExperts<Scalar>& packed) const {
     const char* function = "sparsemoe::MoELayer::forward";
-    detail::require(input.cols() == input_dim(), function, "input must have ", input_dim(),
-                    " columns (the layer's input_dim), got ", input.rows(), "x", input.cols());
-    const bool training = options.mode == Mode::training;
-    // The cache becomes usable only when this call has completed: a throw below (non-finite
-    // logits, bad weights) must not leave an earlier call's cache behind for backward.
-    ForwardCache<Scalar>& cache = result.cache;
-    cache.owner = nullptr;
-    route(input, options, result.routing);
-    build_dispatch_plan(result.routing.expert_ids, num_experts(), result.plan);
-    auxiliary_losses(result.routing, static_cast<Scalar>(options.importance_weight),
-                     static_cast<Scalar>(options.load_weight), result.losses);
-    group(input, result.plan, workspace.grouped_input);
-    if (training) {
-      cache.input = input;
-      cache.pre_activations.resize(result.plan.num_rows(), pre_activation_width());
-    } else {
-      cache.input.resize(0, 0);
-      cache.pre_activations.resize(0, 0);
+    detail::require(options.mode == Mode::evaluation, function,
+                    "packed experts serve evaluation-mode forwards only; train with the layer's own weights");
+    bool shapes_match = packed.num_experts() == num_experts();
+    for (std::size_t e = 0; shapes_match && e < packed.experts_.size(); ++e) {
+      const auto& entry = packed.experts_[e];
+      shapes_match = entry.w1.rows() == input_dim() && entry.w1.cols() == pre_activation_width() &&
+                     entry.w2.rows() == hidden_dim() && entry.w2.cols() == input_dim();
     }
-    compute_experts(result.plan, training ? &cache.pre_activations : nullptr, workspace);
-    combine(workspace.expert_output, result.routing, result.plan, result.output);
-    if (training) cache.owner = this;
+    detail::require(packed.owner_ == this && shapes_match, function,
+                    "the packed experts were not made by this layer's pack_experts()");
+    forward_impl(input, options, result, workspace, &packed);
   }
 
   /// Stage 1, route: the gate's decisions for `input` (T×d), into `routing`.
@@ -277,9 +338,11 @@ class MoELayer {
 
   /// Stage 3, expert compute: workspace.expert_output (T·k×d) = E_i of every grouped row of
   /// expert i, from workspace.grouped_input. When `pre_activations` is given (T·k×p), the
-  /// pre-activations are kept there for backward.
-  void compute_experts(const DispatchPlan& plan, Matrix<Scalar>* pre_activations,
-                       ForwardWorkspace<Scalar>& workspace) const {
+  /// pre-activations are kept there for backward. With `packed` (from pack_experts()), the GEMMs
+  /// read its packed weights and biases, and an element-wise activation runs on each output tile
+  /// of the first GEMM while it is in cache.
+  void compute_experts(const DispatchPlan& plan, Matrix<Scalar>* pre_activations, ForwardWorkspace<Scalar>& workspace,
+                       const PackedExperts<Scalar>* packed = nullptr) const {
     workspace.expert_output.resize(plan.num_rows(), input_dim());
     detail::make_expert_tiles(plan, expert_row_tile, workspace.expert_order, workspace.tiles);
     const auto threads = static_cast<std::size_t>(detail::max_threads());
@@ -294,9 +357,14 @@ class MoELayer {
       auto hidden = workspace.hidden[thread].topRows(tile.rows);
       auto pre = pre_activations ? pre_activations->middleRows(tile.first_row, tile.rows)
                                  : workspace.pre[thread].topRows(tile.rows);
-      expert_forward(experts_[static_cast<std::size_t>(tile.expert)],
-                     workspace.grouped_input.middleRows(tile.first_row, tile.rows), pre, hidden,
-                     workspace.expert_output.middleRows(tile.first_row, tile.rows));
+      auto input = workspace.grouped_input.middleRows(tile.first_row, tile.rows);
+      auto output = workspace.expert_output.middleRows(tile.first_row, tile.rows);
+      const ExpertT& expert = experts_[static_cast<std::size_t>(tile.expert)];
+      if (packed) {
+        packed_expert_forward(expert, packed->experts_[static_cast<std::size_t>(tile.expert)], input, pre, hidden, output);
+      } else {
+        expert_forward(expert, input, pre, hidden, output);
+      }
     });
   }
 
@@ -389,6 +457,52 @@ class MoELayer {
   }
 
  private:
+  /// expert_forward over packed weights: pre = x·W1 + b1, hidden = act(pre), out = hidden·W2 + b2,
+  /// with the bias (and an element-wise activation) applied to each GEMM output tile in cache.
+  template <typename Input, typename Pre, typename Hidden, typename Output>
+  static void packed_expert_forward(const ExpertT& expert, const typename PackedExperts<Scalar>::Entry& weights,
+                                    const Input& input, Pre& pre, Hidden& hidden, Output& output) {
+    constexpr bool fuse_activation = detail::activation_is_elementwise<ExpertT>::value;
+    detail::gemm_packed(detail::operand(input), weights.w1, pre.data(), pre.outerStride(), false,
+                        [&](Index row, Index rows, Index col, Index cols) {
+      auto pre_tile = pre.block(row, col, rows, cols);
+      if (weights.b1.size() > 0) pre_tile.rowwise() += weights.b1.segment(col, cols).transpose();
+      if (fuse_activation) expert.activate(pre_tile, hidden.block(row, col, rows, cols));
+    });
+    if (!fuse_activation) expert.activate(pre, hidden);
+    detail::gemm_packed(detail::operand(hidden), weights.w2, output.data(), output.outerStride(), false,
+                        [&](Index row, Index rows, Index col, Index cols) {
+      if (weights.b2.size() > 0) output.block(row, col, rows, cols).rowwise() += weights.b2.segment(col, cols).transpose();
+    });
+  }
+
+  void forward_impl(ConstMatrixRef<Scalar> input, const ForwardOptions& options, ForwardResult<Scalar>& result,
+                    ForwardWorkspace<Scalar>& workspace, const PackedExperts<Scalar>* packed) const {
+    const char* function = "sparsemoe::MoELayer::forward";
+    detail::require(input.cols() == input_dim(), function, "input must have ", input_dim(),
+                    " columns (the layer's input_dim), got ", input.rows(), "x", input.cols());
+    const bool training = options.mode == Mode::training;
+    // The cache becomes usable only when this call has completed: a throw below (non-finite
+    // logits, bad weights) must not leave an earlier call's cache behind for backward.
+    ForwardCache<Scalar>& cache = result.cache;
+    cache.owner = nullptr;
+    route(input, options, result.routing);
+    build_dispatch_plan(result.routing.expert_ids, num_experts(), result.plan);
+    auxiliary_losses(result.routing, static_cast<Scalar>(options.importance_weight),
+                     static_cast<Scalar>(options.load_weight), result.losses);
+    group(input, result.plan, workspace.grouped_input);
+    if (training) {
+      cache.input = input;
+      cache.pre_activations.resize(result.plan.num_rows(), pre_activation_width());
+    } else {
+      cache.input.resize(0, 0);
+      cache.pre_activations.resize(0, 0);
+    }
+    compute_experts(result.plan, training ? &cache.pre_activations : nullptr, workspace, packed);
+    combine(workspace.expert_output, result.routing, result.plan, result.output);
+    if (training) cache.owner = this;
+  }
+
   static const MoEConfig& checked(const MoEConfig& config) {
     const char* function = "sparsemoe::MoELayer";
     detail::require(config.input_dim >= 1, function, "input_dim must be >= 1, got ", config.input_dim);

@@ -5,6 +5,9 @@
 
 #include "../config.hpp"
 
+#include <algorithm>
+#include <vector>
+
 #ifdef SPARSEMOE_WITH_LIBXSMM
 #include "gemm_libxsmm.hpp"
 #endif
@@ -100,6 +103,77 @@ void gemm(const ConstOperand<Scalar>& a, const ConstOperand<Scalar>& b, Scalar* 
   if (a.op == Op::transpose && b.op == Op::none) gemm_impl::run_kernel<Scalar, col, row>(m, n, k, a, b, c, ldc, alpha);
   if (a.op == Op::transpose && b.op == Op::transpose)
     gemm_impl::run_kernel<Scalar, col, col>(m, n, k, a, b, c, ldc, alpha);
+}
+
+/// A k×n weight matrix copied into the layout the GEMM backend reads fastest: column panels of
+/// `panel_width` columns, each a contiguous k×w row-major block (w = panel_width, or less for
+/// the last panel). With libxsmm the panels are 64 columns wide, so a kernel call streams one
+/// contiguous block; with Eigen there is one panel, the matrix itself. Memory: k·n scalars.
+template <typename Scalar>
+class PackedWeight {
+ public:
+  PackedWeight() = default;
+
+  /// Copies `weight` (k×n) into panels. O(k·n).
+  explicit PackedWeight(const Eigen::Ref<const Matrix<Scalar>>& weight)
+      : rows_(weight.rows()), cols_(weight.cols()), panel_width_(preferred_panel_width(weight.cols())),
+        data_(static_cast<std::size_t>(weight.size())) {
+    for (Index p0 = 0; p0 < cols_; p0 += panel_width_) {
+      const Index width = std::min(panel_width_, cols_ - p0);
+      Eigen::Map<Matrix<Scalar>> panel(data_.data() + p0 * rows_, rows_, width);
+      panel = weight.middleCols(p0, width);
+    }
+  }
+
+  Index rows() const { return rows_; }
+  Index cols() const { return cols_; }
+  Index panel_width() const { return panel_width_; }
+  const Scalar* data() const { return data_.data(); }
+  /// Bytes of the packed copy.
+  std::size_t bytes() const { return data_.size() * sizeof(Scalar); }
+
+  /// Panel width used for a weight of `cols` columns.
+  static Index preferred_panel_width(Index cols) {
+#ifdef SPARSEMOE_WITH_LIBXSMM
+    static_cast<void>(cols);
+    return libxsmm_backend::tile_cols;
+#else
+    return std::max<Index>(cols, 1);
+#endif
+  }
+
+ private:
+  Index rows_ = 0;
+  Index cols_ = 0;
+  Index panel_width_ = 1;
+  std::vector<Scalar, Eigen::aligned_allocator<Scalar>> data_;
+};
+
+/// C (m×n, row stride ldc) = A·B (+ C when `accumulate`) for a row-major operand A (m×k, not
+/// transposed) and a packed B (k×n). After each block of C is final, `epilogue(first_row, rows,
+/// first_col, cols)` runs on it, while it is still in cache (bias and activation go there). The
+/// blocks are fixed by (m, n, k); results do not depend on the thread count. Cost: 2·m·n·k flops.
+template <typename Scalar, typename Epilogue>
+void gemm_packed(const ConstOperand<Scalar>& a, const PackedWeight<Scalar>& b, Scalar* c, Index ldc, bool accumulate,
+                 Epilogue&& epilogue) {
+  SPARSEMOE_ASSERT(a.op == Op::none && a.cols == b.rows());
+  const Index m = a.rows;
+  const Index n = b.cols();
+  const Index k = b.rows();
+  if (m == 0 || n == 0) return;
+#ifdef SPARSEMOE_WITH_LIBXSMM
+  if (m > 1 && k > 0 &&
+      libxsmm_backend::gemm_packed<Scalar>(m, n, k, a.data, a.stride, b.data(), b.panel_width(), c, ldc, accumulate,
+                                           epilogue)) {
+    return;
+  }
+#endif
+  for (Index p0 = 0; p0 < n; p0 += b.panel_width()) {
+    const Index width = std::min(b.panel_width(), n - p0);
+    const ConstOperand<Scalar> panel{b.data() + p0 * k, k, width, width, Op::none};
+    gemm(a, panel, c + p0, ldc, Scalar(1), accumulate);
+    epilogue(Index(0), m, p0, width);
+  }
 }
 
 }  // namespace detail

@@ -201,6 +201,60 @@ bool gemm(Index m, Index n, Index k, const Scalar* a, Index lda, bool trans_a, c
   return true;
 }
 
+/// C (m×n, row-major, row stride ldc) = A·B (+ C when `accumulate`), with A row-major (m×k, row
+/// stride lda) and B (k×n) stored as column panels: panel q holds columns [q·panel_width,
+/// q·panel_width + w_q) as a contiguous k×w_q row-major block starting at packed + q·panel_width·k.
+/// Each kernel call reads one panel front to back, so the weights stream sequentially (the
+/// hardware prefetchers follow them) instead of as k short rows one weight row apart.
+/// After each output tile (rows i0..i0+tm, columns j0..j0+tn) `epilogue(i0, tm, j0, tn)` runs
+/// while the tile is still in L1/L2. Returns false (having touched nothing) when libxsmm has no
+/// kernel for the shape. Requires m, n, k ≥ 1 and panel_width a multiple of tile_cols.
+template <typename Scalar, typename Epilogue>
+bool gemm_packed(Index m, Index n, Index k, const Scalar* a, Index lda, const Scalar* packed, Index panel_width,
+                 Scalar* c, Index ldc, bool accumulate, Epilogue&& epilogue) {
+  constexpr Index int_max = INT_MAX;
+  if (m > int_max || n > int_max || k > int_max || lda > int_max || ldc > int_max || panel_width % tile_cols != 0) {
+    return false;
+  }
+  const Index tm_full = std::min(tile_rows, m);
+  const Index tm_edge = m % tm_full;
+  const Index last_panel_width = n - (n - 1) / panel_width * panel_width;
+  const Index panels = (n + panel_width - 1) / panel_width;
+  // kernels[edge row tile][kind]: 0 a tile of a full panel (leading dimension panel_width), 1 a
+  // full-width tile of the last panel, 2 the narrower edge tile of the last panel (leading
+  // dimension: the last panel's width).
+  Kernel<Scalar> kernels[2][3] = {{nullptr, nullptr, nullptr}, {nullptr, nullptr, nullptr}};
+  const Index widths[3] = {panels > 1 ? tile_cols : 0, last_panel_width >= tile_cols ? tile_cols : 0,
+                           last_panel_width % tile_cols};
+  const Index leading[3] = {panel_width, last_panel_width, last_panel_width};
+  for (int edge_m = 0; edge_m < 2; ++edge_m) {
+    const Index tm = edge_m ? tm_edge : tm_full;
+    if (tm == 0) continue;
+    for (int kind = 0; kind < 3; ++kind) {
+      if (widths[kind] == 0) continue;
+      kernels[edge_m][kind] = dispatch<Scalar>(widths[kind], tm, k, leading[kind], lda, ldc, false, accumulate);
+      if (!kernels[edge_m][kind]) return false;
+    }
+  }
+  for (Index i0 = 0; i0 < m; i0 += tm_full) {
+    const Index tm = std::min(tm_full, m - i0);
+    const Scalar* a_block = a + i0 * lda;
+    for (Index panel = 0; panel < panels; ++panel) {
+      const Index p0 = panel * panel_width;
+      const bool last = panel == panels - 1;
+      const Index width = last ? last_panel_width : panel_width;
+      const Scalar* panel_data = packed + p0 * k;
+      for (Index j = 0; j < width; j += tile_cols) {
+        const Index tn = std::min(tile_cols, width - j);
+        const int kind = !last ? 0 : (tn == tile_cols ? 1 : 2);
+        kernels[tm != tm_full][kind](panel_data + j, a_block, c + i0 * ldc + p0 + j);
+        epilogue(i0, tm, p0 + j, tn);
+      }
+    }
+  }
+  return true;
+}
+
 }  // namespace libxsmm_backend
 }  // namespace detail
 }  // namespace sparsemoe
