@@ -48,8 +48,10 @@ void operator delete[](void* pointer, std::size_t) noexcept { std::free(pointer)
 
 namespace {
 
+// tokens = 300 gives each of the 6 experts about 100 rows; tokens = 1200 about 400, past
+// MoELayer::pack_rows_threshold, so that the forward also packs weights into its workspace.
 template <typename Scalar, typename ExpertT>
-void expect_no_allocation(sparsemoe::Mode mode, bool packed = false) {
+void expect_no_allocation(sparsemoe::Mode mode, bool packed = false, sparsemoe::Index tokens = 300) {
   sparsemoe::MoEConfig config;
   config.input_dim = 24;
   config.hidden_dim = 40;
@@ -57,7 +59,7 @@ void expect_no_allocation(sparsemoe::Mode mode, bool packed = false) {
   config.k = 2;
   sparsemoe::MoELayer<Scalar, ExpertT> layer(config);
   layer.gate().initialize_uniform(3);
-  const sparsemoe::Matrix<Scalar> input = sparsemoe::Matrix<Scalar>::Random(300, 24);
+  const sparsemoe::Matrix<Scalar> input = sparsemoe::Matrix<Scalar>::Random(tokens, 24);
   sparsemoe::ForwardOptions options;
   options.mode = mode;
   sparsemoe::ForwardResult<Scalar> result;
@@ -89,7 +91,7 @@ void expect_no_allocation(sparsemoe::Mode mode, bool packed = false) {
   EXPECT_EQ(workspace.grouped_input.data(), grouped);
   EXPECT_EQ(result.routing.noisy_logits.data(), logits);
   EXPECT_EQ(result.plan.token_of_row.data(), rows);
-  EXPECT_EQ(result.output.rows(), 300);
+  EXPECT_EQ(result.output.rows(), tokens);
   EXPECT_TRUE(result.output.allFinite());
 }
 
@@ -108,6 +110,11 @@ TEST(Allocation, SteadyStatePackedForwardAllocatesNothing) {
 TEST(Allocation, SteadyStateTrainingForwardAllocatesNothing) {
   expect_no_allocation<float, sparsemoe::Expert<float, sparsemoe::Relu>>(sparsemoe::Mode::training);
   expect_no_allocation<float, sparsemoe::SwiGluExpert<float>>(sparsemoe::Mode::training);
+}
+
+TEST(Allocation, SteadyStateForwardThatPacksIntoItsWorkspaceAllocatesNothing) {
+  expect_no_allocation<float, sparsemoe::Expert<float, sparsemoe::Relu>>(sparsemoe::Mode::training, false, 1200);
+  expect_no_allocation<double, sparsemoe::SwiGluExpert<double>>(sparsemoe::Mode::evaluation, false, 1200);
 }
 
 TEST(Allocation, CountersSeeAllocations) {

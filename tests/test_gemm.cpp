@@ -3,7 +3,8 @@
 //
 // detail::gemm against a naive triple loop in double: every transpose combination, accumulate
 // on and off, alpha = 1 and alpha ≠ 1, strided operands, shapes from 1 to 200×300×500. Runs
-// whichever backend this build selected (Eigen, or libxsmm with SPARSEMOE_WITH_LIBXSMM).
+// whichever backend this build selected (Eigen, or libxsmm with SPARSEMOE_WITH_LIBXSMM). Also
+// gemm_packed over PackedWeight (as stored and transposed) with its epilogue.
 
 #include <sparsemoe/detail/gemm.hpp>
 
@@ -120,6 +121,68 @@ TYPED_TEST(GemmTest, EmptyInnerDimensionZeroesOrKeeps) {
   for (Scalar v : c) EXPECT_EQ(v, Scalar(5));
   sparsemoe::detail::gemm(a, b, c.data(), 3, Scalar(1), false);
   for (Scalar v : c) EXPECT_EQ(v, Scalar(0));
+}
+
+// gemm_packed: C (+)= A·op(W) with op(W) packed by PackedWeight::assign, against the naive loop;
+// the epilogue must see every element of C exactly once, after it is final.
+template <typename Scalar>
+void check_packed(Index m, Index n, Index k, Op op_w, bool accumulate, Index pad) {
+  using Matrix = sparsemoe::Matrix<Scalar>;
+  const Stored<Scalar> a = make<Scalar>(m, k, pad, 11);
+  Matrix stored = op_w == Op::none ? Matrix(k, n) : Matrix(n, k);
+  for (Index i = 0; i < stored.size(); ++i) stored.data()[i] = static_cast<Scalar>(value_at(12, i));
+  sparsemoe::detail::PackedWeight<Scalar> packed;
+  packed.assign(Matrix::Constant(3, 5, Scalar(7)), Op::none);  // reused below: a different size
+  packed.assign(stored, op_w);
+  ASSERT_EQ(packed.rows(), k);
+  ASSERT_EQ(packed.cols(), n);
+  Stored<Scalar> c = make<Scalar>(m, n, pad, 13);
+  const Stored<Scalar> c0 = c;
+  std::vector<int> visits(static_cast<std::size_t>(m * n), 0);
+  const ConstOperand<Scalar> oa{a.data.data(), a.rows, a.cols, a.stride, Op::none};
+  sparsemoe::detail::gemm_packed(oa, packed, c.data.data(), c.stride, accumulate,
+                                 [&](Index row, Index rows, Index col, Index cols) {
+    for (Index i = row; i < row + rows; ++i) {
+      for (Index j = col; j < col + cols; ++j) {
+        ++visits[static_cast<std::size_t>(i * n + j)];
+        c.data[static_cast<std::size_t>(i * c.stride + j)] *= Scalar(2);  // the epilogue's result must stay
+      }
+    }
+  });
+  const double eps = std::is_same<Scalar, float>::value ? 1.2e-7 : 2.3e-16;
+  for (Index i = 0; i < m; ++i) {
+    for (Index j = 0; j < n; ++j) {
+      double sum = 0, magnitude = 0;
+      for (Index p = 0; p < k; ++p) {
+        const double x = a(i, p);
+        const double y = op_w == Op::none ? stored(p, j) : stored(j, p);
+        sum += x * y;
+        magnitude += std::abs(x * y);
+      }
+      const double expected = 2 * (sum + (accumulate ? static_cast<double>(c0(i, j)) : 0.0));
+      const double tolerance = 8 * eps * (static_cast<double>(k) + 2) * (magnitude + 1);
+      ASSERT_NEAR(static_cast<double>(c(i, j)), expected, tolerance)
+          << "m=" << m << " n=" << n << " k=" << k << " op_w=" << (op_w == Op::transpose) << " acc=" << accumulate
+          << " at (" << i << "," << j << ")";
+      ASSERT_EQ(visits[static_cast<std::size_t>(i * n + j)], 1) << "epilogue visits of (" << i << "," << j << ")";
+    }
+    for (Index j = n; j < c.stride; ++j) ASSERT_EQ(c(i, j), c0(i, j));
+  }
+}
+
+TYPED_TEST(GemmTest, PackedMatchesNaiveTripleLoop) {
+  using Scalar = TypeParam;
+  const std::vector<std::tuple<Index, Index, Index>> shapes = {
+      {1, 1, 1},   {1, 70, 5},    {7, 1, 5},     {5, 7, 1},     {1, 64, 64},   {64, 64, 64},
+      {17, 33, 9}, {63, 130, 31}, {65, 129, 63}, {128, 192, 70}, {2, 2, 300}, {150, 200, 130}};
+  for (const auto& [m, n, k] : shapes) {
+    for (const Op op_w : {Op::none, Op::transpose}) {
+      for (const bool accumulate : {false, true}) {
+        check_packed<Scalar>(m, n, k, op_w, accumulate, (m + n + k) % 3);
+        if (::testing::Test::HasFatalFailure()) return;
+      }
+    }
+  }
 }
 
 // Same inputs, same output bits, whatever ran before (kernels and scratch are reused).

@@ -55,6 +55,16 @@ struct GateGradients {
   Matrix<Scalar> noisy_logits;  ///< T×E: direct ∂L/∂H (not through the softmax)
   Matrix<Scalar> noise_scale;   ///< T×E: direct ∂L/∂s (not through H); empty in evaluation
 
+  /// Shapes every member for `routing` and zeroes it, reusing storage of the same size.
+  void set_zero(const Routing<Scalar>& routing) {
+    const Index tokens = routing.num_tokens();
+    const Index experts = routing.num_experts();
+    gates.setZero(tokens, routing.k());
+    clean_logits.setZero(tokens, experts);
+    noisy_logits.setZero(tokens, experts);
+    noise_scale.setZero(routing.noisy() ? tokens : 0, routing.noisy() ? experts : 0);
+  }
+
   /// All zero, shaped for `routing`.
   static GateGradients zeros(const Routing<Scalar>& routing) {
     const Index tokens = routing.num_tokens();

@@ -96,6 +96,14 @@ inline void make_expert_tiles(const DispatchPlan& plan, Index tile_rows, std::ve
   }
 }
 
+/// A block of columns of one expert's weight gradient (of W1 when first_layer, else of W2): the
+/// unit of parallel work of the weight-gradient phase of backward.
+struct GradientTile {
+  Index expert;
+  bool first_layer;
+  Index first_column;
+};
+
 }  // namespace detail
 
 /// Scratch memory of MoELayer::forward, reusable across calls: a forward of the same shape into
@@ -109,13 +117,50 @@ struct ForwardWorkspace {
   std::vector<Matrix<Scalar>> pre;           ///< per OpenMP thread, tile×p (evaluation mode)
   std::vector<detail::ExpertTile> tiles;     ///< this call's expert tiles
   std::vector<Index> expert_order;           ///< experts by descending size
+  /// Per expert, W1 and W2 packed for this call (only for experts with at least
+  /// MoELayer::pack_rows_threshold rows, whose GEMMs then stream contiguous panels).
+  std::vector<detail::PackedWeight<Scalar>> packed_w1, packed_w2;
+  std::vector<char> packed_this_call;        ///< per expert: packed_w1/w2 hold its current weights
 
-  /// Bytes held by the matrices above.
+  /// Bytes held by the matrices and packed weights above.
   std::size_t bytes() const {
     std::size_t total = static_cast<std::size_t>(grouped_input.size() + expert_output.size());
     for (const auto& block : hidden) total += static_cast<std::size_t>(block.size());
     for (const auto& block : pre) total += static_cast<std::size_t>(block.size());
-    return total * sizeof(Scalar);
+    total *= sizeof(Scalar);
+    for (const auto& packed : packed_w1) total += packed.bytes();
+    for (const auto& packed : packed_w2) total += packed.bytes();
+    return total;
+  }
+};
+
+/// Scratch memory of MoELayer::backward, reusable across calls of the same shape. Not shared
+/// between threads: give each calling thread its own.
+template <typename Scalar>
+struct BackwardWorkspace {
+  Matrix<Scalar> grouped_input;                              ///< T·k×d: the cached input, grouped
+  Matrix<Scalar> grouped_d_output;                           ///< T·k×d: ∂L/∂y grouped, then times g
+  Matrix<Scalar> hidden;                                     ///< T·k×h: act(pre), recomputed
+  Matrix<Scalar> d_pre;                                      ///< T·k×p: ∂L/∂pre
+  Matrix<Scalar> d_grouped_input;                            ///< T·k×d: ∂L/∂x of each grouped row
+  Vector<Scalar> d_gate_of_row;                              ///< T·k: ⟨∂L/∂y, E(x)⟩ per grouped row
+  std::vector<Matrix<Scalar>> d_hidden;                      ///< per OpenMP thread, tile×h
+  std::vector<detail::PackedWeight<Scalar>> w1_transposed;   ///< per expert, W1ᵀ packed (p×d)
+  std::vector<detail::PackedWeight<Scalar>> w2_transposed;   ///< per expert, W2ᵀ packed (d×h)
+  GateGradients<Scalar> gate_gradients;                      ///< ∂L/∂(gates, logits, noise scale)
+  std::vector<detail::ExpertTile> tiles;                     ///< this call's expert tiles
+  std::vector<Index> expert_order;                           ///< experts by descending size
+  std::vector<detail::GradientTile> gradient_tiles;          ///< this call's weight-gradient tiles
+
+  /// Bytes held by the matrices and packed weights above.
+  std::size_t bytes() const {
+    std::size_t total = static_cast<std::size_t>(grouped_input.size() + grouped_d_output.size() + hidden.size() +
+                                                  d_pre.size() + d_grouped_input.size() + d_gate_of_row.size()) *
+                        sizeof(Scalar);
+    for (const auto& block : d_hidden) total += static_cast<std::size_t>(block.size()) * sizeof(Scalar);
+    for (const auto& packed : w1_transposed) total += packed.bytes();
+    for (const auto& packed : w2_transposed) total += packed.bytes();
+    return total;
   }
 };
 
@@ -224,6 +269,10 @@ class MoELayer {
   static constexpr Index expert_row_tile = 128;
   /// Columns of one weight-gradient tile in backward.
   static constexpr Index gradient_column_tile = 128;
+  /// A forward without PackedExperts packs the W1 and W2 of each expert that has at least this
+  /// many rows into its workspace first: packing costs about as much as the GEMMs gain on
+  /// ~240 rows (bench/NOTES.md), and fewer rows are better served from the weights as stored.
+  static constexpr Index pack_rows_threshold = 256;
 
   /// Builds the layer: gate weights zero (the paper's initialisation), expert i initialised by
   /// ExpertT::initialize_uniform with a seed derived from (config.seed, i).
@@ -350,6 +399,7 @@ class MoELayer {
     workspace.pre.resize(pre_activations ? 0 : threads);
     for (auto& block : workspace.hidden) block.resize(expert_row_tile, hidden_dim());
     for (auto& block : workspace.pre) block.resize(expert_row_tile, pre_activation_width());
+    pack_large_experts(plan, packed == nullptr, workspace);
     detail::parallel_for_dynamic(static_cast<Index>(workspace.tiles.size()), tile_flops(plan, workspace.tiles.size()),
                                  [&](Index index) {
       const detail::ExpertTile& tile = workspace.tiles[static_cast<std::size_t>(index)];
@@ -359,9 +409,14 @@ class MoELayer {
                                  : workspace.pre[thread].topRows(tile.rows);
       auto input = workspace.grouped_input.middleRows(tile.first_row, tile.rows);
       auto output = workspace.expert_output.middleRows(tile.first_row, tile.rows);
-      const ExpertT& expert = experts_[static_cast<std::size_t>(tile.expert)];
+      const auto e = static_cast<std::size_t>(tile.expert);
+      const ExpertT& expert = experts_[e];
       if (packed) {
-        packed_expert_forward(expert, packed->experts_[static_cast<std::size_t>(tile.expert)], input, pre, hidden, output);
+        const auto& entry = packed->experts_[e];
+        packed_expert_forward(expert, entry.w1, entry.b1, entry.w2, entry.b2, input, pre, hidden, output);
+      } else if (workspace.packed_this_call[e]) {
+        packed_expert_forward(expert, workspace.packed_w1[e], expert.b1(), workspace.packed_w2[e], expert.b2(), input,
+                              pre, hidden, output);
       } else {
         expert_forward(expert, input, pre, hidden, output);
       }
@@ -388,6 +443,21 @@ class MoELayer {
   /// another layer, or if d_output or gradients have the wrong shape.
   Matrix<Scalar> backward(const ForwardResult<Scalar>& forward_result, ConstMatrixRef<Scalar> d_output,
                           Gradients& gradients) const {
+    Matrix<Scalar> d_input;
+    BackwardWorkspace<Scalar> workspace;
+    backward(forward_result, d_output, gradients, d_input, workspace);
+    return d_input;
+  }
+
+  /// Backward pass into `d_input` (resized to T×d), with scratch memory from `workspace`; as the
+  /// overload above otherwise. Reusing `d_input` and `workspace` across steps of the same shape
+  /// saves the allocation (and the page faults) of about T·k·(d + 2·p) + 2·E·d·p scalars per call.
+  ///
+  /// Work: per expert, W1ᵀ and W2ᵀ are packed once (detail::PackedWeight); per 128-row tile,
+  /// ∂hidden = ∂Y·W2ᵀ, the gate gradient ⟨∂Y, E(x)⟩, ∂pre and ∂X rows; then the weight gradients
+  /// in (expert, 128-column) tiles, each reducing over the expert's rows in order.
+  void backward(const ForwardResult<Scalar>& forward_result, ConstMatrixRef<Scalar> d_output, Gradients& gradients,
+                Matrix<Scalar>& d_input, BackwardWorkspace<Scalar>& workspace) const {
     const char* function = "sparsemoe::MoELayer::backward";
     const ForwardCache<Scalar>& cache = forward_result.cache;
     const Routing<Scalar>& routing = forward_result.routing;
@@ -399,80 +469,104 @@ class MoELayer {
     detail::require_shape(d_output, tokens, input_dim(), function, "d_output");
     check_gradients(gradients, function);
 
-    GateGradients<Scalar> gate_gradients = GateGradients<Scalar>::zeros(routing);
+    GateGradients<Scalar>& gate_gradients = workspace.gate_gradients;
+    gate_gradients.set_zero(routing);
     auxiliary_losses_backward(routing, forward_result.losses, gate_gradients);
 
-    Matrix<Scalar> grouped_input;
-    group(cache.input, plan, grouped_input);
-    Matrix<Scalar> grouped_d_output;
-    group(d_output, plan, grouped_d_output);
     const Index rows = plan.num_rows();
-    Matrix<Scalar> hidden(rows, hidden_dim());
-    Matrix<Scalar> d_pre(rows, pre_activation_width());
-    Matrix<Scalar> d_grouped_input(rows, input_dim());
-    Vector<Scalar> d_gate_of_row(rows);
+    group(cache.input, plan, workspace.grouped_input);
+    group(d_output, plan, workspace.grouped_d_output);
+    workspace.hidden.resize(rows, hidden_dim());
+    workspace.d_pre.resize(rows, pre_activation_width());
+    workspace.d_grouped_input.resize(rows, input_dim());
+    workspace.d_gate_of_row.resize(rows);
+    pack_transposed_weights(plan, workspace);
 
-    std::vector<Index> expert_order;
-    std::vector<detail::ExpertTile> tiles;
-    detail::make_expert_tiles(plan, expert_row_tile, expert_order, tiles);
-    std::vector<Matrix<Scalar>> d_hidden(static_cast<std::size_t>(detail::max_threads()),
-                                         Matrix<Scalar>(expert_row_tile, hidden_dim()));
-    detail::parallel_for_dynamic(static_cast<Index>(tiles.size()), 2 * tile_flops(plan, tiles.size()), [&](Index index) {
-      const detail::ExpertTile& tile = tiles[static_cast<std::size_t>(index)];
-      const ExpertT& expert = experts_[static_cast<std::size_t>(tile.expert)];
-      auto d_hidden_block = d_hidden[static_cast<std::size_t>(detail::thread_index())].topRows(tile.rows);
-      auto d_out = grouped_d_output.middleRows(tile.first_row, tile.rows);
+    detail::make_expert_tiles(plan, expert_row_tile, workspace.expert_order, workspace.tiles);
+    workspace.d_hidden.resize(static_cast<std::size_t>(detail::max_threads()));
+    for (auto& block : workspace.d_hidden) block.resize(expert_row_tile, hidden_dim());
+    const auto no_epilogue = [](Index, Index, Index, Index) {};
+    detail::parallel_for_dynamic(static_cast<Index>(workspace.tiles.size()), 2 * tile_flops(plan, workspace.tiles.size()),
+                                 [&](Index index) {
+      const detail::ExpertTile& tile = workspace.tiles[static_cast<std::size_t>(index)];
+      const auto expert_index = static_cast<std::size_t>(tile.expert);
+      const ExpertT& expert = experts_[expert_index];
+      auto d_hidden = workspace.d_hidden[static_cast<std::size_t>(detail::thread_index())].topRows(tile.rows);
+      auto d_out = workspace.grouped_d_output.middleRows(tile.first_row, tile.rows);
       auto pre = cache.pre_activations.middleRows(tile.first_row, tile.rows);
-      auto hidden_block = hidden.middleRows(tile.first_row, tile.rows);
+      auto hidden = workspace.hidden.middleRows(tile.first_row, tile.rows);
       // Unscaled ∂L/∂hidden = dY·W2ᵀ gives both ⟨dY, E(x)⟩ and, times g, the expert's gradient.
-      detail::gemm(detail::operand(d_out), detail::operand(expert.w2(), detail::Op::transpose),
-                   d_hidden_block.data(), d_hidden_block.outerStride(), Scalar(1), false);
-      expert.activate(pre, hidden_block);
+      detail::gemm_packed(detail::operand(d_out), workspace.w2_transposed[expert_index], d_hidden.data(),
+                          d_hidden.outerStride(), false, no_epilogue);
+      expert.activate(pre, hidden);
       for (Index r = 0; r < tile.rows; ++r) {
         const Index row = tile.first_row + r;
-        Scalar d_gate = d_hidden_block.row(r).dot(hidden_block.row(r));
+        Scalar d_gate = d_hidden.row(r).dot(hidden.row(r));
         if (expert.b2().size() > 0) d_gate += d_out.row(r).dot(expert.b2().transpose());
-        d_gate_of_row[row] = d_gate;
+        workspace.d_gate_of_row[row] = d_gate;
         const Scalar gate = routing.gates(plan.token_of_row[row], plan.slot_of_row[row]);
-        d_hidden_block.row(r) *= gate;
+        d_hidden.row(r) *= gate;
         d_out.row(r) *= gate;
       }
-      auto d_pre_block = d_pre.middleRows(tile.first_row, tile.rows);
-      expert.activation_backward(pre, d_hidden_block, d_pre_block);
-      detail::gemm(detail::operand(d_pre_block), detail::operand(expert.w1(), detail::Op::transpose),
-                   d_grouped_input.row(tile.first_row).data(), d_grouped_input.outerStride(), Scalar(1), false);
+      auto d_pre = workspace.d_pre.middleRows(tile.first_row, tile.rows);
+      expert.activation_backward(pre, d_hidden, d_pre);
+      detail::gemm_packed(detail::operand(d_pre), workspace.w1_transposed[expert_index],
+                          workspace.d_grouped_input.row(tile.first_row).data(), workspace.d_grouped_input.outerStride(),
+                          false, no_epilogue);
     });
 
-    accumulate_weight_gradients(plan, grouped_input, hidden, grouped_d_output, d_pre, gradients);
+    accumulate_weight_gradients(plan, workspace, gradients);
 
     for (Index row = 0; row < rows; ++row) {
-      gate_gradients.gates(plan.token_of_row[row], plan.slot_of_row[row]) += d_gate_of_row[row];
+      gate_gradients.gates(plan.token_of_row[row], plan.slot_of_row[row]) += workspace.d_gate_of_row[row];
     }
-    Matrix<Scalar> d_input = Matrix<Scalar>::Zero(tokens, input_dim());
+    d_input.resize(tokens, input_dim());
     detail::parallel_for(tokens, static_cast<double>(plan.k * input_dim()), [&](Index token) {
-      for (Index slot = 0; slot < plan.k; ++slot) d_input.row(token) += d_grouped_input.row(plan.row_of_slot(token, slot));
+      d_input.row(token) = workspace.d_grouped_input.row(plan.row_of_slot(token, 0));
+      for (Index slot = 1; slot < plan.k; ++slot) {
+        d_input.row(token) += workspace.d_grouped_input.row(plan.row_of_slot(token, slot));
+      }
     });
     gate_.backward(routing, cache.input, gate_gradients, gradients.gate_weight, gradients.noise_weight, d_input);
-    return d_input;
   }
 
  private:
   /// expert_forward over packed weights: pre = x·W1 + b1, hidden = act(pre), out = hidden·W2 + b2,
   /// with the bias (and an element-wise activation) applied to each GEMM output tile in cache.
   template <typename Input, typename Pre, typename Hidden, typename Output>
-  static void packed_expert_forward(const ExpertT& expert, const typename PackedExperts<Scalar>::Entry& weights,
-                                    const Input& input, Pre& pre, Hidden& hidden, Output& output) {
+  static void packed_expert_forward(const ExpertT& expert, const detail::PackedWeight<Scalar>& w1,
+                                    const Vector<Scalar>& b1, const detail::PackedWeight<Scalar>& w2,
+                                    const Vector<Scalar>& b2, const Input& input, Pre& pre, Hidden& hidden,
+                                    Output& output) {
     constexpr bool fuse_activation = detail::activation_is_elementwise<ExpertT>::value;
-    detail::gemm_packed(detail::operand(input), weights.w1, pre.data(), pre.outerStride(), false,
+    detail::gemm_packed(detail::operand(input), w1, pre.data(), pre.outerStride(), false,
                         [&](Index row, Index rows, Index col, Index cols) {
       auto pre_tile = pre.block(row, col, rows, cols);
-      if (weights.b1.size() > 0) pre_tile.rowwise() += weights.b1.segment(col, cols).transpose();
+      if (b1.size() > 0) pre_tile.rowwise() += b1.segment(col, cols).transpose();
       if (fuse_activation) expert.activate(pre_tile, hidden.block(row, col, rows, cols));
     });
     if (!fuse_activation) expert.activate(pre, hidden);
-    detail::gemm_packed(detail::operand(hidden), weights.w2, output.data(), output.outerStride(), false,
+    detail::gemm_packed(detail::operand(hidden), w2, output.data(), output.outerStride(), false,
                         [&](Index row, Index rows, Index col, Index cols) {
-      if (weights.b2.size() > 0) output.block(row, col, rows, cols).rowwise() += weights.b2.segment(col, cols).transpose();
+      if (b2.size() > 0) output.block(row, col, rows, cols).rowwise() += b2.segment(col, cols).transpose();
+    });
+  }
+
+  /// Packs W1 and W2 of every expert with at least pack_rows_threshold rows into the workspace
+  /// (when `enabled`), marking them in workspace.packed_this_call. Parallel over experts.
+  void pack_large_experts(const DispatchPlan& plan, bool enabled, ForwardWorkspace<Scalar>& workspace) const {
+    const auto experts = experts_.size();
+    workspace.packed_this_call.assign(experts, 0);
+    if (!enabled) return;
+    workspace.packed_w1.resize(experts);
+    workspace.packed_w2.resize(experts);
+    const double work = 2.0 * static_cast<double>(input_dim()) * static_cast<double>(pre_activation_width() + hidden_dim());
+    detail::parallel_for_dynamic(num_experts(), work, [&](Index e) {
+      if (plan.tokens_per_expert[e] < pack_rows_threshold) return;
+      const auto index = static_cast<std::size_t>(e);
+      workspace.packed_w1[index].assign(experts_[index].w1(), detail::Op::none);
+      workspace.packed_w2[index].assign(experts_[index].w2(), detail::Op::none);
+      workspace.packed_this_call[index] = 1;
     });
   }
 
@@ -534,30 +628,39 @@ class MoELayer {
     }
   }
 
+  /// W1ᵀ and W2ᵀ of every expert that has rows, packed for the backward products (parallel
+  /// over experts; storage reused from call to call).
+  void pack_transposed_weights(const DispatchPlan& plan, BackwardWorkspace<Scalar>& workspace) const {
+    workspace.w1_transposed.resize(experts_.size());
+    workspace.w2_transposed.resize(experts_.size());
+    const double work = 2.0 * static_cast<double>(input_dim()) * static_cast<double>(pre_activation_width() + hidden_dim());
+    detail::parallel_for_dynamic(num_experts(), work, [&](Index e) {
+      if (plan.tokens_per_expert[e] == 0) return;
+      const auto index = static_cast<std::size_t>(e);
+      workspace.w1_transposed[index].assign(experts_[index].w1(), detail::Op::transpose);
+      workspace.w2_transposed[index].assign(experts_[index].w2(), detail::Op::transpose);
+    });
+  }
+
   /// ∂W1 += X_iᵀ·∂pre, ∂b1 += Σ ∂pre, ∂W2 += hiddenᵀ·∂out, ∂b2 += Σ ∂out for each expert i, in
   /// tiles of gradient_column_tile columns; each tile reduces over all of the expert's rows in
   /// row order, so no two threads touch one gradient element and the sum order is fixed.
-  void accumulate_weight_gradients(const DispatchPlan& plan, const Matrix<Scalar>& grouped_input,
-                                   const Matrix<Scalar>& hidden, const Matrix<Scalar>& d_output,
-                                   const Matrix<Scalar>& d_pre, Gradients& gradients) const {
-    struct GradientTile {
-      Index expert;
-      bool first_layer;
-      Index first_column;
-    };
-    std::vector<GradientTile> tiles;
+  void accumulate_weight_gradients(const DispatchPlan& plan, BackwardWorkspace<Scalar>& workspace,
+                                   Gradients& gradients) const {
+    auto& tiles = workspace.gradient_tiles;
+    tiles.clear();
     for (Index expert = 0; expert < num_experts(); ++expert) {
       if (plan.tokens_per_expert[expert] == 0) continue;
       for (Index c = 0; c < pre_activation_width(); c += gradient_column_tile) tiles.push_back({expert, true, c});
       for (Index c = 0; c < input_dim(); c += gradient_column_tile) tiles.push_back({expert, false, c});
     }
     detail::parallel_for_dynamic(static_cast<Index>(tiles.size()), tile_flops(plan, tiles.size()), [&](Index index) {
-      const GradientTile& tile = tiles[static_cast<std::size_t>(index)];
+      const detail::GradientTile& tile = tiles[static_cast<std::size_t>(index)];
       ExpertT& gradient = gradients.experts[static_cast<std::size_t>(tile.expert)];
       const Index first_row = plan.offsets[tile.expert];
       const Index rows = plan.tokens_per_expert[tile.expert];
-      const Matrix<Scalar>& left = tile.first_layer ? grouped_input : hidden;
-      const Matrix<Scalar>& right = tile.first_layer ? d_pre : d_output;
+      const Matrix<Scalar>& left = tile.first_layer ? workspace.grouped_input : workspace.hidden;
+      const Matrix<Scalar>& right = tile.first_layer ? workspace.d_pre : workspace.grouped_d_output;
       Matrix<Scalar>& weight = tile.first_layer ? gradient.w1() : gradient.w2();
       Vector<Scalar>& bias = tile.first_layer ? gradient.b1() : gradient.b2();
       const Index columns = std::min(gradient_column_tile, right.cols() - tile.first_column);

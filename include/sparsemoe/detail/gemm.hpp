@@ -115,13 +115,28 @@ class PackedWeight {
   PackedWeight() = default;
 
   /// Copies `weight` (k×n) into panels. O(k·n).
-  explicit PackedWeight(const Eigen::Ref<const Matrix<Scalar>>& weight)
-      : rows_(weight.rows()), cols_(weight.cols()), panel_width_(preferred_panel_width(weight.cols())),
-        data_(static_cast<std::size_t>(weight.size())) {
+  explicit PackedWeight(const Matrix<Scalar>& weight) { assign(weight, Op::none); }
+
+  /// Packs op(weight) (k×n: the weight as stored, or its transpose), reusing this object's
+  /// storage when the size is unchanged (then nothing is allocated). O(k·n).
+  void assign(const Matrix<Scalar>& weight, Op op) {
+    const bool transposed = op == Op::transpose;
+    rows_ = transposed ? weight.cols() : weight.rows();
+    cols_ = transposed ? weight.rows() : weight.cols();
+    panel_width_ = preferred_panel_width(cols_);
+    data_.resize(static_cast<std::size_t>(weight.size()));
     for (Index p0 = 0; p0 < cols_; p0 += panel_width_) {
       const Index width = std::min(panel_width_, cols_ - p0);
       Eigen::Map<Matrix<Scalar>> panel(data_.data() + p0 * rows_, rows_, width);
-      panel = weight.middleCols(p0, width);
+      if (!transposed) {
+        panel = weight.middleCols(p0, width);
+        continue;
+      }
+#ifdef SPARSEMOE_WITH_LIBXSMM
+      libxsmm_backend::transpose_copy(weight.row(p0).data(), weight.outerStride(), width, rows_, panel.data(), width);
+#else
+      panel = weight.middleRows(p0, width).transpose();
+#endif
     }
   }
 
