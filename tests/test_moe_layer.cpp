@@ -521,6 +521,39 @@ TYPED_TEST(MoELayerTest, PackedForwardRejectsTrainingAndForeignPackedExperts) {
   EXPECT_NO_THROW(layer.forward(input, make_options(Mode::evaluation), result, workspace, mine));
 }
 
+// Small batches on one expert run split by columns (MoELayer::column_split_rows): d and h past
+// one 256-column tile and not multiples of 64, every token routed to expert 2, k = 1.
+TYPED_TEST(MoELayerTest, SmallBatchOnOneExpertMatchesNaiveLoop) {
+  using LayerT = TypeParam;
+  using Scalar = typename LayerT::Scalar;
+  const Index d = 270, h = 300, E = 4, k = 1, favourite = 2;
+  for (const Index T : {Index(1), Index(7), Index(200)}) {
+    for (const Mode mode : {Mode::evaluation, Mode::training}) {
+      for (const bool use_packed : {false, true}) {
+        if (use_packed && mode == Mode::training) continue;
+        SCOPED_TRACE("T=" + std::to_string(T) + (mode == Mode::training ? " training" : " evaluation") +
+                     (use_packed ? " packed" : ""));
+        LayerT layer(make_config(d, h, E, k, 40 + static_cast<std::uint64_t>(T)));
+        layer.gate().gate_weight().setZero();
+        layer.gate().gate_weight()(0, favourite) = Scalar(1000);
+        std::mt19937_64 generator(static_cast<std::uint64_t>(T));
+        Matrix<Scalar> input = random_matrix<Scalar>(T, d, generator);
+        input.col(0).setOnes();
+        sparsemoe::ForwardResult<Scalar> result;
+        sparsemoe::ForwardWorkspace<Scalar> workspace;
+        if (use_packed) {
+          layer.forward(input, make_options(mode), result, workspace, layer.pack_experts());
+        } else {
+          layer.forward(input, make_options(mode), result, workspace);
+        }
+        ASSERT_EQ(result.tokens_per_expert()[favourite], T);
+        check_output(layer, input, result);
+        if (::testing::Test::HasFailure()) return;
+      }
+    }
+  }
+}
+
 // Every token's first choice is expert 5: W_g gives it a logit ~1000 (input column 0 is 1). With
 // T = 1000 that expert has eight 128-row tiles.
 TYPED_TEST(MoELayerTest, AllTokensRoutedToOneExpert) {

@@ -96,6 +96,14 @@ inline void make_expert_tiles(const DispatchPlan& plan, Index tile_rows, std::ve
   }
 }
 
+/// A block of columns of one expert's W1 or W2, over all of the expert's rows: the unit of
+/// parallel expert work for small batches.
+struct ColumnTile {
+  Index expert;
+  Index first_column;
+  Index columns;
+};
+
 /// A block of columns of one expert's weight gradient (of W1 when first_layer, else of W2): the
 /// unit of parallel work of the weight-gradient phase of backward.
 struct GradientTile {
@@ -121,12 +129,16 @@ struct ForwardWorkspace {
   /// MoELayer::pack_rows_threshold rows, whose GEMMs then stream contiguous panels).
   std::vector<detail::PackedWeight<Scalar>> packed_w1, packed_w2;
   std::vector<char> packed_this_call;        ///< per expert: packed_w1/w2 hold its current weights
+  Matrix<Scalar> split_pre;                  ///< T·k×p, small batches in evaluation mode
+  Matrix<Scalar> split_hidden;               ///< T·k×h, small batches
+  std::vector<detail::ColumnTile> column_tiles;  ///< small batches: this call's column tiles
 
   /// Bytes held by the matrices and packed weights above.
   std::size_t bytes() const {
     std::size_t total = static_cast<std::size_t>(grouped_input.size() + expert_output.size());
     for (const auto& block : hidden) total += static_cast<std::size_t>(block.size());
     for (const auto& block : pre) total += static_cast<std::size_t>(block.size());
+    total += static_cast<std::size_t>(split_pre.size() + split_hidden.size());
     total *= sizeof(Scalar);
     for (const auto& packed : packed_w1) total += packed.bytes();
     for (const auto& packed : packed_w2) total += packed.bytes();
@@ -273,6 +285,16 @@ class MoELayer {
   /// many rows into its workspace first: packing costs about as much as the GEMMs gain on
   /// ~240 rows (bench/NOTES.md), and fewer rows are better served from the weights as stored.
   static constexpr Index pack_rows_threshold = 256;
+  /// A forward with at most this many grouped rows (T·k), all routed to at most
+  /// column_split_max_experts experts, splits expert work by columns, so that all threads stream
+  /// the one expert's weights (T = 1, k = 1 at d = 1024, h = 4096, packed: 0.92 → 0.50 ms on
+  /// 2 threads). With two or more experts in use the row tiles already give every thread weights to
+  /// stream, and measured faster on 2 cores (bench/NOTES.md). Fixed by the problem, never by the
+  /// thread count, so that results stay bitwise identical for any number of threads.
+  static constexpr Index column_split_rows = 256;
+  static constexpr Index column_split_max_experts = 1;
+  /// Columns of one tile of the column split (a multiple of the 64-column weight panels).
+  static constexpr Index column_tile = 256;
 
   /// Builds the layer: gate weights zero (the paper's initialisation), expert i initialised by
   /// ExpertT::initialize_uniform with a seed derived from (config.seed, i).
@@ -388,18 +410,28 @@ class MoELayer {
   /// Stage 3, expert compute: workspace.expert_output (T·k×d) = E_i of every grouped row of
   /// expert i, from workspace.grouped_input. When `pre_activations` is given (T·k×p), the
   /// pre-activations are kept there for backward. With `packed` (from pack_experts()), the GEMMs
-  /// read its packed weights and biases, and an element-wise activation runs on each output tile
-  /// of the first GEMM while it is in cache.
+  /// read its packed weights and biases. Bias and an element-wise activation run on each output
+  /// tile of the first GEMM while it is in cache.
+  ///
+  /// Work is cut into tiles of up to 128 rows of one expert, biggest experts first. A small batch
+  /// on a single expert (see column_split_rows) is cut by columns instead: tiles of column_tile
+  /// columns of W1 (then, after all of them, of W2), so that every thread streams weights.
+  /// Either way the tiles depend on the routing only, never on the thread count.
   void compute_experts(const DispatchPlan& plan, Matrix<Scalar>* pre_activations, ForwardWorkspace<Scalar>& workspace,
                        const PackedExperts<Scalar>* packed = nullptr) const {
     workspace.expert_output.resize(plan.num_rows(), input_dim());
     detail::make_expert_tiles(plan, expert_row_tile, workspace.expert_order, workspace.tiles);
+    pack_large_experts(plan, packed == nullptr, workspace);
+    const Index experts_used = (plan.tokens_per_expert.array() > 0).count();
+    if (plan.num_rows() <= column_split_rows && experts_used <= column_split_max_experts) {
+      compute_experts_by_columns(plan, pre_activations, workspace, packed);
+      return;
+    }
     const auto threads = static_cast<std::size_t>(detail::max_threads());
     workspace.hidden.resize(threads);
     workspace.pre.resize(pre_activations ? 0 : threads);
     for (auto& block : workspace.hidden) block.resize(expert_row_tile, hidden_dim());
     for (auto& block : workspace.pre) block.resize(expert_row_tile, pre_activation_width());
-    pack_large_experts(plan, packed == nullptr, workspace);
     detail::parallel_for_dynamic(static_cast<Index>(workspace.tiles.size()), tile_flops(plan, workspace.tiles.size()),
                                  [&](Index index) {
       const detail::ExpertTile& tile = workspace.tiles[static_cast<std::size_t>(index)];
@@ -407,19 +439,13 @@ class MoELayer {
       auto hidden = workspace.hidden[thread].topRows(tile.rows);
       auto pre = pre_activations ? pre_activations->middleRows(tile.first_row, tile.rows)
                                  : workspace.pre[thread].topRows(tile.rows);
-      auto input = workspace.grouped_input.middleRows(tile.first_row, tile.rows);
       auto output = workspace.expert_output.middleRows(tile.first_row, tile.rows);
-      const auto e = static_cast<std::size_t>(tile.expert);
-      const ExpertT& expert = experts_[e];
-      if (packed) {
-        const auto& entry = packed->experts_[e];
-        packed_expert_forward(expert, entry.w1, entry.b1, entry.w2, entry.b2, input, pre, hidden, output);
-      } else if (workspace.packed_this_call[e]) {
-        packed_expert_forward(expert, workspace.packed_w1[e], expert.b1(), workspace.packed_w2[e], expert.b2(), input,
-                              pre, hidden, output);
-      } else {
-        expert_forward(expert, input, pre, hidden, output);
-      }
+      const ExpertT& expert = experts_[static_cast<std::size_t>(tile.expert)];
+      const ExpertWeights weights = weights_of(tile.expert, packed, workspace);
+      first_layer(expert, weights, workspace.grouped_input.middleRows(tile.first_row, tile.rows), pre, hidden, 0,
+                  pre_activation_width());
+      if (!detail::activation_is_elementwise<ExpertT>::value) expert.activate(pre, hidden);
+      second_layer(weights, hidden, output, 0, input_dim());
     });
   }
 
@@ -531,25 +557,115 @@ class MoELayer {
   }
 
  private:
-  /// expert_forward over packed weights: pre = x·W1 + b1, hidden = act(pre), out = hidden·W2 + b2,
-  /// with the bias (and an element-wise activation) applied to each GEMM output tile in cache.
-  template <typename Input, typename Pre, typename Hidden, typename Output>
-  static void packed_expert_forward(const ExpertT& expert, const detail::PackedWeight<Scalar>& w1,
-                                    const Vector<Scalar>& b1, const detail::PackedWeight<Scalar>& w2,
-                                    const Vector<Scalar>& b2, const Input& input, Pre& pre, Hidden& hidden,
-                                    Output& output) {
-    constexpr bool fuse_activation = detail::activation_is_elementwise<ExpertT>::value;
-    detail::gemm_packed(detail::operand(input), w1, pre.data(), pre.outerStride(), false,
-                        [&](Index row, Index rows, Index col, Index cols) {
-      auto pre_tile = pre.block(row, col, rows, cols);
-      if (b1.size() > 0) pre_tile.rowwise() += b1.segment(col, cols).transpose();
-      if (fuse_activation) expert.activate(pre_tile, hidden.block(row, col, rows, cols));
-    });
-    if (!fuse_activation) expert.activate(pre, hidden);
-    detail::gemm_packed(detail::operand(hidden), w2, output.data(), output.outerStride(), false,
-                        [&](Index row, Index rows, Index col, Index cols) {
-      if (b2.size() > 0) output.block(row, col, rows, cols).rowwise() += b2.segment(col, cols).transpose();
-    });
+  /// Where one expert's weights come from in this call: packed (from PackedExperts or the
+  /// workspace) or, when w1/w2 are null, the expert's own matrices.
+  struct ExpertWeights {
+    const ExpertT* expert;
+    const detail::PackedWeight<Scalar>* w1;
+    const Vector<Scalar>* b1;
+    const detail::PackedWeight<Scalar>* w2;
+    const Vector<Scalar>* b2;
+  };
+
+  ExpertWeights weights_of(Index e, const PackedExperts<Scalar>* packed, const ForwardWorkspace<Scalar>& workspace) const {
+    const auto index = static_cast<std::size_t>(e);
+    const ExpertT& expert = experts_[index];
+    if (packed) {
+      const auto& entry = packed->experts_[index];
+      return {&expert, &entry.w1, &entry.b1, &entry.w2, &entry.b2};
+    }
+    if (workspace.packed_this_call[index]) {
+      return {&expert, &workspace.packed_w1[index], &expert.b1(), &workspace.packed_w2[index], &expert.b2()};
+    }
+    return {&expert, nullptr, &expert.b1(), nullptr, &expert.b2()};
+  }
+
+  /// Columns [first_col, first_col + cols) of pre = input·W1 + b1, and for an element-wise
+  /// activation the same columns of hidden = act(pre), each output tile while it is in cache.
+  template <typename Input, typename Pre, typename Hidden>
+  static void first_layer(const ExpertT& expert, const ExpertWeights& weights, const Input& input, Pre& pre,
+                          Hidden& hidden, Index first_col, Index cols) {
+    const auto epilogue = [&](Index row, Index rows, Index col, Index width) {
+      auto pre_tile = pre.block(row, col, rows, width);
+      if (weights.b1->size() > 0) pre_tile.rowwise() += weights.b1->segment(col, width).transpose();
+      if (detail::activation_is_elementwise<ExpertT>::value) expert.activate(pre_tile, hidden.block(row, col, rows, width));
+    };
+    if (input.rows() == 0) return;
+    if (weights.w1) {
+      detail::gemm_packed(detail::operand(input), *weights.w1, pre.data(), pre.outerStride(), false, epilogue, first_col,
+                          cols);
+      return;
+    }
+    detail::gemm(detail::operand(input), detail::operand(expert.w1().middleCols(first_col, cols)),
+                 pre.data() + first_col, pre.outerStride(), Scalar(1), false);
+    epilogue(0, input.rows(), first_col, cols);
+  }
+
+  /// Columns [first_col, first_col + cols) of output = hidden·W2 + b2.
+  template <typename Hidden, typename Output>
+  static void second_layer(const ExpertWeights& weights, const Hidden& hidden, Output& output, Index first_col,
+                           Index cols) {
+    const auto epilogue = [&](Index row, Index rows, Index col, Index width) {
+      if (weights.b2->size() > 0) {
+        output.block(row, col, rows, width).rowwise() += weights.b2->segment(col, width).transpose();
+      }
+    };
+    if (hidden.rows() == 0) return;
+    if (weights.w2) {
+      detail::gemm_packed(detail::operand(hidden), *weights.w2, output.data(), output.outerStride(), false, epilogue,
+                          first_col, cols);
+      return;
+    }
+    detail::gemm(detail::operand(hidden), detail::operand(weights.expert->w2().middleCols(first_col, cols)),
+                 output.data() + first_col, output.outerStride(), Scalar(1), false);
+    epilogue(0, hidden.rows(), first_col, cols);
+  }
+
+  /// compute_experts for small batches: phase 1, tiles (expert, column_tile columns of W1) give
+  /// pre and hidden of all the expert's rows; after them (and, for a non-element-wise activation,
+  /// an activation pass per expert), phase 2, tiles (expert, column_tile columns of W2).
+  void compute_experts_by_columns(const DispatchPlan& plan, Matrix<Scalar>* pre_activations,
+                                  ForwardWorkspace<Scalar>& workspace, const PackedExperts<Scalar>* packed) const {
+    const Index rows = plan.num_rows();
+    workspace.split_hidden.resize(rows, hidden_dim());
+    workspace.split_pre.resize(pre_activations ? 0 : rows, pre_activation_width());
+    Matrix<Scalar>& pre_all = pre_activations ? *pre_activations : workspace.split_pre;
+    auto& tiles = workspace.column_tiles;
+    const auto make_tiles = [&](Index width) {
+      tiles.clear();
+      for (const Index expert : workspace.expert_order) {
+        if (plan.tokens_per_expert[expert] == 0) continue;
+        for (Index c = 0; c < width; c += column_tile) tiles.push_back({expert, c, std::min(column_tile, width - c)});
+      }
+    };
+    const auto run = [&](Index width, bool first) {
+      make_tiles(width);
+      const double work = 2.0 * static_cast<double>(rows) / static_cast<double>(std::max<Index>(1, plan.num_experts)) *
+                          static_cast<double>(column_tile) * static_cast<double>(first ? input_dim() : hidden_dim());
+      detail::parallel_for_dynamic(static_cast<Index>(tiles.size()), work, [&](Index index) {
+        const detail::ColumnTile& tile = tiles[static_cast<std::size_t>(index)];
+        const Index first_row = plan.offsets[tile.expert], count = plan.tokens_per_expert[tile.expert];
+        const ExpertWeights weights = weights_of(tile.expert, packed, workspace);
+        auto hidden = workspace.split_hidden.middleRows(first_row, count);
+        if (first) {
+          auto pre = pre_all.middleRows(first_row, count);
+          first_layer(*weights.expert, weights, workspace.grouped_input.middleRows(first_row, count), pre, hidden,
+                      tile.first_column, tile.columns);
+        } else {
+          auto output = workspace.expert_output.middleRows(first_row, count);
+          second_layer(weights, hidden, output, tile.first_column, tile.columns);
+        }
+      });
+    };
+    run(pre_activation_width(), true);
+    if (!detail::activation_is_elementwise<ExpertT>::value) {
+      detail::parallel_for_dynamic(num_experts(), tile_flops(plan, 1) / 100.0, [&](Index e) {
+        const Index first_row = plan.offsets[e], count = plan.tokens_per_expert[e];
+        experts_[static_cast<std::size_t>(e)].activate(pre_all.middleRows(first_row, count),
+                                                       workspace.split_hidden.middleRows(first_row, count));
+      });
+    }
+    run(input_dim(), false);
   }
 
   /// Packs W1 and W2 of every expert with at least pack_rows_threshold rows into the workspace

@@ -164,30 +164,40 @@ class PackedWeight {
   std::vector<Scalar, Eigen::aligned_allocator<Scalar>> data_;
 };
 
-/// C (m×n, row stride ldc) = A·B (+ C when `accumulate`) for a row-major operand A (m×k, not
-/// transposed) and a packed B (k×n). After each block of C is final, `epilogue(first_row, rows,
-/// first_col, cols)` runs on it, while it is still in cache (bias and activation go there). The
-/// blocks are fixed by (m, n, k); results do not depend on the thread count. Cost: 2·m·n·k flops.
+/// Columns [first_col, first_col + cols) of C (m×n, row stride ldc; `c` points at C(0, 0)) =
+/// A·B (+ C when `accumulate`) for a row-major operand A (m×k, not transposed) and a packed B
+/// (k×n); cols < 0 means up to n (column ranges that start on a 64-column boundary keep the
+/// libxsmm kernels; others go through gemm() panel by panel). After
+/// each block of C is final, `epilogue(first_row, rows, first_col, cols)` (columns numbered as
+/// in B) runs on it while it is still in cache: bias and activation go there. The blocks are
+/// fixed by the shapes; results do not depend on the thread count. Cost: 2·m·cols·k flops.
 template <typename Scalar, typename Epilogue>
 void gemm_packed(const ConstOperand<Scalar>& a, const PackedWeight<Scalar>& b, Scalar* c, Index ldc, bool accumulate,
-                 Epilogue&& epilogue) {
+                 Epilogue&& epilogue, Index first_col = 0, Index cols = -1) {
   SPARSEMOE_ASSERT(a.op == Op::none && a.cols == b.rows());
   const Index m = a.rows;
-  const Index n = b.cols();
+  const Index n = cols < 0 ? b.cols() - first_col : cols;
   const Index k = b.rows();
+  const Index panel_width = b.panel_width();
+  SPARSEMOE_ASSERT(first_col >= 0 && first_col + n <= b.cols());
   if (m == 0 || n == 0) return;
 #ifdef SPARSEMOE_WITH_LIBXSMM
-  if (m > 1 && k > 0 &&
-      libxsmm_backend::gemm_packed<Scalar>(m, n, k, a.data, a.stride, b.data(), b.panel_width(), c, ldc, accumulate,
-                                           epilogue)) {
+  const auto shifted = [&](Index row, Index rows, Index col, Index width) { epilogue(row, rows, first_col + col, width); };
+  if (m > 1 && k > 0 && first_col % panel_width == 0 &&
+      libxsmm_backend::gemm_packed<Scalar>(m, n, k, a.data, a.stride, b.data() + first_col * k, panel_width,
+                                           c + first_col, ldc, accumulate, shifted)) {
     return;
   }
 #endif
-  for (Index p0 = 0; p0 < n; p0 += b.panel_width()) {
-    const Index width = std::min(b.panel_width(), n - p0);
-    const ConstOperand<Scalar> panel{b.data() + p0 * k, k, width, width, Op::none};
-    gemm(a, panel, c + p0, ldc, Scalar(1), accumulate);
-    epilogue(Index(0), m, p0, width);
+  // Panel by panel through gemm(): a panel is a k×w row-major block with row stride w.
+  for (Index col = first_col; col < first_col + n;) {
+    const Index panel_start = col / panel_width * panel_width;
+    const Index stored_width = std::min(panel_width, b.cols() - panel_start);
+    const Index width = std::min(panel_start + stored_width, first_col + n) - col;
+    const ConstOperand<Scalar> panel{b.data() + panel_start * k + (col - panel_start), k, width, stored_width, Op::none};
+    gemm(a, panel, c + col, ldc, Scalar(1), accumulate);
+    epilogue(Index(0), m, col, width);
+    col += width;
   }
 }
 
