@@ -382,9 +382,11 @@ int run(const Options& options) {
   double recent_aux_loss = 0;
   Index recent_steps = 0;
 
-  // Reused from step to step: the forward pass then allocates nothing after the first step.
+  // Reused from step to step: forward and backward then keep their buffers after the first step.
   sparsemoe::ForwardResult<Scalar> result;
   sparsemoe::ForwardWorkspace<Scalar> workspace;
+  sparsemoe::BackwardWorkspace<Scalar> backward_workspace;
+  sparsemoe::Matrix<Scalar> d_input;
   for (Index step = 0; step < options.steps; ++step) {
     task.sample(x, y, cluster_of);
     forward_options.step = static_cast<std::uint64_t>(step);
@@ -392,7 +394,8 @@ int run(const Options& options) {
     const double loss = static_cast<double>(sparsemoe::mean_squared_error(result.output, y));
     const double aux_loss = static_cast<double>(result.losses.total());
     gradients.set_zero();
-    layer.backward(result, sparsemoe::mean_squared_error_gradient(result.output, y), gradients);
+    layer.backward(result, sparsemoe::mean_squared_error_gradient(result.output, y), gradients, d_input,
+                   backward_workspace);
     adam.step(layer.tensors(), gradients.tensors());
 
     const auto& load = result.tokens_per_expert();

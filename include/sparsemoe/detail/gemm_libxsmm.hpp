@@ -48,8 +48,11 @@ template <typename Scalar>
 using Kernel = std::conditional_t<std::is_same<Scalar, float>::value, libxsmm_smmfunction, libxsmm_dmmfunction>;
 
 /// JIT kernel for column-major C'(mm×nn) = A'(mm×kk)·B'(kk×nn) (+ C' when `beta_one`), or null.
+/// With a `prefetch` strategy other than none the kernel takes three more pointers, the next
+/// call's A', B' and C' (libxsmm's calling convention for prefetching kernels).
 template <typename Scalar>
-Kernel<Scalar> dispatch(Index mm, Index nn, Index kk, Index lda, Index ldb, Index ldc, bool trans_b, bool beta_one) {
+Kernel<Scalar> dispatch(Index mm, Index nn, Index kk, Index lda, Index ldb, Index ldc, bool trans_b, bool beta_one,
+                        int prefetch = LIBXSMM_GEMM_PREFETCH_NONE) {
   const libxsmm_blasint m = static_cast<libxsmm_blasint>(mm), n = static_cast<libxsmm_blasint>(nn),
                         k = static_cast<libxsmm_blasint>(kk);
   const libxsmm_blasint la = static_cast<libxsmm_blasint>(lda), lb = static_cast<libxsmm_blasint>(ldb),
@@ -57,7 +60,6 @@ Kernel<Scalar> dispatch(Index mm, Index nn, Index kk, Index lda, Index ldb, Inde
   const Scalar alpha = Scalar(1);
   const Scalar beta = beta_one ? Scalar(1) : Scalar(0);
   const int flags = (trans_b ? LIBXSMM_GEMM_FLAG_TRANS_B : 0) | (beta_one ? 0 : LIBXSMM_GEMM_FLAG_BETA_0);
-  const int prefetch = LIBXSMM_GEMM_PREFETCH_NONE;
   if constexpr (std::is_same<Scalar, float>::value) {
     return libxsmm_smmdispatch(m, n, k, &la, &lb, &lc, &alpha, &beta, &flags, &prefetch);
   } else {
@@ -152,18 +154,31 @@ bool gemm(Index m, Index n, Index k, const Scalar* a, Index lda, bool trans_a, c
   const Index lda_kernel = trans_b ? tn_full : ldb;
   const Index ldc_kernel = scaled ? tn_full : ldc;  // alpha ≠ 1: kernel writes a tile buffer
   const bool beta_one = accumulate && !scaled;
+  // op(B) as stored is read in tn-wide slices of k rows, ldb apart: too short a run per row for
+  // the hardware prefetchers. The kernel then prefetches the next call's slice into L2 while it
+  // computes (libxsmm's AL2 strategy): C forward 57 -> 43 ms, D 5.1 -> 3.0 ms (bench/NOTES.md).
+  // If libxsmm has no prefetching kernel for a shape, all four go without.
+  bool prefetch_next = !trans_b && !scaled;
   // The (at most four) kernels of this problem: full/edge tile in each direction.
   Kernel<Scalar> kernels[2][2] = {{nullptr, nullptr}, {nullptr, nullptr}};
   const Index tm_edge = m % tm_full, tn_edge = n % tn_full;
-  for (int edge_m = 0; edge_m < 2; ++edge_m) {
-    const Index tm = edge_m ? tm_edge : tm_full;
-    if (tm == 0) continue;
-    for (int edge_n = 0; edge_n < 2; ++edge_n) {
-      const Index tn = edge_n ? tn_edge : tn_full;
-      if (tn == 0) continue;
-      kernels[edge_m][edge_n] = dispatch<Scalar>(tn, tm, k, lda_kernel, lda, ldc_kernel, trans_a, beta_one);
-      if (!kernels[edge_m][edge_n]) return false;
+  const auto dispatch_all = [&](int prefetch) {
+    for (int edge_m = 0; edge_m < 2; ++edge_m) {
+      const Index tm = edge_m ? tm_edge : tm_full;
+      if (tm == 0) continue;
+      for (int edge_n = 0; edge_n < 2; ++edge_n) {
+        const Index tn = edge_n ? tn_edge : tn_full;
+        if (tn == 0) continue;
+        kernels[edge_m][edge_n] =
+            dispatch<Scalar>(tn, tm, k, lda_kernel, lda, ldc_kernel, trans_a, beta_one, prefetch);
+        if (!kernels[edge_m][edge_n]) return false;
+      }
     }
+    return true;
+  };
+  if (!prefetch_next || !dispatch_all(LIBXSMM_GEMM_PREFETCH_AL2)) {
+    prefetch_next = false;
+    if (!dispatch_all(LIBXSMM_GEMM_PREFETCH_NONE)) return false;
   }
   Scalar* packed_b = trans_b ? scratch<Scalar, 0>(panels * tn_full * k) : nullptr;
   Scalar* tile = scaled ? scratch<Scalar, 1>(tm_full * tn_full) : nullptr;
@@ -182,6 +197,12 @@ bool gemm(Index m, Index n, Index k, const Scalar* a, Index lda, bool trans_a, c
       }
       const Kernel<Scalar> kernel = kernels[tm != tm_full][tn != tn_full];
       Scalar* c_tile = c + i0 * ldc + j0;
+      if (prefetch_next) {
+        // The next call's slice: the next column panel, or the first one again for the next row tile.
+        const Scalar* next_slice = j0 + tn_full < n ? a_kernel + tn_full : b;
+        kernel(a_kernel, b_kernel, c_tile, next_slice, b_kernel, c_tile);
+        continue;
+      }
       if (!scaled) {
         kernel(a_kernel, b_kernel, c_tile);
         continue;
