@@ -136,13 +136,39 @@ double measure_peak(int threads) {
   return best;
 }
 
-/// Sum of a float array, split statically over the team.
+/// Sum of data[begin, end) in 128 independent lanes: the inner loop vectorises without
+/// reassociating anything, for compilers that decline the `omp simd` reduction below.
+[[maybe_unused]] float lane_sum(const float* data, Index begin, Index end) {
+  constexpr Index lanes = 128;
+  float partial[lanes] = {};
+  Index i = begin;
+  for (; i + lanes <= end; i += lanes) {
+    for (Index lane = 0; lane < lanes; ++lane) partial[lane] += data[i + lane];
+  }
+  float total = 0;
+  for (; i < end; ++i) total += data[i];
+  for (const float value : partial) total += value;
+  return total;
+}
+
+/// Sum of a float array, split statically over the team. GCC vectorises the `omp simd`
+/// reduction (measured 5-8 % more single-thread bandwidth than lane_sum); clang declines it
+/// (-Wpass-failed) and gets lane_sum on each thread's share instead.
 float array_sum(const float* data, Index size) {
   float total = 0;
-#ifdef _OPENMP
+#if defined(_OPENMP) && !defined(__clang__)
 #pragma omp parallel for simd schedule(static) reduction(+ : total)
-#endif
   for (Index i = 0; i < size; ++i) total += data[i];
+#elif defined(_OPENMP)
+#pragma omp parallel reduction(+ : total)
+  {
+    const auto threads = static_cast<Index>(omp_get_num_threads());
+    const auto thread = static_cast<Index>(omp_get_thread_num());
+    total += lane_sum(data, size * thread / threads, size * (thread + 1) / threads);
+  }
+#else
+  total = lane_sum(data, 0, size);
+#endif
   return total;
 }
 
@@ -462,6 +488,58 @@ void BM_PlainGemm(benchmark::State& state, const Config& c, int threads) {
   add_rate_counters(state, expert_forward_flops(c), c.tokens, threads);
 }
 
+/// The expert GEMMs of a forward and nothing else: for each expert, hidden = X_e·W1, Y_e = hidden·W2
+/// through the same detail::gemm over the layer's own weights (no bias, activation, gate,
+/// grouping or combine), one expert per parallel task, caches flushed before each iteration.
+/// Rows per expert: the gate's routing of the config's input, or, with `even`, T·k/E each. The
+/// bound of what the layer's expert stage can reach on cold weights (D: bench/NOTES.md).
+void BM_ExpertGemmsCold(benchmark::State& state, const Config& c, int threads, bool even) {
+  set_threads(threads);
+  Setup& s = setup_for(c);
+  const Layer& layer = *s.layer;
+  sparsemoe::Routing<Scalar> routing;
+  layer.route(s.input, sparsemoe::ForwardOptions{}, routing);
+  const auto plan = sparsemoe::build_dispatch_plan(routing.expert_ids, c.experts);
+  std::vector<Index> rows(static_cast<std::size_t>(c.experts));
+  for (Index e = 0; e < c.experts; ++e) {
+    rows[static_cast<std::size_t>(e)] = even ? c.tokens * c.k / c.experts : plan.tokens_per_expert[e];
+  }
+  const Index most = *std::max_element(rows.begin(), rows.end());
+  std::vector<Mat> x, hidden, y;
+  for (Index e = 0; e < c.experts; ++e) {
+    x.emplace_back(rows[static_cast<std::size_t>(e)], c.d);
+    sparsemoe::detail::fill_uniform(x.back().data(), x.back().size(), Scalar(1), 20 + static_cast<std::uint64_t>(e), 0);
+    y.emplace_back(rows[static_cast<std::size_t>(e)], c.d);
+  }
+  hidden.assign(static_cast<std::size_t>(available_threads() + 1), Mat(most, c.h));
+  double flops = 0, bytes = 0;
+  for (Index e = 0; e < c.experts; ++e) {
+    const Index count = rows[static_cast<std::size_t>(e)];
+    if (count == 0) continue;
+    flops += 4.0 * static_cast<double>(count * c.d * c.h);
+    bytes += static_cast<double>(layer.expert(e).w1().size() + layer.expert(e).w2().size()) * sizeof(Scalar);
+  }
+  for (auto _ : state) {
+    state.PauseTiming();
+    flush_caches();
+    state.ResumeTiming();
+    sparsemoe::detail::parallel_for_dynamic(c.experts, flops / static_cast<double>(c.experts), [&](Index e) {
+      const auto index = static_cast<std::size_t>(e);
+      const Index count = rows[index];
+      if (count == 0) return;
+      auto block = hidden[static_cast<std::size_t>(sparsemoe::detail::thread_index())].topRows(count);
+      using sparsemoe::detail::operand;
+      sparsemoe::detail::gemm(operand(x[index]), operand(layer.expert(e).w1()), block.data(), block.outerStride(),
+                              Scalar(1), false);
+      sparsemoe::detail::gemm(operand(block), operand(layer.expert(e).w2()), y[index].data(), y[index].outerStride(),
+                              Scalar(1), false);
+    });
+    benchmark::DoNotOptimize(y.front().data());
+  }
+  add_rate_counters(state, flops, c.tokens, threads);
+  add_floor_counter(state, bytes, threads);
+}
+
 /// The naive per-token loop: for each token, for each of its k experts, Eigen matrix-vector
 /// products y_t += g·(relu(x_t·W1 + b1)·W2 + b2) (routing from the same gate, parallel over tokens).
 void BM_NaiveTokenLoop(benchmark::State& state, const Config& c, int threads) {
@@ -540,6 +618,12 @@ void register_all() {
     RegisterBenchmark(("D/Ref/NaiveTokenLoop" + suffix).c_str(), BM_NaiveTokenLoop, config_named("D"), t)
         ->UseRealTime()
         ->Unit(benchmark::kMillisecond);
+    RegisterBenchmark(("D/Ref/ExpertGemmsCold" + suffix).c_str(), BM_ExpertGemmsCold, config_named("D"), t, false)
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+    RegisterBenchmark(("D/Ref/ExpertGemmsEvenCold" + suffix).c_str(), BM_ExpertGemmsCold, config_named("D"), t, true)
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
   }
 }
 
@@ -555,11 +639,13 @@ class RecordingReporter : public benchmark::ConsoleReporter {
   void ReportRuns(const std::vector<Run>& reports) override {
     for (const Run& run : reports) {
       if (run.error_occurred) continue;
+      // With --benchmark_repetitions=N > 1 the table uses the median of the N repetitions.
+      if (run.run_type == Run::RT_Aggregate ? run.aggregate_name != "median" : run.repetitions > 1) continue;
       Record record;
       record.seconds = run.GetAdjustedRealTime() / benchmark::GetTimeUnitMultiplier(run.time_unit);
       record.cpu_seconds = run.GetAdjustedCPUTime() / benchmark::GetTimeUnitMultiplier(run.time_unit);
       for (const auto& [name, counter] : run.counters) record.counters[name] = counter.value;
-      std::string name = run.benchmark_name();
+      std::string name = run.run_name.str();
       const std::string suffix = "/real_time";
       if (name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0) {
         name.resize(name.size() - suffix.size());
@@ -644,6 +730,8 @@ void print_table(const RecordingReporter& rec, const char* tsv_path) {
   ref("D_naive_loop_frac_peak", frac("D/Ref/NaiveTokenLoop" + T));
   ref("D_forward_frac_peak", frac("D/Forward" + T));
   ref("D_forward_over_naive_loop_time", rec.seconds("D/Forward" + T) / rec.seconds("D/Ref/NaiveTokenLoop" + T));
+  ref("D_expert_gemms_only_cold_x_memfloor", rec.counter("D/Ref/ExpertGemmsCold" + T, "x_floor"));
+  ref("D_expert_gemms_even_rows_cold_x_memfloor", rec.counter("D/Ref/ExpertGemmsEvenCold" + T, "x_floor"));
   // One thread, CPU time of the main thread instead of wall time: robust to other jobs time-sharing
   // the cores (a shared machine), normalised by the FMA probe's CPU-time rate of the same run.
   const double probe_flops = rec.counter("Probe/PeakFMA/threads:1", "GFLOPs") * rec.seconds("Probe/PeakFMA/threads:1");

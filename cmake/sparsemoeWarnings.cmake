@@ -6,7 +6,9 @@
 # examples, benchmarks). Never use it on the sparsemoe INTERFACE target: its
 # usage requirements would then leak warning flags into users' builds.
 #
-# -Werror is added when SPARSEMOE_WERROR is ON (the CI configuration).
+# -Werror is added when SPARSEMOE_WERROR is ON (the CI configuration). The target
+# also compiles as ISO C++17 without compiler extensions (-std=c++17, not gnu++17),
+# so that nothing non-standard slips into the headers unnoticed.
 #
 # sparsemoe_set_native(<target>)
 #
@@ -20,6 +22,7 @@ function(sparsemoe_set_warnings target)
   if(NOT TARGET ${target})
     message(FATAL_ERROR "sparsemoe_set_warnings: '${target}' is not a target")
   endif()
+  set_target_properties(${target} PROPERTIES CXX_STANDARD 17 CXX_STANDARD_REQUIRED ON CXX_EXTENSIONS OFF)
   if(CMAKE_CXX_COMPILER_ID MATCHES "^(GNU|Clang|AppleClang|IntelLLVM)$")
     target_compile_options(${target} PRIVATE -Wall -Wextra -Wpedantic)
     if(SPARSEMOE_WERROR)

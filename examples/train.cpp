@@ -387,6 +387,8 @@ int run(const Options& options) {
   sparsemoe::ForwardWorkspace<Scalar> workspace;
   sparsemoe::BackwardWorkspace<Scalar> backward_workspace;
   sparsemoe::Matrix<Scalar> d_input;
+  const auto parameters = layer.tensors();  // views, valid while the shapes stay
+  const auto gradient_tensors = gradients.tensors();
   for (Index step = 0; step < options.steps; ++step) {
     task.sample(x, y, cluster_of);
     forward_options.step = static_cast<std::uint64_t>(step);
@@ -396,7 +398,7 @@ int run(const Options& options) {
     gradients.set_zero();
     layer.backward(result, sparsemoe::mean_squared_error_gradient(result.output, y), gradients, d_input,
                    backward_workspace);
-    adam.step(layer.tensors(), gradients.tensors());
+    adam.step(parameters, gradient_tensors);
 
     const auto& load = result.tokens_per_expert();
     csv << step << ',' << loss << ',' << aux_loss;

@@ -9,6 +9,7 @@
 // NDEBUG builds).
 
 #include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <new>
 
@@ -48,16 +49,21 @@ void operator delete[](void* pointer, std::size_t) noexcept { std::free(pointer)
 
 namespace {
 
-// tokens = 300 gives each of the 6 experts about 100 rows; tokens = 1200 about 400, past
-// MoELayer::pack_rows_threshold, so that the forward also packs weights into its workspace.
-template <typename Scalar, typename ExpertT>
-void expect_no_allocation(sparsemoe::Mode mode, bool packed = false, sparsemoe::Index tokens = 300) {
+// d = 24, h = 40, E = 6, k = 2.
+sparsemoe::MoEConfig small_config() {
   sparsemoe::MoEConfig config;
   config.input_dim = 24;
   config.hidden_dim = 40;
   config.num_experts = 6;
   config.k = 2;
-  sparsemoe::MoELayer<Scalar, ExpertT> layer(config);
+  return config;
+}
+
+// tokens = 300 gives each of the 6 experts about 100 rows; tokens = 1200 about 400, past
+// MoELayer::pack_rows_threshold, so that the forward also packs weights into its workspace.
+template <typename Scalar, typename ExpertT>
+void expect_no_allocation(sparsemoe::Mode mode, bool packed = false, sparsemoe::Index tokens = 300) {
+  sparsemoe::MoELayer<Scalar, ExpertT> layer(small_config());
   layer.gate().initialize_uniform(3);
   const sparsemoe::Matrix<Scalar> input = sparsemoe::Matrix<Scalar>::Random(tokens, 24);
   sparsemoe::ForwardOptions options;
@@ -95,6 +101,47 @@ void expect_no_allocation(sparsemoe::Mode mode, bool packed = false, sparsemoe::
   EXPECT_TRUE(result.output.allFinite());
 }
 
+// A training step (forward, backward into reused gradients, d_input and BackwardWorkspace, an
+// Adam update): the second step (new input, new noise) must not allocate.
+template <typename Scalar, typename ExpertT>
+void expect_no_backward_allocation(sparsemoe::Index tokens) {
+  sparsemoe::MoELayer<Scalar, ExpertT> layer(small_config());
+  layer.gate().initialize_uniform(5);
+  sparsemoe::Matrix<Scalar> input = sparsemoe::Matrix<Scalar>::Random(tokens, 24);
+  const sparsemoe::Matrix<Scalar> d_output = sparsemoe::Matrix<Scalar>::Random(tokens, 24);
+  sparsemoe::ForwardOptions options;
+  options.mode = sparsemoe::Mode::training;
+  sparsemoe::ForwardResult<Scalar> result;
+  sparsemoe::ForwardWorkspace<Scalar> workspace;
+  sparsemoe::BackwardWorkspace<Scalar> backward_workspace;
+  auto gradients = layer.make_gradients();
+  sparsemoe::Matrix<Scalar> d_input;
+  sparsemoe::Adam<Scalar> adam;
+  // Views stay valid while the layer and the gradients live and keep their shapes: made once.
+  const auto parameters = layer.tensors();
+  const auto gradient_tensors = gradients.tensors();
+  const auto step = [&](std::uint64_t index) {
+    options.step = index;
+    layer.forward(input, options, result, workspace);
+    gradients.set_zero();
+    layer.backward(result, d_output, gradients, d_input, backward_workspace);
+    adam.step(parameters, gradient_tensors);
+  };
+  step(0);
+  const Scalar* d_input_data = d_input.data();
+  input = sparsemoe::Matrix<Scalar>::Random(tokens, 24);
+  const long before = allocations.load();
+  const long eigen_before = eigen_heap_allocations.load();
+  Eigen::internal::set_is_malloc_allowed(false);
+  step(1);
+  Eigen::internal::set_is_malloc_allowed(true);
+  EXPECT_EQ(allocations.load() - before, 0) << "operator new calls in a steady-state training step";
+  EXPECT_EQ(eigen_heap_allocations.load() - eigen_before, 0) << "Eigen heap allocations in a steady-state training step";
+  EXPECT_EQ(d_input.data(), d_input_data);
+  EXPECT_EQ(d_input.rows(), tokens);
+  EXPECT_TRUE(d_input.allFinite());
+}
+
 }  // namespace
 
 TEST(Allocation, SteadyStateEvaluationForwardAllocatesNothing) {
@@ -115,6 +162,12 @@ TEST(Allocation, SteadyStateTrainingForwardAllocatesNothing) {
 TEST(Allocation, SteadyStateForwardThatPacksIntoItsWorkspaceAllocatesNothing) {
   expect_no_allocation<float, sparsemoe::Expert<float, sparsemoe::Relu>>(sparsemoe::Mode::training, false, 1200);
   expect_no_allocation<double, sparsemoe::SwiGluExpert<double>>(sparsemoe::Mode::evaluation, false, 1200);
+}
+
+TEST(Allocation, SteadyStateTrainingStepAllocatesNothing) {
+  expect_no_backward_allocation<float, sparsemoe::Expert<float, sparsemoe::Relu>>(300);
+  expect_no_backward_allocation<double, sparsemoe::SwiGluExpert<double>>(300);
+  expect_no_backward_allocation<float, sparsemoe::Expert<float, sparsemoe::GeluTanh>>(1200);
 }
 
 TEST(Allocation, CountersSeeAllocations) {

@@ -27,19 +27,34 @@ typename Derived::Scalar cv_squared(const Eigen::MatrixBase<Derived>& values) {
   return variance / (mean * mean + Scalar(1e-10));
 }
 
-/// ∂CV²/∂v_j = (2/E)(v_j − m)/D − V·(2m/E)/D², D = m² + 1e-10 (population variance V). O(E).
+namespace detail {
+
+/// ∂CV²/∂v_j is affine in v_j: (2/E)(v_j − m)/D − V·(2m/E)/D² = slope·v_j + offset, with
+/// D = m² + 1e-10 (population variance V, mean m). Sets both to 0 for E ≤ 1. O(E), no allocation.
 template <typename Derived>
-Vector<typename Derived::Scalar> cv_squared_gradient(const Eigen::MatrixBase<Derived>& values) {
+void cv_squared_gradient_affine(const Eigen::MatrixBase<Derived>& values, typename Derived::Scalar& slope,
+                                typename Derived::Scalar& offset) {
   using Scalar = typename Derived::Scalar;
   const Index count = values.size();
-  if (count <= 1) return Vector<Scalar>::Zero(count);
+  slope = offset = Scalar(0);
+  if (count <= 1) return;
   const Scalar size = static_cast<Scalar>(count);
   const Scalar mean = values.mean();
   const Scalar variance = (values.array() - mean).square().sum() / size;
   const Scalar denominator = mean * mean + Scalar(1e-10);
-  return ((Scalar(2) / size) * (values.array() - mean) / denominator -
-          variance * (Scalar(2) * mean / size) / (denominator * denominator))
-      .matrix();
+  slope = (Scalar(2) / size) / denominator;
+  offset = -slope * mean - variance * (Scalar(2) * mean / size) / (denominator * denominator);
+}
+
+}  // namespace detail
+
+/// ∂CV²/∂v_j = (2/E)(v_j − m)/D − V·(2m/E)/D², D = m² + 1e-10 (population variance V). O(E).
+template <typename Derived>
+Vector<typename Derived::Scalar> cv_squared_gradient(const Eigen::MatrixBase<Derived>& values) {
+  using Scalar = typename Derived::Scalar;
+  Scalar slope, offset;
+  detail::cv_squared_gradient_affine(values, slope, offset);
+  return (slope * values.array() + offset).matrix();
 }
 
 /// Importance_i = Σ_tokens g_i(x), the gate mass each expert receives, written into `result`
@@ -183,15 +198,39 @@ AuxiliaryLosses<Scalar> auxiliary_losses(const Routing<Scalar>& routing, Scalar 
   return losses;
 }
 
+namespace detail {
+
+/// importance_backward with ∂L/∂Importance_e given by `d_importance(e)`. O(T·k).
+template <typename Scalar, typename Derivative>
+void importance_backward_by(const Routing<Scalar>& routing, const Derivative& d_importance,
+                            GateGradients<Scalar>& gradients) {
+  for (Index token = 0; token < routing.num_tokens(); ++token) {
+    for (Index slot = 0; slot < routing.k(); ++slot) {
+      gradients.gates(token, slot) += d_importance(routing.expert_ids(token, slot));
+    }
+  }
+}
+
+/// load_backward with ∂L/∂Load_e given by `d_load(e)`. O(T·E·k).
+template <typename Scalar, typename Derivative>
+void load_backward_by(const Routing<Scalar>& routing, const Derivative& d_load, GateGradients<Scalar>& gradients) {
+  if (!routing.has_smooth_load()) return;
+  for_each_load_term(routing, [&](Index token, Index expert, Scalar z, Index threshold_expert) {
+    const Scalar scale = routing.noise_scale(token, expert);
+    const Scalar slope = d_load(expert) * normal_pdf(z) / scale;
+    gradients.clean_logits(token, expert) += slope;
+    gradients.noisy_logits(token, threshold_expert) -= slope;
+    gradients.noise_scale(token, expert) -= slope * z;
+  });
+}
+
+}  // namespace detail
+
 /// Adds ∂L/∂g(t, j) += ∂L/∂Importance[expert_ids(t, j)] to gradients.gates. O(T·k).
 template <typename Scalar>
 void importance_backward(const Routing<Scalar>& routing, const Vector<Scalar>& d_importance,
                          GateGradients<Scalar>& gradients) {
-  for (Index token = 0; token < routing.num_tokens(); ++token) {
-    for (Index slot = 0; slot < routing.k(); ++slot) {
-      gradients.gates(token, slot) += d_importance[routing.expert_ids(token, slot)];
-    }
-  }
+  detail::importance_backward_by(routing, [&](Index expert) { return d_importance[expert]; }, gradients);
 }
 
 /// Adds the gradient of Σ_i d_load_i·Load_i through the smooth estimator:
@@ -200,28 +239,26 @@ void importance_backward(const Routing<Scalar>& routing, const Vector<Scalar>& d
 /// O(T·E·k).
 template <typename Scalar>
 void load_backward(const Routing<Scalar>& routing, const Vector<Scalar>& d_load, GateGradients<Scalar>& gradients) {
-  if (!routing.has_smooth_load()) return;
-  detail::for_each_load_term(routing, [&](Index token, Index expert, Scalar z, Index threshold_expert) {
-    const Scalar scale = routing.noise_scale(token, expert);
-    const Scalar slope = d_load[expert] * normal_pdf(z) / scale;
-    gradients.clean_logits(token, expert) += slope;
-    gradients.noisy_logits(token, threshold_expert) -= slope;
-    gradients.noise_scale(token, expert) -= slope * z;
-  });
+  detail::load_backward_by(routing, [&](Index expert) { return d_load[expert]; }, gradients);
 }
 
-/// Adds the gradient of losses.total() (times `upstream`) to `gradients`.
+/// Adds the gradient of losses.total() (times `upstream`) to `gradients`. O(T·E·k), allocates
+/// nothing (∂CV²/∂v is affine in v, so no E-vector of derivatives is formed).
 template <typename Scalar>
 void auxiliary_losses_backward(const Routing<Scalar>& routing, const AuxiliaryLosses<Scalar>& losses,
                                GateGradients<Scalar>& gradients, Scalar upstream = Scalar(1)) {
+  Scalar slope, offset;
   if (losses.importance_weight != Scalar(0)) {
-    const Vector<Scalar> d_importance =
-        (upstream * losses.importance_weight) * cv_squared_gradient(losses.importance);
-    importance_backward(routing, d_importance, gradients);
+    const Scalar weight = upstream * losses.importance_weight;
+    detail::cv_squared_gradient_affine(losses.importance, slope, offset);
+    detail::importance_backward_by(
+        routing, [&](Index expert) { return weight * (slope * losses.importance[expert] + offset); }, gradients);
   }
   if (losses.load_weight != Scalar(0) && losses.smooth_load) {
-    const Vector<Scalar> d_load = (upstream * losses.load_weight) * cv_squared_gradient(losses.load);
-    load_backward(routing, d_load, gradients);
+    const Scalar weight = upstream * losses.load_weight;
+    detail::cv_squared_gradient_affine(losses.load, slope, offset);
+    detail::load_backward_by(routing, [&](Index expert) { return weight * (slope * losses.load[expert] + offset); },
+                             gradients);
   }
 }
 
