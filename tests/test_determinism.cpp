@@ -208,16 +208,20 @@ TYPED_TEST_SUITE(Determinism, Cases, CaseNames);
 struct Shape {
   const char* name;
   Index tokens, dim, hidden, experts, k;
-  bool skewed;  // most tokens to expert 0
+  bool skewed;          // most tokens to expert 0
+  bool single = false;  // with skewed: every token to expert 0
 };
 
 // balanced: T·k = 1200 grouped rows over 5 experts (≥ 2 tiles each), 10 gate row tiles.
 // skewed: ~90% of the tokens pick expert 0 first (≥ 4 tiles of 128 rows in one expert).
 // wide: d > 64 (two gate-backward column tiles), p > 128 (two or three weight-gradient tiles).
+// one expert: 200 rows, all on expert 0, so that evaluation forwards split the expert's work by
+// columns (MoELayer::column_split_rows), over two column tiles of W1 (h = 300 > column_tile).
 const Shape kShapes[] = {
     {"balanced", 600, 24, 40, 5, 2, false},
     {"skewed", 600, 24, 40, 5, 2, true},
     {"wide", 300, 72, 136, 4, 3, false},
+    {"one expert", 200, 72, 300, 4, 1, true, true},
 };
 
 template <typename Scalar, typename ExpertT>
@@ -232,7 +236,7 @@ sparsemoe::MoELayer<Scalar, ExpertT> make_layer(const Shape& shape) {
   layer.gate().initialize_uniform(77);
   if (shape.skewed) {
     layer.gate().gate_weight().row(0).setZero();
-    layer.gate().gate_weight()(0, 0) = Scalar(8);
+    layer.gate().gate_weight()(0, 0) = Scalar(shape.single ? 30 : 8);
   }
   return layer;
 }
@@ -245,7 +249,9 @@ Matrix<Scalar> make_input(const Shape& shape, std::uint64_t seed) {
   for (Index i = 0; i < x.size(); ++i) x.data()[i] = static_cast<Scalar>(dist(rng));
   if (shape.skewed) {
     // Column 0 feeds only expert 0's logit (weight 8): ~1 for 90% of the tokens, -1 for the rest.
-    for (Index t = 0; t < shape.tokens; ++t) x(t, 0) = static_cast<Scalar>(t % 10 == 0 ? -1.0 : 1.0 + 0.1 * dist(rng));
+    for (Index t = 0; t < shape.tokens; ++t) {
+      x(t, 0) = static_cast<Scalar>(t % 10 == 0 && !shape.single ? -1.0 : 1.0 + 0.1 * dist(rng));
+    }
   }
   return x;
 }
@@ -301,7 +307,11 @@ TYPED_TEST(Determinism, BitwiseAcrossThreadCountsAndRepeats) {
       const Index tile = Layer::expert_row_tile;
       const Index biggest = result.tokens_per_expert().maxCoeff();
       EXPECT_GT(biggest, tile);
-      if (shape.skewed) {
+      if (shape.single) {
+        EXPECT_EQ(result.tokens_per_expert()[0], shape.tokens * shape.k);
+        EXPECT_LE(shape.tokens * shape.k, Layer::column_split_rows);
+        EXPECT_GT(shape.hidden, Layer::column_tile);
+      } else if (shape.skewed) {
         EXPECT_GE(result.tokens_per_expert()[0], 4 * tile);
       }
     }
