@@ -640,9 +640,7 @@ class MoELayer {
     };
     const auto run = [&](Index width, bool first) {
       make_tiles(width);
-      const double work = 2.0 * static_cast<double>(rows) / static_cast<double>(std::max<Index>(1, plan.num_experts)) *
-                          static_cast<double>(column_tile) * static_cast<double>(first ? input_dim() : hidden_dim());
-      detail::parallel_for_dynamic(static_cast<Index>(tiles.size()), work, [&](Index index) {
+      detail::parallel_for_dynamic(static_cast<Index>(tiles.size()), tile_flops(plan, tiles.size()), [&](Index index) {
         const detail::ColumnTile& tile = tiles[static_cast<std::size_t>(index)];
         const Index first_row = plan.offsets[tile.expert], count = plan.tokens_per_expert[tile.expert];
         const ExpertWeights weights = weights_of(tile.expert, packed, workspace);
@@ -659,7 +657,10 @@ class MoELayer {
     };
     run(pre_activation_width(), true);
     if (!detail::activation_is_elementwise<ExpertT>::value) {
-      detail::parallel_for_dynamic(num_experts(), tile_flops(plan, 1) / 100.0, [&](Index e) {
+      // About one operation per pre-activation of the expert's rows.
+      const double work = static_cast<double>(rows) * static_cast<double>(pre_activation_width()) /
+                          static_cast<double>(num_experts());
+      detail::parallel_for_dynamic(num_experts(), work, [&](Index e) {
         const Index first_row = plan.offsets[e], count = plan.tokens_per_expert[e];
         experts_[static_cast<std::size_t>(e)].activate(pre_all.middleRows(first_row, count),
                                                        workspace.split_hidden.middleRows(first_row, count));
