@@ -462,7 +462,7 @@ TYPED_TEST(NoiseAddressing, LayerUsesConfigSeedAndOptionsStep) {
   for (Index t : {Index(0), Index(33), Index(69)}) {
     for (Index i = 0; i < 4; ++i) {
       EXPECT_EQ(a.routing.noise(t, i),
-                static_cast<Scalar>(sparsemoe::detail::standard_normal(config.seed, options.step,
+                static_cast<Scalar>(sparsemoe::detail::standard_normal(config.seed, *options.step,
                                                                        static_cast<std::uint64_t>(t),
                                                                        static_cast<std::uint64_t>(i))))
           << "token " << t << ", expert " << i;

@@ -263,8 +263,8 @@ TYPED_TEST(Losses, InPlaceOverloadsIgnoreWhatTheOutputHeld) {
   sparsemoe::Vector<Scalar> load = sparsemoe::Vector<Scalar>::Constant(17, nan);
   sparsemoe::Vector<Scalar> hard = sparsemoe::Vector<Scalar>::Constant(17, nan);
   sparsemoe::AuxiliaryLosses<Scalar> losses;
-  losses.importance = sparsemoe::Vector<Scalar>::Constant(3, nan);
-  losses.load = sparsemoe::Vector<Scalar>::Constant(3, nan);
+  losses.importance = sparsemoe::Vector<double>::Constant(3, std::numeric_limits<double>::quiet_NaN());
+  losses.load = sparsemoe::Vector<double>::Constant(3, std::numeric_limits<double>::quiet_NaN());
   losses.smooth_load = true;
   struct Case {
     Index tokens, experts, k;
@@ -518,6 +518,53 @@ TYPED_TEST(Losses, AuxiliaryLossesBackwardMatchesFiniteDifferences) {
           << "mode " << (c.mode == Mode::training ? "training" : "evaluation") << " k=" << c.k << " w=(" << c.wi
           << ", " << c.wl << ") upstream " << c.upstream;
     }
+  }
+}
+
+// Importance is a sum over the batch and CV² divides its spread by its mean: on a nearly balanced
+// batch (k = E = 2, T = 300, gates near 1/2) the spread is ~1 against a mean of 150, so summing in
+// float (error ~1e-5 absolute) put the loss off by 1e-4 relative. The sums and the moments are
+// now formed in double; the reference here recomputes everything in long double from the same
+// float gates, so the only error left is the final rounding to float.
+TEST(LossAccuracy, NearlyBalancedFloatBatchMatchesALongDoubleReference) {
+  for (const std::uint64_t seed : {1u, 2u, 3u, 4u}) {
+    SCOPED_TRACE(seed);
+    const Index tokens = 300, experts = 2, k = 2, dim = 8;
+    sparsemoe::NoisyTopKGate<float> gate(dim, experts, k, 0.01f, seed);
+    gate.gate_weight() = reference::uniform<float>(dim, experts, seed + 1, -0.02, 0.02);  // gates ≈ 1/2
+    const auto input = reference::uniform<float>(tokens, dim, seed + 2);
+    const Routing<float> routing = gate.route(input, Mode::evaluation);
+    const float weight = 0.1f;
+    const auto losses = sparsemoe::auxiliary_losses(routing, weight, 0.0f);
+
+    std::vector<long double> sums(experts, 0.0L);
+    for (Index t = 0; t < tokens; ++t) {
+      for (Index s = 0; s < k; ++s) sums[static_cast<std::size_t>(routing.expert_ids(t, s))] += routing.gates(t, s);
+    }
+    const long double mean = (sums[0] + sums[1]) / 2;
+    const long double variance = ((sums[0] - mean) * (sums[0] - mean) + (sums[1] - mean) * (sums[1] - mean)) / 2;
+    const long double denominator = mean * mean + 1e-10L;
+    const long double expected = static_cast<long double>(weight) * variance / denominator;
+    ASSERT_GT(mean / std::fabs(sums[0] - mean), 30.0L) << "the batch must be nearly balanced for this to test anything";
+    EXPECT_LT(std::fabs(static_cast<long double>(losses.total()) - expected) / expected, 1e-6L)
+        << "loss " << losses.total() << " vs " << static_cast<double>(expected);
+
+    // ∂L/∂g(t, s) = w·∂CV²/∂v_e, e = expert_ids(t, s), from the closed form in long double.
+    auto gradients = sparsemoe::GateGradients<float>::zeros(routing);
+    sparsemoe::auxiliary_losses_backward(routing, losses, gradients);
+    long double worst = 0, largest = 0;
+    for (Index t = 0; t < tokens; ++t) {
+      for (Index s = 0; s < k; ++s) {
+        const long double v = sums[static_cast<std::size_t>(routing.expert_ids(t, s))];
+        const long double d_cv = (2.0L / experts) * (v - mean) / denominator -
+                                 variance * (2.0L * mean / experts) / (denominator * denominator);
+        const long double d_gate = static_cast<long double>(weight) * d_cv;
+        largest = std::max(largest, std::fabs(d_gate));
+        worst = std::max(worst, std::fabs(static_cast<long double>(gradients.gates(t, s)) - d_gate));
+      }
+    }
+    ASSERT_GT(largest, 0.0L);
+    EXPECT_LT(worst / largest, 1e-6L) << "worst |∂g − reference| / max |∂g|";
   }
 }
 

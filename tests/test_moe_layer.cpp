@@ -1000,7 +1000,8 @@ TEST(MoELayerDefaults, DocumentedDefaults) {
   EXPECT_EQ(config.seed, 0u);
   const sparsemoe::ForwardOptions options;
   EXPECT_EQ(options.mode, Mode::evaluation);
-  EXPECT_EQ(options.step, 0u);
+  EXPECT_FALSE(options.step.has_value());
+  EXPECT_FALSE(options.keep_cache);
   EXPECT_EQ(options.importance_weight, 0.1);  // the paper's w_importance
   EXPECT_EQ(options.load_weight, 0.1);        // the paper's w_load
   sparsemoe::MoELayer<double> layer(make_config(13, 29, 4, 2, 0));

@@ -57,32 +57,34 @@ Vector<typename Derived::Scalar> cv_squared_gradient(const Eigen::MatrixBase<Der
   return (slope * values.array() + offset).matrix();
 }
 
-/// Importance_i = Σ_tokens g_i(x), the gate mass each expert receives, written into `result`
-/// (E entries, storage reused). O(T·k).
-template <typename Scalar>
-void importance(const Routing<Scalar>& routing, Vector<Scalar>& result) {
+/// Importance_i = Σ_tokens g_i(x), the gate mass each expert receives, summed in `Sum` (the
+/// type of `result`: AuxiliaryLosses sums in double whatever the layer's Scalar) and written into
+/// `result` (E entries, storage reused). O(T·k).
+template <typename Scalar, typename Sum>
+void importance(const Routing<Scalar>& routing, Vector<Sum>& result) {
   result.setZero(routing.num_experts());
   for (Index token = 0; token < routing.num_tokens(); ++token) {
     for (Index slot = 0; slot < routing.k(); ++slot) {
-      result[routing.expert_ids(token, slot)] += routing.gates(token, slot);
+      result[routing.expert_ids(token, slot)] += static_cast<Sum>(routing.gates(token, slot));
     }
   }
 }
 
-/// Importance_i = Σ_tokens g_i(x) (E entries). O(T·k).
+/// Importance_i = Σ_tokens g_i(x) (E entries), summed in double, rounded once to Scalar. O(T·k).
 template <typename Scalar>
 Vector<Scalar> importance(const Routing<Scalar>& routing) {
-  Vector<Scalar> result;
-  importance(routing, result);
-  return result;
+  Vector<double> sums;
+  importance(routing, sums);
+  return sums.cast<Scalar>();
 }
 
-/// Tokens routed to each expert, #{x : i ∈ S(x)} (as Scalars), written into `result`. O(T·k).
-template <typename Scalar>
-void hard_load(const Routing<Scalar>& routing, Vector<Scalar>& result) {
+/// Tokens routed to each expert, #{x : i ∈ S(x)}, as numbers of type `Sum`, written into
+/// `result`. O(T·k).
+template <typename Scalar, typename Sum>
+void hard_load(const Routing<Scalar>& routing, Vector<Sum>& result) {
   result.setZero(routing.num_experts());
   for (Index token = 0; token < routing.num_tokens(); ++token) {
-    for (Index slot = 0; slot < routing.k(); ++slot) result[routing.expert_ids(token, slot)] += Scalar(1);
+    for (Index slot = 0; slot < routing.k(); ++slot) result[routing.expert_ids(token, slot)] += Sum(1);
   }
 }
 
@@ -133,32 +135,39 @@ void for_each_load_term(const Routing<Scalar>& routing, const Visit& visit) {
 
 /// Load_i: the paper's smooth estimator Σ_x P(x, i), P(x, i) = Φ((c_i − θ_i)/s_i), θ_i the k-th
 /// largest noisy logit among the OTHER experts, when `routing.has_smooth_load()` (training mode
-/// and k < E); otherwise the hard count of tokens per expert (see hard_load). Written into
-/// `result` (E entries, storage reused). O(T·E·k).
-template <typename Scalar>
-void load(const Routing<Scalar>& routing, Vector<Scalar>& result) {
+/// and k < E); otherwise the hard count of tokens per expert (see hard_load). Summed in `Sum`
+/// (the type of `result`) and written into `result` (E entries, storage reused). O(T·E·k).
+template <typename Scalar, typename Sum>
+void load(const Routing<Scalar>& routing, Vector<Sum>& result) {
   if (!routing.has_smooth_load()) {
     hard_load(routing, result);
     return;
   }
   result.setZero(routing.num_experts());
-  detail::for_each_load_term(routing, [&](Index, Index expert, Scalar z, Index) { result[expert] += normal_cdf(z); });
+  detail::for_each_load_term(
+      routing, [&](Index, Index expert, Scalar z, Index) { result[expert] += static_cast<Sum>(normal_cdf(z)); });
 }
 
-/// Load_i (E entries): the smooth estimator, or the hard count where it is undefined. O(T·E·k).
+/// Load_i (E entries): the smooth estimator, or the hard count where it is undefined; summed in
+/// double, rounded once to Scalar. O(T·E·k).
 template <typename Scalar>
 Vector<Scalar> load(const Routing<Scalar>& routing) {
-  Vector<Scalar> result;
-  load(routing, result);
-  return result;
+  Vector<double> sums;
+  load(routing, sums);
+  return sums.cast<Scalar>();
 }
 
 /// The auxiliary losses of one batch: L_importance = w_importance·CV(Importance)²,
 /// L_load = w_load·CV(Load)².
+///
+/// Importance and Load are sums over the batch, and CV² divides their spread by their mean: on a
+/// nearly balanced batch it magnifies their rounding error by mean/|v_i − mean| (hundreds). So
+/// both are summed in double, and CV² and its gradient are formed from those sums in double,
+/// whatever the layer's Scalar: O(T·k) extra conversions, nothing else.
 template <typename Scalar>
 struct AuxiliaryLosses {
-  Vector<Scalar> importance;             ///< E: Σ_batch gate values
-  Vector<Scalar> load;                   ///< E: smooth estimate, or the hard count
+  Vector<double> importance;             ///< E: Σ_batch gate values (in double)
+  Vector<double> load;                   ///< E: smooth estimate, or the hard count (in double)
   bool smooth_load = false;              ///< whether `load` is the smooth (differentiable) estimate
   Scalar importance_cv_squared = 0;      ///< CV(Importance)²
   Scalar load_cv_squared = 0;            ///< CV(Load)²
@@ -183,8 +192,8 @@ void auxiliary_losses(const Routing<Scalar>& routing, Scalar importance_weight, 
   importance(routing, losses.importance);
   load(routing, losses.load);
   losses.smooth_load = routing.has_smooth_load();
-  losses.importance_cv_squared = cv_squared(losses.importance);
-  losses.load_cv_squared = cv_squared(losses.load);
+  losses.importance_cv_squared = static_cast<Scalar>(cv_squared(losses.importance));
+  losses.load_cv_squared = static_cast<Scalar>(cv_squared(losses.load));
   losses.importance_weight = importance_weight;
   losses.load_weight = load_weight;
 }
@@ -247,18 +256,21 @@ void load_backward(const Routing<Scalar>& routing, const Vector<Scalar>& d_load,
 template <typename Scalar>
 void auxiliary_losses_backward(const Routing<Scalar>& routing, const AuxiliaryLosses<Scalar>& losses,
                                GateGradients<Scalar>& gradients, Scalar upstream = Scalar(1)) {
-  Scalar slope, offset;
+  double slope, offset;  // of ∂CV²/∂v, formed in double from the double sums
   if (losses.importance_weight != Scalar(0)) {
-    const Scalar weight = upstream * losses.importance_weight;
+    const double weight = static_cast<double>(upstream) * static_cast<double>(losses.importance_weight);
     detail::cv_squared_gradient_affine(losses.importance, slope, offset);
     detail::importance_backward_by(
-        routing, [&](Index expert) { return weight * (slope * losses.importance[expert] + offset); }, gradients);
+        routing,
+        [&](Index expert) { return static_cast<Scalar>(weight * (slope * losses.importance[expert] + offset)); },
+        gradients);
   }
   if (losses.load_weight != Scalar(0) && losses.smooth_load) {
-    const Scalar weight = upstream * losses.load_weight;
+    const double weight = static_cast<double>(upstream) * static_cast<double>(losses.load_weight);
     detail::cv_squared_gradient_affine(losses.load, slope, offset);
-    detail::load_backward_by(routing, [&](Index expert) { return weight * (slope * losses.load[expert] + offset); },
-                             gradients);
+    detail::load_backward_by(
+        routing, [&](Index expert) { return static_cast<Scalar>(weight * (slope * losses.load[expert] + offset)); },
+        gradients);
   }
 }
 

@@ -17,7 +17,12 @@
 #include "routing.hpp"
 
 #include <algorithm>
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace sparsemoe {
@@ -34,22 +39,33 @@ struct MoEConfig {
 
 /// Per-call settings of MoELayer::forward.
 struct ForwardOptions {
-  Mode mode = Mode::evaluation;    ///< training adds gate noise and keeps the cache for backward
-  std::uint64_t step = 0;          ///< selects the noise sample (use the training step); < 2^32
+  /// Training adds gate noise and keeps the cache for backward; evaluation routes on the clean
+  /// logits.
+  Mode mode = Mode::evaluation;
+  /// Index of the training noise sample, < 2^32. Unset (the default), a training-mode forward
+  /// takes the layer's next training step (MoELayer::training_step(), which it then advances), so
+  /// every call draws fresh noise. Set it to pin the sample, e.g. to replay a step exactly.
+  std::optional<std::uint64_t> step;
+  /// Keep the cache in evaluation mode too, so that backward differentiates the noise-free routing
+  /// (Load is then the hard count, which has no gradient). Training mode always keeps it.
+  bool keep_cache = false;
   double importance_weight = 0.1;  ///< w_importance (the paper uses 0.1)
   double load_weight = 0.1;        ///< w_load (the paper uses 0.1)
 };
 
-/// What a training-mode forward keeps for backward. Memory: T·d + T·k·p scalars (p = h, or 2h
-/// for SwiGLU); empty after an evaluation-mode forward.
+/// What a forward keeps for backward (training mode, or ForwardOptions::keep_cache). Memory:
+/// T·d + T·k·p scalars (p = h, or 2h for SwiGLU); empty otherwise.
 template <typename Scalar>
 struct ForwardCache {
-  const void* owner = nullptr;       ///< the layer that made it
+  /// Identity of the layer that made this cache, set only when its forward completed. It never
+  /// matches a layer other than that one (nor one built later at the same address).
+  std::weak_ptr<const void> owner;
   Matrix<Scalar> input;              ///< T×d copy of the input
   Matrix<Scalar> pre_activations;    ///< T·k×p, grouped rows: x·W1 + b1 of each routed token
 
-  /// Whether this cache can feed a backward pass.
-  bool empty() const { return owner == nullptr; }
+  /// Whether this cache cannot feed a backward pass (no completed forward kept it, or its layer
+  /// is gone).
+  bool empty() const { return owner.expired(); }
   /// Bytes held by the input copy and the pre-activations.
   std::size_t bytes() const { return static_cast<std::size_t>(input.size() + pre_activations.size()) * sizeof(Scalar); }
 };
@@ -62,6 +78,7 @@ struct ForwardResult {
   DispatchPlan plan;                 ///< grouped rows per expert (tokens_per_expert, offsets, …)
   AuxiliaryLosses<Scalar> losses;    ///< importance, load and both weighted losses
   ForwardCache<Scalar> cache;        ///< for backward; empty in evaluation mode
+  std::uint64_t step = 0;            ///< the noise sample index used (training mode; 0 otherwise)
 
   /// Tokens routed to each expert (E entries).
   const IndexVector& tokens_per_expert() const { return plan.tokens_per_expert; }
@@ -176,6 +193,91 @@ struct BackwardWorkspace {
   }
 };
 
+namespace detail {
+
+/// A thread-safe stack of idle objects of type T (workspaces), so that calls which do not bring
+/// their own reuse earlier calls' storage. take() hands out an idle object (or a new one) as a
+/// Lease, which gives it back when it goes out of scope, also on a throw. The mutex is taken
+/// twice per call, never inside a loop. The pool keeps at most as many objects as were ever in
+/// use at once.
+template <typename T>
+class ScratchPool {
+ public:
+  /// Exclusive use of one pooled object until destruction.
+  class Lease {
+   public:
+    Lease(ScratchPool& pool, std::unique_ptr<T> object) : pool_(&pool), object_(std::move(object)) {}
+    Lease(const Lease&) = delete;
+    Lease& operator=(const Lease&) = delete;
+    Lease(Lease&& other) noexcept = default;
+    Lease& operator=(Lease&&) = delete;
+    ~Lease() {
+      if (object_) pool_->give_back(std::move(object_));
+    }
+    T& operator*() const { return *object_; }
+
+   private:
+    ScratchPool* pool_;
+    std::unique_ptr<T> object_;
+  };
+
+  /// An idle object, or a new one when none is idle.
+  Lease take() {
+    std::unique_ptr<T> object;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!idle_.empty()) {
+        object = std::move(idle_.back());
+        idle_.pop_back();
+      }
+    }
+    if (!object) object = std::make_unique<T>();
+    return Lease(*this, std::move(object));
+  }
+
+  /// Frees every idle object.
+  void clear() {
+    std::vector<std::unique_ptr<T>> released;
+    std::lock_guard<std::mutex> lock(mutex_);
+    released.swap(idle_);
+  }
+
+  /// Bytes held by the idle objects (T::bytes()).
+  std::size_t bytes() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::size_t total = 0;
+    for (const auto& object : idle_) total += object->bytes();
+    return total;
+  }
+
+ private:
+  void give_back(std::unique_ptr<T> object) noexcept {
+    std::lock_guard<std::mutex> lock(mutex_);
+#if defined(__cpp_exceptions) || defined(__EXCEPTIONS)
+    try {
+      idle_.push_back(std::move(object));
+    } catch (...) {
+      // Out of memory while growing the list: the object is freed instead of pooled.
+    }
+#else
+    idle_.push_back(std::move(object));
+#endif
+  }
+
+  mutable std::mutex mutex_;
+  std::vector<std::unique_ptr<T>> idle_;
+};
+
+/// What an MoELayer shares with nobody but itself: its identity (ForwardCache::owner and
+/// PackedExperts refer to it weakly) and the workspaces of the calls that bring none.
+template <typename Scalar>
+struct LayerScratch {
+  ScratchPool<ForwardWorkspace<Scalar>> forward_workspaces;
+  ScratchPool<BackwardWorkspace<Scalar>> backward_workspaces;
+};
+
+}  // namespace detail
+
 template <typename Scalar_, typename ExpertT>
 class MoELayer;
 
@@ -192,8 +294,8 @@ class PackedExperts {
   /// No experts: pass MoELayer::pack_experts()'s result instead.
   PackedExperts() = default;
 
-  /// Whether this holds nothing.
-  bool empty() const { return owner_ == nullptr; }
+  /// Whether this holds nothing usable (default-constructed, or its layer is gone).
+  bool empty() const { return owner_.expired(); }
   /// Number of experts held.
   Index num_experts() const { return static_cast<Index>(experts_.size()); }
   /// Bytes of the packed weights and biases.
@@ -217,7 +319,7 @@ class PackedExperts {
     Vector<Scalar> b2;
   };
 
-  const void* owner_ = nullptr;
+  std::weak_ptr<const void> owner_;  // identity of the layer that packed it
   std::vector<Entry> experts_;
 };
 
@@ -301,19 +403,103 @@ class MoELayer {
   /// Throws std::invalid_argument unless d, h, E ≥ 1, 1 ≤ k ≤ E and noise_epsilon > 0.
   explicit MoELayer(const MoEConfig& config)
       : gate_(checked(config).input_dim, config.num_experts, config.k, static_cast<Scalar>(config.noise_epsilon),
-              config.seed) {
+              config.seed),
+        hidden_dim_(config.hidden_dim),
+        scratch_(std::make_shared<detail::LayerScratch<Scalar>>()) {
     std::uint64_t state = config.seed;
     experts_.reserve(static_cast<std::size_t>(config.num_experts));
     for (Index e = 0; e < config.num_experts; ++e) {
       experts_.emplace_back(config.input_dim, config.hidden_dim);
       experts_.back().initialize_uniform(detail::splitmix64(state));
     }
+    const ExpertT& first = experts_.front();
+    expert_shape_ = {first.pre_activation_width(), first.b1().size(), first.b2().size()};
   }
 
+  /// A copy has the same parameters and training step but an identity of its own: results and
+  /// packed experts of `other` are not accepted by the copy. Its workspace pool starts empty.
+  MoELayer(const MoELayer& other)
+      : gate_(other.gate_),
+        experts_(other.experts_),
+        hidden_dim_(other.hidden_dim_),
+        expert_shape_(other.expert_shape_),
+        scratch_(std::make_shared<detail::LayerScratch<Scalar>>()),
+        training_step_(other.training_step()) {}
+
+  /// Moving keeps the identity: results and packed experts of `other` are accepted by the new
+  /// layer. The moved-from layer may only be assigned to or destroyed.
+  MoELayer(MoELayer&& other) noexcept
+      : gate_(std::move(other.gate_)),
+        experts_(std::move(other.experts_)),
+        hidden_dim_(other.hidden_dim_),
+        expert_shape_(other.expert_shape_),
+        scratch_(std::move(other.scratch_)),
+        training_step_(other.training_step()) {}
+
+  /// Copies `other`'s parameters and training step; this layer takes a new identity, so that
+  /// results made before the assignment are rejected by backward.
+  MoELayer& operator=(const MoELayer& other) {
+    if (this != &other) *this = MoELayer(other);
+    return *this;
+  }
+
+  /// Takes `other`'s parameters, training step and identity; results made by this layer before
+  /// the assignment are rejected by backward.
+  MoELayer& operator=(MoELayer&& other) noexcept {
+    if (this == &other) return *this;
+    gate_ = std::move(other.gate_);
+    experts_ = std::move(other.experts_);
+    hidden_dim_ = other.hidden_dim_;
+    expert_shape_ = other.expert_shape_;
+    scratch_ = std::move(other.scratch_);
+    training_step_.store(other.training_step(), std::memory_order_relaxed);
+    return *this;
+  }
+
+  ~MoELayer() = default;
+
   Index input_dim() const { return gate_.input_dim(); }
-  Index hidden_dim() const { return experts_.front().hidden_dim(); }
+  Index hidden_dim() const { return hidden_dim_; }
   Index num_experts() const { return gate_.num_experts(); }
   Index k() const { return gate_.k(); }
+
+  /// The noise sample index that the next training-mode forward without ForwardOptions::step
+  /// will use. It starts at 0 and each such forward advances it by one (atomically: concurrent
+  /// forwards get distinct samples, in the order they reach the layer).
+  std::uint64_t training_step() const { return training_step_.load(std::memory_order_relaxed); }
+  /// Sets the next training step, e.g. when a run resumes from a checkpoint at step `step`.
+  void set_training_step(std::uint64_t step) { training_step_.store(step, std::memory_order_relaxed); }
+
+  /// Frees the workspaces pooled by calls that bring none (forward(input, options) and
+  /// backward(result, d_output, gradients) keep them for the next call of the same shape).
+  void release_workspaces() const {
+    scratch_->forward_workspaces.clear();
+    scratch_->backward_workspaces.clear();
+  }
+  /// Bytes held by the pooled, idle workspaces.
+  std::size_t pooled_workspace_bytes() const {
+    return scratch_->forward_workspaces.bytes() + scratch_->backward_workspaces.bytes();
+  }
+
+  /// Throws std::invalid_argument naming the first parameter tensor (as tensors() names it,
+  /// e.g. "expert3.w2") that holds a NaN or an infinity. O(E·d·h). pack_experts() runs it; run
+  /// it yourself after loading weights from elsewhere or after a suspicious optimizer step.
+  void require_finite_parameters() const {
+    const char* function = "sparsemoe::MoELayer::require_finite_parameters";
+    const auto require_finite = [&](const auto& tensor, const std::string& name) {
+      detail::require(tensor.allFinite(), function, "parameter ", name, " holds a non-finite value");
+    };
+    require_finite(gate_.gate_weight(), "gate.gate_weight");
+    require_finite(gate_.noise_weight(), "gate.noise_weight");
+    for (std::size_t e = 0; e < experts_.size(); ++e) {
+      const std::string prefix = "expert" + std::to_string(e) + ".";
+      const ExpertT& expert = experts_[e];
+      require_finite(expert.w1(), prefix + "w1");
+      if (expert.b1().size() > 0) require_finite(expert.b1(), prefix + "b1");
+      require_finite(expert.w2(), prefix + "w2");
+      if (expert.b2().size() > 0) require_finite(expert.b2(), prefix + "b2");
+    }
+  }
 
   NoisyTopKGate<Scalar>& gate() { return gate_; }
   const NoisyTopKGate<Scalar>& gate() const { return gate_; }
@@ -342,24 +528,32 @@ class MoELayer {
   /// Forward pass over the T×d batch `input`. Throws std::invalid_argument on a width mismatch,
   /// on negative or non-finite loss weights, on step ≥ 2^32, and (with the gate's check_finite)
   /// on non-finite gate logits.
+  ///
+  /// Scratch memory comes from a pool inside the layer (thread-safe; one workspace per concurrent
+  /// call, kept for the next call), so a loop over batches of one shape does not fault in fresh
+  /// pages on every call; release_workspaces() frees the pool.
   ForwardResult<Scalar> forward(ConstMatrixRef<Scalar> input, const ForwardOptions& options = {}) const {
     ForwardResult<Scalar> result;
-    ForwardWorkspace<Scalar> workspace;
-    forward(input, options, result, workspace);
+    const auto workspace = scratch_->forward_workspaces.take();
+    forward(input, options, result, *workspace);
     return result;
   }
 
   /// Forward pass into `result`, with scratch memory from `workspace`; both keep their storage
   /// from call to call, so a forward of the same shape and mode allocates nothing. Evaluation
-  /// mode leaves result.cache empty.
+  /// mode leaves result.cache empty unless options.keep_cache is set.
   void forward(ConstMatrixRef<Scalar> input, const ForwardOptions& options, ForwardResult<Scalar>& result,
                ForwardWorkspace<Scalar>& workspace) const {
     forward_impl(input, options, result, workspace, nullptr);
   }
 
   /// The experts' current parameters, packed for the GEMM backend (see PackedExperts), for
-  /// evaluation-mode forwards. O(E·d·h) time and memory; parallel over experts.
+  /// evaluation-mode forwards. O(E·d·h) time and memory; parallel over experts. Throws
+  /// std::invalid_argument naming the tensor if a parameter is not finite (see
+  /// require_finite_parameters()) or has been resized.
   PackedExperts<Scalar> pack_experts() const {
+    check_parameter_shapes("sparsemoe::MoELayer::pack_experts");
+    require_finite_parameters();
     PackedExperts<Scalar> packed;
     packed.experts_.resize(experts_.size());
     const double work = 2.0 * static_cast<double>(input_dim()) * static_cast<double>(hidden_dim());
@@ -371,7 +565,7 @@ class MoELayer {
       entry.w2 = detail::PackedWeight<Scalar>(expert.w2());
       entry.b2 = expert.b2();
     });
-    packed.owner_ = this;
+    packed.owner_ = scratch_;
     return packed;
   }
 
@@ -382,22 +576,24 @@ class MoELayer {
   void forward(ConstMatrixRef<Scalar> input, const ForwardOptions& options, ForwardResult<Scalar>& result,
                ForwardWorkspace<Scalar>& workspace, const PackedExperts<Scalar>& packed) const {
     const char* function = "sparsemoe::MoELayer::forward";
-    detail::require(options.mode == Mode::evaluation, function,
-                    "packed experts serve evaluation-mode forwards only; train with the layer's own weights");
+    detail::require(options.mode == Mode::evaluation && !options.keep_cache, function,
+                    "packed experts serve evaluation-mode forwards without a cache only; train (or keep a cache "
+                    "for backward) with the layer's own weights");
     bool shapes_match = packed.num_experts() == num_experts();
     for (std::size_t e = 0; shapes_match && e < packed.experts_.size(); ++e) {
       const auto& entry = packed.experts_[e];
       shapes_match = entry.w1.rows() == input_dim() && entry.w1.cols() == pre_activation_width() &&
                      entry.w2.rows() == hidden_dim() && entry.w2.cols() == input_dim();
     }
-    detail::require(packed.owner_ == this && shapes_match, function,
+    detail::require(made_by_this(packed.owner_) && shapes_match, function,
                     "the packed experts were not made by this layer's pack_experts()");
     forward_impl(input, options, result, workspace, &packed);
   }
 
-  /// Stage 1, route: the gate's decisions for `input` (T×d), into `routing`.
+  /// Stage 1, route: the gate's decisions for `input` (T×d), into `routing`, with the noise
+  /// sample options.step (0 when unset; only forward draws from the layer's training step).
   void route(ConstMatrixRef<Scalar> input, const ForwardOptions& options, Routing<Scalar>& routing) const {
-    gate_.route(input, options.mode, options.step, routing);
+    gate_.route(input, options.mode, options.step.value_or(0), routing);
   }
 
   /// Stage 2, group: grouped row r of `grouped` (T·k×d) is input row plan.token_of_row[r].
@@ -461,17 +657,20 @@ class MoELayer {
     });
   }
 
-  /// Backward pass: from a training-mode forward's result and ∂L/∂y (T×d), returns ∂L/∂x (T×d)
-  /// and ADDS the gradient of L + losses.total() with respect to every parameter to `gradients`
-  /// (call gradients.set_zero() to start afresh). The auxiliary losses enter with the weights
-  /// that forward used; the training noise is the sample forward drew.
-  /// Throws std::invalid_argument if the result has no cache (evaluation mode), came from
-  /// another layer, or if d_output or gradients have the wrong shape.
+  /// Backward pass: from the result of a forward that kept its cache (training mode, or
+  /// ForwardOptions::keep_cache) and ∂L/∂y (T×d), returns ∂L/∂x (T×d) and ADDS the gradient of
+  /// L + losses.total() with respect to every parameter to `gradients` (call
+  /// gradients.set_zero() to start afresh). The auxiliary losses enter with the weights that
+  /// forward used; the training noise is the sample forward drew.
+  /// Throws std::invalid_argument, before any work, if the result has no cache, was made by
+  /// another layer (or one that no longer exists), or if any of its parts, d_output, the
+  /// gradients or the layer's parameters have shapes other than the forward's.
+  /// Scratch memory comes from the layer's pool, as for forward(input, options).
   Matrix<Scalar> backward(const ForwardResult<Scalar>& forward_result, ConstMatrixRef<Scalar> d_output,
                           Gradients& gradients) const {
     Matrix<Scalar> d_input;
-    BackwardWorkspace<Scalar> workspace;
-    backward(forward_result, d_output, gradients, d_input, workspace);
+    const auto workspace = scratch_->backward_workspaces.take();
+    backward(forward_result, d_output, gradients, d_input, *workspace);
     return d_input;
   }
 
@@ -488,9 +687,7 @@ class MoELayer {
     const ForwardCache<Scalar>& cache = forward_result.cache;
     const Routing<Scalar>& routing = forward_result.routing;
     const DispatchPlan& plan = forward_result.plan;
-    detail::require(!cache.empty(), function,
-                    "the forward result has no cache: run forward with Mode::training before backward");
-    detail::require(cache.owner == this, function, "the forward result was made by another layer");
+    check_forward_result(forward_result, function);
     const Index tokens = cache.input.rows();
     detail::require_shape(d_output, tokens, input_dim(), function, "d_output");
     check_gradients(gradients, function);
@@ -692,26 +889,33 @@ class MoELayer {
     const char* function = "sparsemoe::MoELayer::forward";
     detail::require(input.cols() == input_dim(), function, "input must have ", input_dim(),
                     " columns (the layer's input_dim), got ", input.rows(), "x", input.cols());
+    check_parameter_shapes(function);
     const bool training = options.mode == Mode::training;
+    const bool keep_cache = training || options.keep_cache;
     // The cache becomes usable only when this call has completed: a throw below (non-finite
     // logits, bad weights) must not leave an earlier call's cache behind for backward.
     ForwardCache<Scalar>& cache = result.cache;
-    cache.owner = nullptr;
-    route(input, options, result.routing);
+    cache.owner.reset();
+    std::uint64_t step = 0;
+    if (training) {
+      step = options.step ? *options.step : training_step_.fetch_add(1, std::memory_order_relaxed);
+    }
+    result.step = step;
+    gate_.route(input, options.mode, step, result.routing);
     build_dispatch_plan(result.routing.expert_ids, num_experts(), result.plan);
     auxiliary_losses(result.routing, static_cast<Scalar>(options.importance_weight),
                      static_cast<Scalar>(options.load_weight), result.losses);
     group(input, result.plan, workspace.grouped_input);
-    if (training) {
+    if (keep_cache) {
       cache.input = input;
       cache.pre_activations.resize(result.plan.num_rows(), pre_activation_width());
     } else {
       cache.input.resize(0, 0);
       cache.pre_activations.resize(0, 0);
     }
-    compute_experts(result.plan, training ? &cache.pre_activations : nullptr, workspace, packed);
+    compute_experts(result.plan, keep_cache ? &cache.pre_activations : nullptr, workspace, packed);
     combine(workspace.expert_output, result.routing, result.plan, result.output);
-    if (training) cache.owner = this;
+    if (keep_cache) cache.owner = scratch_;
   }
 
   static const MoEConfig& checked(const MoEConfig& config) {
@@ -724,7 +928,97 @@ class MoELayer {
     return config;
   }
 
-  Index pre_activation_width() const { return experts_.front().pre_activation_width(); }
+  Index pre_activation_width() const { return expert_shape_.pre_activation_width; }
+
+  /// Whether `owner` names this layer (and not a layer that is gone, even at the same address).
+  bool made_by_this(const std::weak_ptr<const void>& owner) const {
+    return scratch_ && !owner.expired() && !owner.owner_before(scratch_) && !scratch_.owner_before(owner);
+  }
+
+  /// Throws unless the gate's and every expert's parameters still have the layer's shapes (they
+  /// are reachable through non-const references and could have been resized). O(E).
+  void check_parameter_shapes(const char* function) const {
+    const Index d = input_dim(), experts = num_experts();
+    detail::require_shape(gate_.gate_weight(), d, experts, function, "the gate's gate_weight");
+    detail::require_shape(gate_.noise_weight(), d, experts, function, "the gate's noise_weight");
+    for (std::size_t e = 0; e < experts_.size(); ++e) {
+      const ExpertT& expert = experts_[e];
+      const bool fits = expert.w1().rows() == d && expert.w1().cols() == expert_shape_.pre_activation_width &&
+                        expert.w2().rows() == hidden_dim() && expert.w2().cols() == d &&
+                        expert.b1().size() == expert_shape_.b1_size && expert.b2().size() == expert_shape_.b2_size;
+      detail::require(fits, function, "expert ", e, " has been resized: w1 ", expert.w1().rows(), "x",
+                      expert.w1().cols(), ", b1 ", expert.b1().size(), ", w2 ", expert.w2().rows(), "x",
+                      expert.w2().cols(), ", b2 ", expert.b2().size(), "; the layer needs w1 ", d, "x",
+                      expert_shape_.pre_activation_width, ", b1 ", expert_shape_.b1_size, ", w2 ", hidden_dim(), "x",
+                      d, ", b2 ", expert_shape_.b2_size);
+    }
+  }
+
+  /// Throws unless `result` can feed this layer's backward: a kept cache made by this layer, and
+  /// a routing, dispatch plan and losses of the cached batch's shape that agree with each other
+  /// (every grouped row in its expert's range, (token, slot) ↔ row a bijection). O(T·k + E),
+  /// before any work, so that a stale or edited result can never make backward read out of range.
+  void check_forward_result(const ForwardResult<Scalar>& result, const char* function) const {
+    const ForwardCache<Scalar>& cache = result.cache;
+    const std::weak_ptr<const void> nobody;
+    const bool never_kept = !cache.owner.owner_before(nobody) && !nobody.owner_before(cache.owner);
+    detail::require(!never_kept, function,
+                    "the forward result has no cache: run forward with Mode::training (or with "
+                    "ForwardOptions::keep_cache) before backward");
+    detail::require(made_by_this(cache.owner), function,
+                    "the forward result was made by another layer (or by one that no longer exists)");
+    check_parameter_shapes(function);
+    const Index tokens = cache.input.rows(), experts = num_experts(), k = this->k(), rows = tokens * k;
+    detail::require_shape(cache.input, tokens, input_dim(), function, "result.cache.input");
+    detail::require_shape(cache.pre_activations, rows, pre_activation_width(), function,
+                          "result.cache.pre_activations");
+    const Routing<Scalar>& routing = result.routing;
+    detail::require_shape(routing.expert_ids, tokens, k, function, "result.routing.expert_ids");
+    detail::require_shape(routing.gates, tokens, k, function, "result.routing.gates");
+    detail::require_shape(routing.clean_logits, tokens, experts, function, "result.routing.clean_logits");
+    detail::require_shape(routing.noisy_logits, tokens, experts, function, "result.routing.noisy_logits");
+    const Index noise_rows = routing.noisy() ? tokens : 0, noise_cols = routing.noisy() ? experts : 0;
+    detail::require_shape(routing.noise, noise_rows, noise_cols, function, "result.routing.noise");
+    detail::require_shape(routing.raw_noise, noise_rows, noise_cols, function, "result.routing.raw_noise");
+    detail::require_shape(routing.noise_scale, noise_rows, noise_cols, function, "result.routing.noise_scale");
+    const AuxiliaryLosses<Scalar>& losses = result.losses;
+    detail::require(losses.importance.size() == experts && losses.load.size() == experts, function,
+                    "result.losses must have ", experts, " importance and load entries, got ", losses.importance.size(),
+                    " and ", losses.load.size());
+    detail::require(!losses.smooth_load || routing.has_smooth_load(), function,
+                    "result.losses uses the smooth load, which the routing does not define");
+    if (routing.has_smooth_load()) {
+      bool valid = routing.kth_expert.size() == tokens && routing.next_expert.size() == tokens;
+      for (Index token = 0; valid && token < tokens; ++token) {
+        valid = routing.kth_expert[token] >= 0 && routing.kth_expert[token] < experts &&
+                routing.next_expert[token] >= 0 && routing.next_expert[token] < experts;
+      }
+      detail::require(valid, function, "result.routing.kth_expert/next_expert are not ", tokens,
+                      " expert ids in range");
+    }
+    const DispatchPlan& plan = result.plan;
+    bool valid = plan.num_tokens == tokens && plan.num_experts == experts && plan.k == k &&
+                 plan.tokens_per_expert.size() == experts && plan.offsets.size() == experts + 1 &&
+                 plan.token_of_row.size() == rows && plan.slot_of_row.size() == rows &&
+                 plan.row_of_token_slot.size() == rows;
+    detail::require(valid, function, "result.plan does not have the shapes of ", tokens, " tokens, ", experts,
+                    " experts and k = ", k);
+    valid = plan.offsets[0] == 0 && plan.offsets[experts] == rows;
+    for (Index e = 0; valid && e < experts; ++e) {
+      valid = plan.tokens_per_expert[e] >= 0 && plan.offsets[e + 1] == plan.offsets[e] + plan.tokens_per_expert[e];
+    }
+    for (Index token = 0; valid && token < tokens; ++token) {
+      for (Index slot = 0; valid && slot < k; ++slot) {
+        const Index expert = routing.expert_ids(token, slot);
+        valid = expert >= 0 && expert < experts;
+        if (!valid) break;
+        const Index row = plan.row_of_slot(token, slot);
+        valid = row >= plan.offsets[expert] && row < plan.offsets[expert + 1] && plan.token_of_row[row] == token &&
+                plan.slot_of_row[row] == slot;
+      }
+    }
+    detail::require(valid, function, "result.plan and result.routing disagree (was the result edited?)");
+  }
 
   /// Average flops of one of `tiles` tiles sharing the expert forward of `plan`'s rows.
   double tile_flops(const DispatchPlan& plan, std::size_t tiles) const {
@@ -789,8 +1083,21 @@ class MoELayer {
     });
   }
 
+  /// Shapes every expert's parameters must keep: p, and the sizes of b1 and b2 (0: no bias).
+  struct ExpertShape {
+    Index pre_activation_width = 0;
+    Index b1_size = 0;
+    Index b2_size = 0;
+  };
+
   NoisyTopKGate<Scalar> gate_;
   std::vector<ExpertT> experts_;
+  Index hidden_dim_ = 0;
+  ExpertShape expert_shape_;
+  /// Identity (never shared with another layer) and the workspace pool.
+  std::shared_ptr<detail::LayerScratch<Scalar>> scratch_;
+  /// Next training step; forward (const) advances it, atomically.
+  mutable std::atomic<std::uint64_t> training_step_{0};
 };
 
 }  // namespace sparsemoe
