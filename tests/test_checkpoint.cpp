@@ -356,7 +356,13 @@ TYPED_TEST(Checkpoint, LayerRoundTripIsBitwiseIncludingNaNPayloadsAndNegativeZer
   Layer loaded = make_layer<Layer>(2, 0.5);  // other weights, ε and seed
   loaded.gate().set_check_finite(false);
   ASSERT_NE(difference(snapshot(loaded), snapshot(original)), "");
-  sparsemoe::deserialize_checkpoint(bytes.data(), bytes.size(), loaded);
+  const std::string before = snapshot(loaded);
+  expect_error(CheckpointErrorKind::non_finite_value,
+               [&] { sparsemoe::deserialize_checkpoint(bytes.data(), bytes.size(), loaded); });
+  EXPECT_SAME_BYTES(snapshot(loaded), before);  // rejected by default, nothing changed
+  sparsemoe::CheckpointLoadOptions load_options;
+  load_options.allow_non_finite = true;
+  sparsemoe::deserialize_checkpoint(bytes.data(), bytes.size(), loaded, load_options);
   EXPECT_SAME_BYTES(snapshot(loaded), snapshot(original));  // every byte, the NaN payloads and −0.0 included
   EXPECT_EQ(loaded.gate().noise_seed(), original.gate().noise_seed());
   const Scalar loaded_epsilon = loaded.gate().noise_epsilon();
@@ -769,6 +775,26 @@ TYPED_TEST(Checkpoint, ForgedButResealedContentIsMalformed) {
   EXPECT_SAME_BYTES(snapshot(target_sgd), sgd_before);
 }
 
+TYPED_TEST(Checkpoint, NonFiniteWeightsAreRejectedNamingTheTensor) {
+  using Layer = typename TypeParam::Layer;
+  using Scalar = typename TypeParam::Scalar;
+  const Scalar bad_values[] = {std::numeric_limits<Scalar>::quiet_NaN(), -std::numeric_limits<Scalar>::infinity()};
+  for (const Scalar bad : bad_values) {
+    Layer original = make_layer<Layer>(28);
+    auto views = original.tensors();
+    const std::size_t victim = views.size() - 1;  // the last expert's last tensor
+    views[victim].data[views[victim].size() / 2] = bad;
+    const std::string bytes = sparsemoe::serialize_checkpoint(original);
+    Layer target = make_layer<Layer>(29);
+    const std::string before = snapshot(target);
+    const std::string message = expect_error(CheckpointErrorKind::non_finite_value, [&] {
+      sparsemoe::deserialize_checkpoint(bytes.data(), bytes.size(), target);
+    });
+    EXPECT_NE(message.find("'" + views[victim].name + "'"), std::string::npos) << message;
+    EXPECT_SAME_BYTES(snapshot(target), before);
+  }
+}
+
 TYPED_TEST(Checkpoint, MissingOrOtherOptimizerStateIsReported) {
   using Layer = typename TypeParam::Layer;
   using Scalar = typename TypeParam::Scalar;
@@ -1119,10 +1145,10 @@ TEST(CheckpointArguments, RestoreStateValidatesBeforeChangingAnything) {
 
 TEST(CheckpointErrors, KindNamesAreDistinct) {
   std::set<std::string> names;
-  for (int kind = 0; kind <= static_cast<int>(CheckpointErrorKind::optimizer_mismatch); ++kind) {
+  for (int kind = 0; kind <= static_cast<int>(CheckpointErrorKind::non_finite_value); ++kind) {
     names.insert(sparsemoe::to_string(static_cast<CheckpointErrorKind>(kind)));
   }
-  EXPECT_EQ(names.size(), 12u);
+  EXPECT_EQ(names.size(), 13u);
   EXPECT_EQ(names.count("unknown"), 0u);
   const CheckpointError error(CheckpointErrorKind::truncated, "message");
   EXPECT_EQ(error.kind(), CheckpointErrorKind::truncated);

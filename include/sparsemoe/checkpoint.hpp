@@ -148,6 +148,14 @@ enum class CheckpointErrorKind {
   shape_mismatch,       ///< d, h, E, k or a tensor's shape differs from the layer's
   tensor_mismatch,      ///< the tensor count or a tensor name differs from the layer's
   optimizer_mismatch,   ///< the optimizer state asked for is not in the file (none, or another kind)
+  non_finite_value,     ///< a parameter tensor holds a NaN or an infinity (the message names the tensor)
+};
+
+/// Settings of load_checkpoint and deserialize_checkpoint.
+struct CheckpointLoadOptions {
+  /// Accept parameter tensors that hold NaN or infinity (to look at a diverged run); by default
+  /// such a file is rejected with CheckpointErrorKind::non_finite_value, naming the tensor.
+  bool allow_non_finite = false;
 };
 
 /// A stable lowercase name of `kind` ("checksum_mismatch", …), as used in the error messages.
@@ -164,6 +172,7 @@ inline const char* to_string(CheckpointErrorKind kind) {
     case CheckpointErrorKind::wrong_expert_kind: return "wrong_expert_kind";
     case CheckpointErrorKind::shape_mismatch: return "shape_mismatch";
     case CheckpointErrorKind::tensor_mismatch: return "tensor_mismatch";
+    case CheckpointErrorKind::non_finite_value: return "non_finite_value";
     case CheckpointErrorKind::optimizer_mismatch: return "optimizer_mismatch";
   }
   return "unknown";
@@ -881,6 +890,25 @@ void check_compatible(const ParsedCheckpoint& parsed, const MoELayer<Scalar, Exp
   }
 }
 
+/// Throws CheckpointError(non_finite_value) naming the first parameter tensor of a verified
+/// checkpoint that holds a NaN or an infinity: such weights would spread to every output. O(size).
+template <typename Scalar>
+void check_finite_tensors(const unsigned char* data, const ParsedCheckpoint& parsed, const std::string& context) {
+  for (std::size_t i = 0; i < parsed.info.tensors.size(); ++i) {
+    const CheckpointTensorInfo& tensor = parsed.info.tensors[i];
+    const unsigned char* values = data + parsed.tensor_offsets[i];
+    const auto count = static_cast<std::size_t>(tensor.rows * tensor.cols);
+    for (std::size_t j = 0; j < count; ++j) {
+      Scalar value;
+      std::memcpy(&value, values + j * sizeof(Scalar), sizeof(Scalar));
+      if (!std::isfinite(value)) {
+        checkpoint_fail(CheckpointErrorKind::non_finite_value, context, "tensor '", tensor.name, "' holds ", value,
+                        " at flat index ", j);
+      }
+    }
+  }
+}
+
 /// Restores optimizer state from a verified, compatible checkpoint (strong guarantee: the
 /// optimizer's restore_state validates and allocates before it commits).
 template <typename Scalar>
@@ -938,7 +966,7 @@ void check_optimizer_kind(const ParsedCheckpoint& parsed, const Adam<Scalar>&, c
 /// unless every check passed; the commit itself cannot fail (moves, swaps and memcpy).
 template <typename Scalar, typename ExpertT, typename Optimizer>
 void deserialize(const void* data, std::size_t size, MoELayer<Scalar, ExpertT>& layer, Optimizer& optimizer,
-                 const std::string& context) {
+                 const std::string& context, const CheckpointLoadOptions& options) {
   static_assert(std::is_nothrow_move_assignable<NoisyTopKGate<Scalar>>::value,
                 "the checkpoint commit relies on a no-throw gate move");
   require(data != nullptr || size == 0, context.c_str(), "data is a null pointer but size is ", size);
@@ -948,6 +976,7 @@ void deserialize(const void* data, std::size_t size, MoELayer<Scalar, ExpertT>& 
   std::vector<TensorView<Scalar>> views = layer.tensors();
   check_compatible(parsed, layer, views, context);
   check_optimizer_kind(parsed, optimizer, context);
+  if (!options.allow_non_finite) check_finite_tensors<Scalar>(bytes, parsed, context);
   // Everything that may allocate happens before the first modification.
   NoisyTopKGate<Scalar> gate(layer.input_dim(), layer.num_experts(), layer.k(),
                              static_cast<Scalar>(parsed.info.noise_epsilon), parsed.info.noise_seed);
@@ -1118,13 +1147,15 @@ std::string serialize_checkpoint(const MoELayer<Scalar, ExpertT>& layer, const A
 
 /// Loads the checkpoint in the `size` bytes at `data` into `layer`, which must have the file's
 /// Scalar, expert kind, d, h, E and k; its parameters, noise ε and noise seed are replaced. An
-/// optimizer section in the file is verified but ignored. Throws CheckpointError (see
+/// optimizer section in the file is verified but ignored. A parameter that is NaN or infinite
+/// is rejected (non_finite_value) unless options.allow_non_finite. Throws CheckpointError (see
 /// CheckpointErrorKind) and then leaves `layer` unchanged; std::invalid_argument if `data` is
 /// null while `size` > 0. O(size).
 template <typename Scalar, typename ExpertT>
-void deserialize_checkpoint(const void* data, std::size_t size, MoELayer<Scalar, ExpertT>& layer) {
+void deserialize_checkpoint(const void* data, std::size_t size, MoELayer<Scalar, ExpertT>& layer,
+                            const CheckpointLoadOptions& options = {}) {
   detail::NoOptimizer none;
-  detail::deserialize(data, size, layer, none, "sparsemoe::deserialize_checkpoint");
+  detail::deserialize(data, size, layer, none, "sparsemoe::deserialize_checkpoint", options);
 }
 
 /// Like deserialize_checkpoint(data, size, layer), and also restores `optimizer` from the file's
@@ -1132,8 +1163,8 @@ void deserialize_checkpoint(const void* data, std::size_t size, MoELayer<Scalar,
 /// the layer nor the optimizer changes.
 template <typename Scalar, typename ExpertT>
 void deserialize_checkpoint(const void* data, std::size_t size, MoELayer<Scalar, ExpertT>& layer,
-                            Sgd<Scalar>& optimizer) {
-  detail::deserialize(data, size, layer, optimizer, "sparsemoe::deserialize_checkpoint");
+                            Sgd<Scalar>& optimizer, const CheckpointLoadOptions& options = {}) {
+  detail::deserialize(data, size, layer, optimizer, "sparsemoe::deserialize_checkpoint", options);
 }
 
 /// Like deserialize_checkpoint(data, size, layer), and also restores `optimizer` from the file's
@@ -1141,8 +1172,8 @@ void deserialize_checkpoint(const void* data, std::size_t size, MoELayer<Scalar,
 /// the layer nor the optimizer changes.
 template <typename Scalar, typename ExpertT>
 void deserialize_checkpoint(const void* data, std::size_t size, MoELayer<Scalar, ExpertT>& layer,
-                            Adam<Scalar>& optimizer) {
-  detail::deserialize(data, size, layer, optimizer, "sparsemoe::deserialize_checkpoint");
+                            Adam<Scalar>& optimizer, const CheckpointLoadOptions& options = {}) {
+  detail::deserialize(data, size, layer, optimizer, "sparsemoe::deserialize_checkpoint", options);
 }
 
 /// What the checkpoint in the `size` bytes at `data` holds, after the integrity and structure
@@ -1190,29 +1221,31 @@ void save_checkpoint(const std::string& path, const MoELayer<Scalar, ExpertT>& l
 /// file, validates everything, then copies in. Throws CheckpointError (io for a missing or
 /// unreadable file) and then leaves `layer` unchanged. O(file size).
 template <typename Scalar, typename ExpertT>
-void load_checkpoint(const std::string& path, MoELayer<Scalar, ExpertT>& layer) {
+void load_checkpoint(const std::string& path, MoELayer<Scalar, ExpertT>& layer, const CheckpointLoadOptions& options = {}) {
   const char* function = "sparsemoe::load_checkpoint";
   const std::string bytes = detail::read_file(path, function);
   detail::NoOptimizer none;
-  detail::deserialize(bytes.data(), bytes.size(), layer, none, detail::file_context(function, path));
+  detail::deserialize(bytes.data(), bytes.size(), layer, none, detail::file_context(function, path), options);
 }
 
 /// Loads the checkpoint at `path` into `layer` and `optimizer` (Sgd section required). On any
 /// error neither changes.
 template <typename Scalar, typename ExpertT>
-void load_checkpoint(const std::string& path, MoELayer<Scalar, ExpertT>& layer, Sgd<Scalar>& optimizer) {
+void load_checkpoint(const std::string& path, MoELayer<Scalar, ExpertT>& layer, Sgd<Scalar>& optimizer,
+                     const CheckpointLoadOptions& options = {}) {
   const char* function = "sparsemoe::load_checkpoint";
   const std::string bytes = detail::read_file(path, function);
-  detail::deserialize(bytes.data(), bytes.size(), layer, optimizer, detail::file_context(function, path));
+  detail::deserialize(bytes.data(), bytes.size(), layer, optimizer, detail::file_context(function, path), options);
 }
 
 /// Loads the checkpoint at `path` into `layer` and `optimizer` (Adam section required). On any
 /// error neither changes.
 template <typename Scalar, typename ExpertT>
-void load_checkpoint(const std::string& path, MoELayer<Scalar, ExpertT>& layer, Adam<Scalar>& optimizer) {
+void load_checkpoint(const std::string& path, MoELayer<Scalar, ExpertT>& layer, Adam<Scalar>& optimizer,
+                     const CheckpointLoadOptions& options = {}) {
   const char* function = "sparsemoe::load_checkpoint";
   const std::string bytes = detail::read_file(path, function);
-  detail::deserialize(bytes.data(), bytes.size(), layer, optimizer, detail::file_context(function, path));
+  detail::deserialize(bytes.data(), bytes.size(), layer, optimizer, detail::file_context(function, path), options);
 }
 
 /// What the checkpoint at `path` holds (see inspect_checkpoint). Throws CheckpointError.
