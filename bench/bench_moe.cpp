@@ -241,8 +241,18 @@ const Config configs[] = {
     {"D", 64, 512, 2048, 8, 2},      {"Decode", 1, 1024, 4096, 8, 2}, {"SkewA", 4096, 512, 2048, 8, 2, true},
 };
 
+/// Fine-grained shapes of current models (ReLU experts of the same GEMM sizes), run with all
+/// threads only: DeepSeek-like (E = 64, k = 6) and Qwen3-30B-A3B-like (E = 128, k = 8).
+const Config model_configs[] = {
+    {"DeepSeek", 2048, 1024, 512, 64, 6},
+    {"Qwen3", 4096, 2048, 768, 128, 8},
+};
+
 const Config& config_named(const std::string& label) {
   for (const Config& c : configs) {
+    if (label == c.label) return c;
+  }
+  for (const Config& c : model_configs) {
     if (label == c.label) return c;
   }
   std::abort();
@@ -397,6 +407,29 @@ void BM_LayerForwardBackward(benchmark::State& state, const Config& c, int threa
   state.counters["routing_bytes"] = routing_bytes;
   // Issue 5's bound: T·k·(d + h) scalars (+ O(T·E) for the gate, counted in routing_bytes).
   state.counters["cache_bound_bytes"] = static_cast<double>(c.tokens * c.k * (c.d + c.h)) * sizeof(Scalar);
+}
+
+/// The API a newcomer calls first: forward(x, options) returning a new result (and, with
+/// `backward`, backward(result, d_y, gradients) returning ∂L/∂x), which take their workspaces from
+/// the layer's pool. Compared with the workspace rows above in the ratio table.
+void BM_LayerSimple(benchmark::State& state, const Config& c, int threads, bool backward) {
+  set_threads(threads);
+  Setup& s = setup_for(c);
+  sparsemoe::ForwardOptions options;
+  if (backward) options.mode = sparsemoe::Mode::training;
+  auto gradients = s.layer->make_gradients();
+  const auto step = [&] {
+    const auto result = s.layer->forward(s.input, options);
+    benchmark::DoNotOptimize(result.output.data());
+    if (backward) {
+      const Mat d_input = s.layer->backward(result, s.d_output, gradients);
+      benchmark::DoNotOptimize(d_input.data());
+    }
+  };
+  step();  // as in the rows above: one untimed call first
+  for (auto _ : state) step();
+  add_rate_counters(state, (backward ? 3 : 1) * expert_forward_flops(c), c.tokens, threads);
+  state.counters["pooled_workspace_bytes"] = static_cast<double>(s.layer->pooled_workspace_bytes());
 }
 
 // Stages alone, at A.
@@ -602,6 +635,31 @@ void register_all() {
           ->Unit(benchmark::kMillisecond);
     }
   }
+  const int all_threads = available_threads() >= 2 ? 2 : 1;
+  for (const char* label : {"A", "DeepSeek", "Qwen3"}) {
+    const Config& c = config_named(label);
+    const std::string suffix = "/threads:" + std::to_string(all_threads);
+    if (std::string(label) != "A") {
+      RegisterBenchmark((std::string(label) + "/Forward" + suffix).c_str(), BM_LayerForward, c, all_threads, false, false)
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond);
+      RegisterBenchmark((std::string(label) + "/ForwardPacked" + suffix).c_str(), BM_LayerForward, c, all_threads, false,
+                        true)
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond);
+      RegisterBenchmark((std::string(label) + "/ForwardBackward" + suffix).c_str(), BM_LayerForwardBackward, c,
+                        all_threads)
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond);
+    }
+    RegisterBenchmark((std::string(label) + "/ForwardSimple" + suffix).c_str(), BM_LayerSimple, c, all_threads, false)
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+    RegisterBenchmark((std::string(label) + "/ForwardBackwardSimple" + suffix).c_str(), BM_LayerSimple, c, all_threads,
+                      true)
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+  }
   const Config& a = config_named("A");
   for (int t : thread_counts()) {
     const std::string suffix = "/threads:" + std::to_string(t);
@@ -715,6 +773,17 @@ void print_table(const RecordingReporter& rec, const char* tsv_path) {
   add("A_overhead_gate+group+combine", overhead, 0.05, false);
   add("A_speedup_1to2_threads", rec.seconds("A/Forward/threads:1") / rec.seconds("A/Forward" + T), 1.9, true);
   add("SkewA_over_A_forward_time", rec.seconds("SkewA/Forward" + T) / rec.seconds("A/Forward" + T), 1.1, false);
+  // The simple API (forward(x, options), backward(result, d_y, gradients)) against the
+  // workspace overloads of the same run: within 10 %.
+  for (const char* label : {"A", "DeepSeek", "Qwen3"}) {
+    const std::string l = label;
+    add(l + "_simple_over_workspace_forward", rec.seconds(l + "/ForwardSimple" + T) / rec.seconds(l + "/Forward" + T),
+        1.1, false);
+    add(l + "_simple_over_workspace_fwdbwd",
+        rec.seconds(l + "/ForwardBackwardSimple" + T) / rec.seconds(l + "/ForwardBackward" + T), 1.1, false);
+  }
+  add("DeepSeek_forward_frac_peak", frac("DeepSeek/Forward" + T), 0.70, true);
+  add("DeepSeek_fwdbwd_frac_peak", frac("DeepSeek/ForwardBackward" + T), 0.70, true);
   const double cache_bytes = rec.counter("A/ForwardBackward" + T, "cache_bytes");
   const double bound_bytes = rec.counter("A/ForwardBackward" + T, "cache_bound_bytes");
   add("A_cache_over_Tk(d+h)", cache_bytes / bound_bytes, 1.0, false);
@@ -723,6 +792,10 @@ void print_table(const RecordingReporter& rec, const char* tsv_path) {
   ref("A_fwdbwd_speedup_1to2", rec.seconds("A/ForwardBackward/threads:1") / rec.seconds("A/ForwardBackward" + T));
   ref("B_fwdbwd_frac_peak", frac("B/ForwardBackward" + T));
   ref("C_fwdbwd_frac_peak", frac("C/ForwardBackward" + T));
+  ref("DeepSeek_forward_packed_frac_peak", frac("DeepSeek/ForwardPacked" + T));
+  ref("Qwen3_forward_frac_peak", frac("Qwen3/Forward" + T));
+  ref("Qwen3_forward_packed_frac_peak", frac("Qwen3/ForwardPacked" + T));
+  ref("Qwen3_fwdbwd_frac_peak", frac("Qwen3/ForwardBackward" + T));
   ref("SkewA_fwdbwd_over_A", rec.seconds("SkewA/ForwardBackward" + T) / rec.seconds("A/ForwardBackward" + T));
   ref("A_expert_compute_frac_peak", frac("A/Stage/ExpertCompute" + T));
   ref("A_plain_gemm_frac_peak", frac("A/Ref/PlainGemm" + T));

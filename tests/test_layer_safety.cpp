@@ -22,6 +22,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -374,5 +375,103 @@ TEST(NonFiniteParameters, AreNamedByTheCheckAndByPacking) {
     expect_invalid_argument([&] { broken_bias.require_finite_parameters(); }, "expert0.b1");
   }
 }
+
+
+// ---- The simple API's pooled storage -----------------------------------------------------------
+
+namespace simple_api {
+
+// forward(input, options) and backward(result, d_y, gradients) take their workspaces from the
+// layer's pool and recycle the buffers of destroyed results: whatever storage they reuse (of
+// another shape, of another mode, of another thread), they must give exactly what the overloads
+// with the caller's own fresh workspaces give.
+TEST(SimpleApi, PooledCallsEqualCallsWithFreshWorkspacesBitwise) {
+  sparsemoe::MoELayer<float> layer(make_config(6, 16, 5, 2, 41));
+  layer.gate().initialize_uniform(42);
+  auto pooled_gradients = layer.make_gradients();
+  auto fresh_gradients = layer.make_gradients();
+  std::uint64_t seed = 50;
+  for (const Index tokens : {40, 40, 7, 300, 40, 0, 40}) {
+    for (const Mode mode : {Mode::evaluation, Mode::training}) {
+      SCOPED_TRACE(std::to_string(tokens) + (mode == Mode::training ? " training" : " evaluation"));
+      const Matrix<float> x = random_matrix<float>(tokens, 6, ++seed);
+      const Matrix<float> d_y = random_matrix<float>(tokens, 6, ++seed);
+      sparsemoe::ForwardOptions options;
+      options.mode = mode;
+      options.step = seed;
+      const auto pooled = layer.forward(x, options);
+      sparsemoe::ForwardResult<float> fresh;
+      sparsemoe::ForwardWorkspace<float> workspace;
+      layer.forward(x, options, fresh, workspace);
+      ASSERT_EQ(pooled.output.rows(), tokens);
+      EXPECT_EQ(pooled.output, fresh.output);
+      EXPECT_EQ(pooled.routing.gates, fresh.routing.gates);
+      if (mode == Mode::evaluation) {
+        EXPECT_TRUE(pooled.cache.empty());
+        continue;
+      }
+      EXPECT_EQ(pooled.cache.pre_activations, fresh.cache.pre_activations);
+      pooled_gradients.set_zero();
+      fresh_gradients.set_zero();
+      const Matrix<float> pooled_d_x = layer.backward(pooled, d_y, pooled_gradients);
+      Matrix<float> fresh_d_x;
+      sparsemoe::BackwardWorkspace<float> backward_workspace;
+      layer.backward(fresh, d_y, fresh_gradients, fresh_d_x, backward_workspace);
+      EXPECT_EQ(pooled_d_x, fresh_d_x);
+      auto a = pooled_gradients.tensors();
+      auto b = fresh_gradients.tensors();
+      for (std::size_t t = 0; t < a.size(); ++t) {
+        EXPECT_TRUE(std::equal(a[t].data, a[t].data + a[t].size(), b[t].data)) << a[t].name;
+      }
+    }
+  }
+  EXPECT_GT(layer.pooled_workspace_bytes(), 0u);
+  layer.release_workspaces();
+  EXPECT_EQ(layer.pooled_workspace_bytes(), 0u);
+}
+
+TEST(SimpleApi, ResultsMayOutliveTheirLayerAndMove) {
+  const Matrix<double> x = random_matrix<double>(30, 5, 60);
+  std::optional<sparsemoe::ForwardResult<double>> kept;
+  {
+    sparsemoe::MoELayer<double> layer(make_config(5, 8, 4, 2));
+    auto result = layer.forward(x, training_options());
+    const Matrix<double> expected = result.output;
+    kept.emplace(std::move(result));  // the moved-from result gives nothing back
+    EXPECT_EQ(kept->output, expected);
+    const auto copy = *kept;  // a copy recycles its own buffers when destroyed
+    EXPECT_EQ(copy.output, expected);
+  }
+  EXPECT_TRUE(kept->cache.empty());
+  kept.reset();  // its layer is gone: the buffers are freed, nothing else happens (ASan watches)
+}
+
+TEST(SimpleApi, ConcurrentCallsOnOneLayerEqualSerialOnes) {
+  sparsemoe::MoELayer<float> layer(make_config(6, 12, 4, 2, 70));
+  layer.gate().initialize_uniform(71);
+  constexpr int kThreads = 4, kCalls = 8;
+  std::vector<Matrix<float>> inputs, expected;
+  for (int i = 0; i < kThreads * kCalls; ++i) {
+    inputs.push_back(random_matrix<float>(20 + 13 * (i % 5), 6, 100 + static_cast<std::uint64_t>(i)));
+    sparsemoe::ForwardResult<float> result;
+    sparsemoe::ForwardWorkspace<float> workspace;
+    layer.forward(inputs.back(), training_options(static_cast<std::uint64_t>(i)), result, workspace);
+    expected.push_back(result.output);
+  }
+  std::vector<Matrix<float>> outputs(inputs.size());
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int c = 0; c < kCalls; ++c) {
+        const auto i = static_cast<std::size_t>(t * kCalls + c);
+        outputs[i] = layer.forward(inputs[i], training_options(i)).output;
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  for (std::size_t i = 0; i < inputs.size(); ++i) EXPECT_EQ(outputs[i], expected[i]) << i;
+}
+
+}  // namespace simple_api
 
 }  // namespace

@@ -70,6 +70,104 @@ struct ForwardCache {
   std::size_t bytes() const { return static_cast<std::size_t>(input.size() + pre_activations.size()) * sizeof(Scalar); }
 };
 
+namespace detail {
+
+/// A thread-safe stack of idle objects of type T (workspaces, result storage), so that calls
+/// which do not bring their own reuse earlier calls' storage. take() hands out an idle object (or
+/// a new one) as a Lease, which gives it back when it goes out of scope, also on a throw. The
+/// mutex is taken once per hand-out and once per return, never inside a loop. At most
+/// `max_idle` objects are kept; one given back beyond that is freed.
+template <typename T>
+class ScratchPool {
+ public:
+  /// Exclusive use of one pooled object until destruction.
+  class Lease {
+   public:
+    Lease(ScratchPool& pool, std::unique_ptr<T> object) : pool_(&pool), object_(std::move(object)) {}
+    Lease(const Lease&) = delete;
+    Lease& operator=(const Lease&) = delete;
+    Lease(Lease&& other) noexcept = default;
+    Lease& operator=(Lease&&) = delete;
+    ~Lease() {
+      if (object_) pool_->give_back(std::move(object_));
+    }
+    T& operator*() const { return *object_; }
+
+   private:
+    ScratchPool* pool_;
+    std::unique_ptr<T> object_;
+  };
+
+  explicit ScratchPool(std::size_t max_idle = static_cast<std::size_t>(-1)) : max_idle_(max_idle) {}
+
+  /// An idle object, or a new one when none is idle.
+  Lease take() {
+    std::unique_ptr<T> object = take_idle();
+    if (!object) object = std::make_unique<T>();
+    return Lease(*this, std::move(object));
+  }
+
+  /// An idle object, or null when none is idle.
+  std::unique_ptr<T> take_idle() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (idle_.empty()) return nullptr;
+    std::unique_ptr<T> object = std::move(idle_.back());
+    idle_.pop_back();
+    return object;
+  }
+
+  /// Keeps `object` for a later take(), or frees it when max_idle objects are idle already (or
+  /// when the list cannot grow).
+  void give_back(std::unique_ptr<T> object) noexcept {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (idle_.size() >= max_idle_) return;
+#if defined(__cpp_exceptions) || defined(__EXCEPTIONS)
+    try {
+      idle_.push_back(std::move(object));
+    } catch (...) {
+      // Out of memory while growing the list: the object is freed instead of pooled.
+    }
+#else
+    idle_.push_back(std::move(object));
+#endif
+  }
+
+  /// Frees every idle object.
+  void clear() {
+    std::vector<std::unique_ptr<T>> released;
+    std::lock_guard<std::mutex> lock(mutex_);
+    released.swap(idle_);
+  }
+
+  /// Bytes held by the idle objects (T::bytes()).
+  std::size_t bytes() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::size_t total = 0;
+    for (const auto& object : idle_) total += object->bytes();
+    return total;
+  }
+
+ private:
+  std::size_t max_idle_;
+  mutable std::mutex mutex_;
+  std::vector<std::unique_ptr<T>> idle_;
+};
+
+/// The big buffers of a ForwardResult made by MoELayer::forward(input, options), kept after the
+/// result is destroyed for the next such call (buffers above glibc's mmap threshold, 32 MiB,
+/// would otherwise come back as fresh pages, each faulted in on first touch).
+template <typename Scalar>
+struct ResultStorage {
+  Matrix<Scalar> output;
+  Matrix<Scalar> cache_input;
+  Matrix<Scalar> pre_activations;
+  std::size_t bytes() const {
+    return static_cast<std::size_t>(output.size() + cache_input.size() + pre_activations.size()) * sizeof(Scalar);
+  }
+};
+
+}  // namespace detail
+
 /// Everything a forward pass returns.
 template <typename Scalar>
 struct ForwardResult {
@@ -79,6 +177,32 @@ struct ForwardResult {
   AuxiliaryLosses<Scalar> losses;    ///< importance, load and both weighted losses
   ForwardCache<Scalar> cache;        ///< for backward; empty in evaluation mode
   std::uint64_t step = 0;            ///< the noise sample index used (training mode; 0 otherwise)
+  /// Set by MoELayer::forward(input, options) only: where the output and cache buffers go when
+  /// this result is destroyed, for that layer's next such call (nothing if the layer is gone).
+  std::weak_ptr<detail::ScratchPool<detail::ResultStorage<Scalar>>> recycler;
+
+  ForwardResult() = default;
+  ForwardResult(const ForwardResult&) = default;
+  ForwardResult(ForwardResult&&) noexcept = default;
+  ForwardResult& operator=(const ForwardResult&) = default;
+  ForwardResult& operator=(ForwardResult&&) noexcept = default;
+  ~ForwardResult() {
+    const auto pool = recycler.lock();
+    if (!pool || (output.size() == 0 && cache.pre_activations.size() == 0)) return;
+#if defined(__cpp_exceptions) || defined(__EXCEPTIONS)
+    try {
+#endif
+      auto storage = std::make_unique<detail::ResultStorage<Scalar>>();
+      storage->output.swap(output);
+      storage->cache_input.swap(cache.input);
+      storage->pre_activations.swap(cache.pre_activations);
+      pool->give_back(std::move(storage));
+#if defined(__cpp_exceptions) || defined(__EXCEPTIONS)
+    } catch (...) {
+      // No memory for the small holder: the buffers are freed as usual.
+    }
+#endif
+  }
 
   /// Tokens routed to each expert (E entries).
   const IndexVector& tokens_per_expert() const { return plan.tokens_per_expert; }
@@ -195,85 +319,16 @@ struct BackwardWorkspace {
 
 namespace detail {
 
-/// A thread-safe stack of idle objects of type T (workspaces), so that calls which do not bring
-/// their own reuse earlier calls' storage. take() hands out an idle object (or a new one) as a
-/// Lease, which gives it back when it goes out of scope, also on a throw. The mutex is taken
-/// twice per call, never inside a loop. The pool keeps at most as many objects as were ever in
-/// use at once.
-template <typename T>
-class ScratchPool {
- public:
-  /// Exclusive use of one pooled object until destruction.
-  class Lease {
-   public:
-    Lease(ScratchPool& pool, std::unique_ptr<T> object) : pool_(&pool), object_(std::move(object)) {}
-    Lease(const Lease&) = delete;
-    Lease& operator=(const Lease&) = delete;
-    Lease(Lease&& other) noexcept = default;
-    Lease& operator=(Lease&&) = delete;
-    ~Lease() {
-      if (object_) pool_->give_back(std::move(object_));
-    }
-    T& operator*() const { return *object_; }
-
-   private:
-    ScratchPool* pool_;
-    std::unique_ptr<T> object_;
-  };
-
-  /// An idle object, or a new one when none is idle.
-  Lease take() {
-    std::unique_ptr<T> object;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (!idle_.empty()) {
-        object = std::move(idle_.back());
-        idle_.pop_back();
-      }
-    }
-    if (!object) object = std::make_unique<T>();
-    return Lease(*this, std::move(object));
-  }
-
-  /// Frees every idle object.
-  void clear() {
-    std::vector<std::unique_ptr<T>> released;
-    std::lock_guard<std::mutex> lock(mutex_);
-    released.swap(idle_);
-  }
-
-  /// Bytes held by the idle objects (T::bytes()).
-  std::size_t bytes() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    std::size_t total = 0;
-    for (const auto& object : idle_) total += object->bytes();
-    return total;
-  }
-
- private:
-  void give_back(std::unique_ptr<T> object) noexcept {
-    std::lock_guard<std::mutex> lock(mutex_);
-#if defined(__cpp_exceptions) || defined(__EXCEPTIONS)
-    try {
-      idle_.push_back(std::move(object));
-    } catch (...) {
-      // Out of memory while growing the list: the object is freed instead of pooled.
-    }
-#else
-    idle_.push_back(std::move(object));
-#endif
-  }
-
-  mutable std::mutex mutex_;
-  std::vector<std::unique_ptr<T>> idle_;
-};
-
 /// What an MoELayer shares with nobody but itself: its identity (ForwardCache::owner and
-/// PackedExperts refer to it weakly) and the workspaces of the calls that bring none.
+/// PackedExperts refer to it weakly) and the workspaces and result buffers of the calls that
+/// bring none.
 template <typename Scalar>
 struct LayerScratch {
   ScratchPool<ForwardWorkspace<Scalar>> forward_workspaces;
   ScratchPool<BackwardWorkspace<Scalar>> backward_workspaces;
+  /// Buffers of destroyed results; a few suffice for a training loop (one result alive at a time,
+  /// per thread), and each is O(T·k·p) scalars.
+  ScratchPool<ResultStorage<Scalar>> result_storage{4};
 };
 
 }  // namespace detail
@@ -475,10 +530,12 @@ class MoELayer {
   void release_workspaces() const {
     scratch_->forward_workspaces.clear();
     scratch_->backward_workspaces.clear();
+    scratch_->result_storage.clear();
   }
-  /// Bytes held by the pooled, idle workspaces.
+  /// Bytes held by the pooled, idle workspaces (and the kept buffers of destroyed results).
   std::size_t pooled_workspace_bytes() const {
-    return scratch_->forward_workspaces.bytes() + scratch_->backward_workspaces.bytes();
+    return scratch_->forward_workspaces.bytes() + scratch_->backward_workspaces.bytes() +
+           scratch_->result_storage.bytes();
   }
 
   /// Throws std::invalid_argument naming the first parameter tensor (as tensors() names it,
@@ -530,10 +587,17 @@ class MoELayer {
   /// on non-finite gate logits.
   ///
   /// Scratch memory comes from a pool inside the layer (thread-safe; one workspace per concurrent
-  /// call, kept for the next call), so a loop over batches of one shape does not fault in fresh
-  /// pages on every call; release_workspaces() frees the pool.
+  /// call, kept for the next call), and the returned result hands its output and cache buffers
+  /// back to the layer when it is destroyed, so a loop over batches of one shape does not fault
+  /// in fresh pages on every call; release_workspaces() frees what is pooled.
   ForwardResult<Scalar> forward(ConstMatrixRef<Scalar> input, const ForwardOptions& options = {}) const {
     ForwardResult<Scalar> result;
+    if (const auto storage = scratch_->result_storage.take_idle()) {
+      result.output.swap(storage->output);
+      result.cache.input.swap(storage->cache_input);
+      result.cache.pre_activations.swap(storage->pre_activations);
+    }
+    result.recycler = std::shared_ptr<detail::ScratchPool<detail::ResultStorage<Scalar>>>(scratch_, &scratch_->result_storage);
     const auto workspace = scratch_->forward_workspaces.take();
     forward(input, options, result, *workspace);
     return result;
