@@ -16,6 +16,7 @@
 #include "optimizers.hpp"
 #include "parameters.hpp"
 #include "router.hpp"
+#include "router/sigmoid_top_k.hpp"
 #include "router/softmax_top_k.hpp"
 #include "routing.hpp"
 #include "training_losses.hpp"
