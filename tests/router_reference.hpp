@@ -10,6 +10,7 @@
 #define SPARSEMOE_TESTS_ROUTER_REFERENCE_HPP
 
 #include <sparsemoe/config.hpp>
+#include <sparsemoe/detail/philox.hpp>
 
 #include "reference_gate.hpp"
 
@@ -103,6 +104,18 @@ MatrixD logits(const Eigen::MatrixBase<X>& x, const Eigen::MatrixBase<W>& w, con
     for (Index t = 0; t < z.rows(); ++t)
       for (Index e = 0; e < z.cols(); ++e) z(t, e) += static_cast<double>(b(e));
   return z;
+}
+
+/// The documented address of the routers' random numbers, re-derived here from Philox4x32-10
+/// (itself tested against its published vectors in test_philox): counter (column, token low,
+/// token high, step), key (seed low, seed high), the top 53 bits of the first two words / 2^53.
+inline double philox_uniform(std::uint64_t seed, std::uint64_t step, std::uint64_t token, std::uint64_t column) {
+  const auto bits = sparsemoe::detail::philox4x32_10(
+      {static_cast<std::uint32_t>(column), static_cast<std::uint32_t>(token), static_cast<std::uint32_t>(token >> 32),
+       static_cast<std::uint32_t>(step)},
+      {static_cast<std::uint32_t>(seed), static_cast<std::uint32_t>(seed >> 32)});
+  const std::uint64_t high = bits[0], low = bits[1];
+  return static_cast<double>((high << 32 | low) >> 11) / 9007199254740992.0;
 }
 
 /// Same shape and bitwise equal entries.

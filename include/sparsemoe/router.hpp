@@ -207,6 +207,25 @@ void select_top_by(Index size, Index count, const Value& value, const Allowed& a
   SPARSEMOE_ASSERT(filled == count);
 }
 
+/// p = softmax(z) over one token's `size` logits (max subtracted), in Scalar. O(size).
+template <typename Scalar>
+void softmax_row(const Scalar* z, Index size, Scalar* p) {
+  Scalar top = z[0];
+  for (Index i = 1; i < size; ++i) top = std::max(top, z[i]);
+  Scalar sum = 0;
+  for (Index i = 0; i < size; ++i) sum += p[i] = std::exp(z[i] - top);
+  for (Index i = 0; i < size; ++i) p[i] /= sum;
+}
+
+/// Through the softmax of one token: on entry gradient[i] = ∂L/∂p_i, on return
+/// ∂L/∂z_i = p_i·(∂L/∂p_i − Σ_m p_m·∂L/∂p_m) + direct[i] (the direct ∂L/∂z_i). O(size).
+template <typename Scalar>
+void softmax_backward_row(const Scalar* p, const Scalar* direct, Index size, Scalar* gradient) {
+  Scalar dot = 0;
+  for (Index i = 0; i < size; ++i) dot += p[i] * gradient[i];
+  for (Index i = 0; i < size; ++i) gradient[i] = p[i] * (gradient[i] - dot) + direct[i];
+}
+
 /// Options every linear router validates the same way.
 inline void require_group_options(const char* function, Index num_experts, Index k, Index num_groups,
                                   Index top_groups) {

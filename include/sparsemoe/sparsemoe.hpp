@@ -18,6 +18,7 @@
 #include "router.hpp"
 #include "router/sigmoid_top_k.hpp"
 #include "router/softmax_top_k.hpp"
+#include "router/switch.hpp"
 #include "routing.hpp"
 #include "training_losses.hpp"
 

@@ -195,11 +195,7 @@ class SoftmaxTopKRouter {
     const Index experts = num_experts();
     const Scalar* z = routing.logits.row(token).data();
     Scalar* p = routing.scores.row(token).data();
-    Scalar top = z[0];
-    for (Index expert = 1; expert < experts; ++expert) top = std::max(top, z[expert]);
-    Scalar sum = 0;
-    for (Index expert = 0; expert < experts; ++expert) sum += p[expert] = std::exp(z[expert] - top);
-    for (Index expert = 0; expert < experts; ++expert) p[expert] /= sum;
+    detail::softmax_row(z, experts, p);
 
     const Scalar* selection = options_.softmax_over_selected ? z : p;
     Index* ids = routing.expert_ids.row(token).data();
@@ -250,11 +246,7 @@ class SoftmaxTopKRouter {
         if (expert >= 0) dz[expert] += scale_ * upstream.gates(token, slot);
       }
     }
-    Scalar dot = 0;
-    for (Index expert = 0; expert < experts; ++expert) dot += p[expert] * dz[expert];
-    for (Index expert = 0; expert < experts; ++expert) {
-      dz[expert] = p[expert] * (dz[expert] - dot) + upstream.logits(token, expert);
-    }
+    detail::softmax_backward_row(p, upstream.logits.row(token).data(), experts, dz);
     if (!normalized()) return;
     const Scalar total = selected_sum(routing, token);
     Scalar weighted = 0;
