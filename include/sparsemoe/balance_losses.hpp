@@ -46,6 +46,7 @@ struct BalanceLossWorkspace {
 
 namespace detail {
 
+/// The argument checks balance_loss and its backward share.
 inline void require_balance_arguments(const char* function, Index tokens, double coefficient,
                                       const BalanceLossOptions& options) {
   require(std::isfinite(coefficient), function, "coefficient must be finite, got ", coefficient);

@@ -76,6 +76,10 @@ Scalar logistic(Scalar a) {
 
 }  // namespace detail
 
+/// The parameter gradients of SigmoidTopKRouter (W_r, optional b_r; the selection bias has none).
+template <typename Scalar>
+using SigmoidTopKRouterGradients = RouterGradients<Scalar>;
+
 /// Sigmoid top-k router with a per-expert selection bias (DeepSeek-V3) over E experts for
 /// tokens of width d.
 ///
@@ -125,9 +129,13 @@ class SigmoidTopKRouter {
     selection_bias_ = Vector<Scalar>::Zero(num_experts);
   }
 
+  /// Width d of the input rows.
   Index input_dim() const { return weight_.rows(); }
+  /// Number of experts E.
   Index num_experts() const { return weight_.cols(); }
+  /// Experts chosen per token.
   Index k() const { return options_.k; }
+  /// The options the router was built with.
   const Options& options() const { return options_; }
   /// Whether group-limited selection is on (num_groups > 1).
   bool grouped() const { return options_.num_groups > 1; }

@@ -49,6 +49,10 @@ struct SoftmaxTopKRouterOptions {
   bool check_finite = true;
 };
 
+/// The parameter gradients of SoftmaxTopKRouter (W_r, optional b_r).
+template <typename Scalar>
+using SoftmaxTopKRouterGradients = RouterGradients<Scalar>;
+
 /// Softmax top-k router over E experts for tokens of width d.
 ///
 /// z = x·W_r (+ b_r), p = softmax(z) over the E experts (routing.scores). Selection: the k largest
@@ -88,9 +92,13 @@ class SoftmaxTopKRouter {
     bias_ = Vector<Scalar>::Zero(options.use_bias ? num_experts : 0);
   }
 
+  /// Width d of the input rows.
   Index input_dim() const { return weight_.rows(); }
+  /// Number of experts E.
   Index num_experts() const { return weight_.cols(); }
+  /// Experts chosen per token.
   Index k() const { return options_.k; }
+  /// The options the router was built with.
   const Options& options() const { return options_; }
   /// Whether group-limited selection is on (num_groups > 1).
   bool grouped() const { return options_.num_groups > 1; }

@@ -32,6 +32,7 @@ inline void require_random_router(const char* function, Index input_dim, Index n
   require(num_experts >= min_experts, function, "num_experts must be >= ", min_experts, ", got ", num_experts);
 }
 
+/// Throws unless the step fits the 32-bit counter word it is drawn with.
 inline void require_route_step(const char* function, std::uint64_t step) {
   require(step <= 0xFFFFFFFFull, function, "step must be < 2^32, got ", step);
 }
@@ -52,6 +53,10 @@ struct SwitchRouterOptions {
   /// Throw on a non-finite logit (default). Off: NaN ranks last and the gate may be NaN.
   bool check_finite = true;
 };
+
+/// The parameter gradients of SwitchRouter (W_r, optional b_r).
+template <typename Scalar>
+using SwitchRouterGradients = RouterGradients<Scalar>;
 
 /// Switch Transformer top-1 router over E experts for tokens of width d.
 ///
@@ -85,10 +90,13 @@ class SwitchRouter {
     bias_ = Vector<Scalar>::Zero(options.use_bias ? num_experts : 0);
   }
 
+  /// Width d of the input rows.
   Index input_dim() const { return weight_.rows(); }
+  /// Number of experts E.
   Index num_experts() const { return weight_.cols(); }
   /// Always 1.
   Index k() const { return 1; }
+  /// The options the router was built with.
   const Options& options() const { return options_; }
 
   /// W_r, d×E: z = x·W_r.
@@ -215,6 +223,10 @@ struct GShardRouterOptions {
   bool check_finite = true;
 };
 
+/// The parameter gradients of GShardRouter (W_r, optional b_r).
+template <typename Scalar>
+using GShardRouterGradients = RouterGradients<Scalar>;
+
 /// GShard top-2 router over E ≥ 2 experts for tokens of width d.
 ///
 /// z = x·W_r (+ b_r), p = softmax(z) (routing.scores); e₁, e₂ the two largest p (ties to the
@@ -251,10 +263,13 @@ class GShardRouter {
     bias_ = Vector<Scalar>::Zero(options.use_bias ? num_experts : 0);
   }
 
+  /// Width d of the input rows.
   Index input_dim() const { return weight_.rows(); }
+  /// Number of experts E.
   Index num_experts() const { return weight_.cols(); }
   /// Always 2.
   Index k() const { return 2; }
+  /// The options the router was built with.
   const Options& options() const { return options_; }
 
   /// W_r, d×E: z = x·W_r.
