@@ -7,6 +7,7 @@
 /// Umbrella header: everything in sparsemoe.
 
 #include "activation.hpp"
+#include "balance_losses.hpp"
 #include "config.hpp"
 #include "expert.hpp"
 #include "gate.hpp"
@@ -14,6 +15,10 @@
 #include "moe_layer.hpp"
 #include "optimizers.hpp"
 #include "parameters.hpp"
+#include "router.hpp"
+#include "router/sigmoid_top_k.hpp"
+#include "router/softmax_top_k.hpp"
+#include "router/switch.hpp"
 #include "routing.hpp"
 #include "training_losses.hpp"
 
