@@ -20,6 +20,16 @@
 #error "sparsemoe needs Eigen 3.4 or newer"
 #endif
 
+// The libxsmm GEMM backend is selected by the macro SPARSEMOE_WITH_LIBXSMM=1 (CMake's option
+// SPARSEMOE_USE_LIBXSMM and pkg-config's flags define it). Stop on the near misses instead of
+// silently building the Eigen backend (or the libxsmm one for "=0").
+#if defined(SPARSEMOE_USE_LIBXSMM)
+#error "SPARSEMOE_USE_LIBXSMM is the name of the CMake option; to select the libxsmm backend, define SPARSEMOE_WITH_LIBXSMM=1 (and link -lxsmm -lxsmmnoblas), or define neither for the Eigen backend"
+#endif
+#if defined(SPARSEMOE_WITH_LIBXSMM) && (SPARSEMOE_WITH_LIBXSMM + 0) != 1
+#error "define SPARSEMOE_WITH_LIBXSMM=1 to select the libxsmm backend, or leave it undefined for the Eigen backend"
+#endif
+
 #define SPARSEMOE_VERSION_MAJOR 0
 #define SPARSEMOE_VERSION_MINOR 1
 #define SPARSEMOE_VERSION_PATCH 0
