@@ -114,12 +114,17 @@ TEST(LayerWithSoftmaxRouter, ForwardMatchesANaiveReference) {
 
 /// Checks every gradient of L = Σ(W ⊙ y) + losses.total() against finite differences. The loss
 /// refuses (and the input is redrawn) where a perturbation changes any routing decision.
-template <typename RouterT>
+template <typename RouterT, typename Expert = ExpertD>
 void check_layer_gradients(const RouterT& router, Index k, const sparsemoe::ForwardOptions& options,
-                           const std::string& label, bool expect_dropped = false) {
+                           const std::string& label, bool expect_dropped = false, Index shared_hidden = 0,
+                           bool shared_gate = false) {
   SCOPED_TRACE(label);
   const Index d = 5, h = 4, experts = router.num_experts(), tokens = 10;
-  sparsemoe::MoELayer<double, ExpertD, RouterT> layer(layer_config(d, h, experts, k, 21), router);
+  sparsemoe::MoEConfig config = layer_config(d, h, experts, k, 21);
+  config.shared_hidden_dim = shared_hidden;
+  config.shared_expert_gate = shared_gate;
+  sparsemoe::MoELayer<double, Expert, RouterT> layer(config, router);
+  ASSERT_EQ(layer.has_shared_expert(), shared_hidden > 0);
   const MatrixD output_weight = random_matrix(tokens, d, 22);
   bool checked = false;
   for (std::uint64_t attempt = 0; attempt < 20 && !checked; ++attempt) {
@@ -212,6 +217,85 @@ TEST(LayerWithTopKRouters, GradientsMatchFiniteDifferences) {
     auto gshard_options = options;
     gshard_options.balance_loss.counts = sparsemoe::BalanceCounts::first_slot;
     check_layer_gradients(router, 2, gshard_options, "gshard, random second expert", /*expect_dropped=*/true);
+  }
+}
+
+// The always-on shared expert (DeepSeekMoE, Qwen2-MoE), with and without Qwen2-MoE's sigmoid
+// gate σ(x·w_shared), beside the noisy gate and a top-k router: its tensors and the gate's weight
+// get their gradients by finite differences too.
+TEST(LayerWithSharedExpert, GradientsMatchFiniteDifferences) {
+  sparsemoe::ForwardOptions options;
+  options.mode = Mode::training;
+  options.step = 4;
+  options.balance_loss_weight = 0.05;
+  sparsemoe::SoftmaxTopKRouterOptions o;
+  o.k = 2;
+  o.normalize_top_k = true;
+  o.scale = 2.0;
+  sparsemoe::SoftmaxTopKRouter<double> router(5, 6, o);
+  router.initialize_uniform(51);
+  check_layer_gradients(router, 2, options, "softmax + shared expert", false, 7, false);
+  check_layer_gradients(router, 2, options, "softmax + gated shared expert (Qwen2-MoE)", false, 7, true);
+  check_layer_gradients<sparsemoe::SoftmaxTopKRouter<double>, sparsemoe::SwiGluExpert<double>>(
+      router, 2, options, "softmax + gated SwiGLU shared expert", false, 3, true);
+  sparsemoe::NoisyTopKGate<double> gate(5, 6, 2, 0.01, 52);
+  gate.initialize_uniform(53);
+  check_layer_gradients(gate, 2, options, "noisy top-k + gated shared expert", false, 7, true);
+}
+
+TEST(LayerWithSharedExpert, ForwardAddsTheGatedSharedExpertToEveryToken) {
+  sparsemoe::MoEConfig config = layer_config(6, 5, 4, 2, 61);
+  config.shared_hidden_dim = 9;
+  config.shared_expert_gate = true;
+  sparsemoe::MoELayer<double, ExpertD> with_shared(config);
+  with_shared.gate().initialize_uniform(62);
+  // The same routed part without the shared expert: copy the router and the experts over.
+  sparsemoe::MoELayer<double, ExpertD> routed_only(layer_config(6, 5, 4, 2, 61));
+  routed_only.gate() = with_shared.gate();
+  for (Index e = 0; e < 4; ++e) routed_only.expert(e) = with_shared.expert(e);
+  const MatrixD x = random_matrix(50, 6, 63);
+  const auto y = with_shared.forward(x).output;
+  const auto y_routed = routed_only.forward(x).output;
+  for (Index t = 0; t < 50; ++t) {
+    const double gate = 1.0 / (1.0 + std::exp(-x.row(t).dot(with_shared.shared_expert_gate().transpose())));
+    const std::vector<double> shared = naive_expert(with_shared.shared_expert(), x, t);
+    for (Index i = 0; i < 6; ++i) {
+      EXPECT_NEAR(y(t, i), y_routed(t, i) + gate * shared[static_cast<std::size_t>(i)], 1e-12) << t << "," << i;
+    }
+  }
+  EXPECT_EQ(with_shared.tensors().back().name, "shared_expert_gate");
+  sparsemoe::MoEConfig bad = config;
+  bad.shared_hidden_dim = 0;
+  EXPECT_THROW(sparsemoe::MoELayer<double>{bad}, std::invalid_argument);  // a gate without an expert
+}
+
+TEST(LayerWithSharedExpert, BitwiseIdenticalForAnyThreadCountAndSmallBatches) {
+  for (const Index tokens : {1, 3, 300}) {  // 1 and 3 tokens take the column-split path
+    sparsemoe::MoEConfig config = layer_config(16, 24, 4, 1, 71);
+    config.shared_hidden_dim = 40;
+    config.shared_expert_gate = true;
+    sparsemoe::MoELayer<float> layer(config);
+    layer.gate().initialize_uniform(72);
+    const sparsemoe::Matrix<float> x = random_matrix(tokens, 16, 73).cast<float>();
+    const sparsemoe::Matrix<float> d_y = random_matrix(tokens, 16, 74).cast<float>();
+    sparsemoe::ForwardOptions options;
+    options.mode = Mode::training;
+    options.step = 2;
+    std::vector<sparsemoe::Matrix<float>> outputs, d_xs;
+    std::vector<sparsemoe::Vector<float>> d_gates;
+    for (const int threads : router_reference::thread_counts()) {
+      router_reference::ScopedThreads scope(threads);
+      const auto result = layer.forward(x, options);
+      auto gradients = layer.make_gradients();
+      d_xs.push_back(layer.backward(result, d_y, gradients));
+      outputs.push_back(result.output);
+      d_gates.push_back(gradients.shared_expert_gate);
+    }
+    for (std::size_t i = 1; i < outputs.size(); ++i) {
+      EXPECT_TRUE(router_reference::same(outputs[i], outputs[0])) << tokens;
+      EXPECT_TRUE(router_reference::same(d_xs[i], d_xs[0])) << tokens;
+      EXPECT_TRUE(router_reference::same(d_gates[i], d_gates[0])) << tokens;
+    }
   }
 }
 

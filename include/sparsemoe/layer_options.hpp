@@ -22,6 +22,13 @@ struct MoEConfig {
   Index k = 0;                   ///< experts per token, 1 ≤ k ≤ E
   double noise_epsilon = 1e-2;   ///< ε added to the noise scale softplus(x·W_noise)
   std::uint64_t seed = 0;        ///< seeds the initial parameters and the training noise
+  /// h_s: hidden width of one always-on shared expert added to every token's output
+  /// (DeepSeekMoE, Qwen2-MoE; DeepSeek's n shared experts of width I are one of width n·I);
+  /// 0 = none. Not scaled by the routed gates or the router's routed scale.
+  Index shared_hidden_dim = 0;
+  /// Scale the shared expert's output by σ(x·w_shared), w_shared a learned d-vector (Qwen2-MoE's
+  /// shared_expert_gate); needs shared_hidden_dim > 0.
+  bool shared_expert_gate = false;
 };
 
 /// Per-call settings of MoELayer::forward.
