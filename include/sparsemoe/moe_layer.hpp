@@ -979,6 +979,7 @@ class MoELayer {
     detail::require(input.cols() == input_dim(), function, "input must have ", input_dim(),
                     " columns (the layer's input_dim), got ", input.rows(), "x", input.cols());
     check_parameter_shapes(function);
+    if (options.capacity) detail::check_capacity_options(*options.capacity, function);
     const bool training = options.mode == Mode::training;
     const bool keep_cache = training || options.keep_cache;
     // The cache becomes usable only when this call has completed: a throw below (non-finite
@@ -990,7 +991,6 @@ class MoELayer {
       step = options.step ? *options.step : training_step_.fetch_add(1, std::memory_order_relaxed);
     }
     result.step = step;
-    if (options.capacity) detail::check_capacity_options(*options.capacity, function);
     Traits::route(router_, input, options.mode, step, result.routing);
     if (options.capacity) {
       build_dispatch_plan(result.routing.expert_ids, result.routing.gates, num_experts(), *options.capacity,

@@ -90,8 +90,9 @@ enum class DropPolicy {
 /// C = max(min_capacity, round(factor · T·k / E)), evaluated in double as (T·k / E)·factor, the
 /// order of Megatron-LM's get_capacity, then rounded by `rounding` (⌈·⌉ by default, Megatron's
 /// rounding). T·k counts every slot, including those the router did not dispatch (id −1), as
-/// Megatron counts num_tokens·topk. Binary rounding applies: factor 1.1 with T·k/E = 10 gives
-/// C = 12 (1.1 is stored as 1.1000000000000000888), exactly as in Megatron. Values above T·k
+/// Megatron counts num_tokens·topk. Binary rounding applies: factor 1.1 with T·k/E = 100 gives
+/// C = 111, since the double product is 110.00000000000001 (1.1 is stored slightly above 1.1),
+/// exactly as in Megatron; factors that are exact in binary (1.25, 1.5, 2) never do this. Values above T·k
 /// are capped at T·k (no expert can receive more), which changes no drop.
 ///
 /// What other stacks use, for comparison: Megatron-LM ⌈(T·k/E)·f⌉ with no minimum unless
