@@ -1050,7 +1050,9 @@ class MoELayer {
 
   /// Throws unless `result` can feed this layer's backward: a kept cache made by this layer, and
   /// a routing, dispatch plan and losses of the cached batch's shape that agree with each other
-  /// (every grouped row in its expert's range, (token, slot) ↔ row a bijection). O(T·k + E),
+  /// (every grouped row in its expert's range, (token, slot) ↔ row a bijection; row −1 exactly
+  /// where the id is −1 or the plan dropped the slot by capacity, both counts matching the
+  /// plan's stats). O(T·k + E),
   /// before any work, so that a stale or edited result can never make backward read out of range.
   void check_forward_result(const Result& result, const char* function) const {
     const ForwardCache<Scalar>& cache = result.cache;
