@@ -8,6 +8,7 @@
 
 #include "balance_losses.hpp"
 #include "config.hpp"
+#include "routing.hpp"
 
 #include <cstdint>
 #include <optional>
@@ -54,6 +55,15 @@ struct ForwardOptions {
   BalanceLossOptions balance_loss;
   /// Top-k routers: coefficient of the ST-MoE router z-loss (z_loss; OLMoE trains with 0.001).
   double z_loss_weight = 0.0;
+  /// Expert capacity (token dropping). Unset (the default): dropless, every dispatched slot gets
+  /// a row. Set: each expert takes at most C = max(min_capacity, ⌈(T·k/E)·factor⌉) rows (the
+  /// rounding is configurable), keeping the slots that capacity->policy prefers; a dropped slot
+  /// contributes 0 to the output and gets no gradient through the expert path, while the
+  /// router's record (ids, gates, auxiliary losses) stays as the router made it. Applies in both
+  /// modes: leave it unset in evaluation calls for dropless inference. Drop counts are in
+  /// result.plan.stats. See CapacityOptions (routing.hpp) for the semantics and what other
+  /// stacks do. Throws std::invalid_argument (in forward) for a factor ≤ 0 or not finite.
+  std::optional<CapacityOptions> capacity;
 };
 
 }  // namespace sparsemoe

@@ -152,7 +152,7 @@ template <typename Scalar, typename RoutingT = Routing<Scalar>, typename LossesT
 struct ForwardResult {
   Matrix<Scalar> output;             ///< T×d: y = Σ_{i∈S(x)} g_i(x)·E_i(x)
   RoutingT routing;                  ///< the router's decisions (O(T·E))
-  DispatchPlan plan;                 ///< grouped rows per expert (tokens_per_expert, offsets, dropped slots, …)
+  DispatchPlan plan;                 ///< grouped rows per expert (tokens_per_expert, offsets, capacity drops, stats, …)
   LossesT losses;                    ///< the auxiliary loss terms; losses.total() is what backward differentiates
   ForwardCache<Scalar> cache;        ///< for backward; empty in evaluation mode
   std::uint64_t step = 0;            ///< the noise sample index used (training mode; 0 otherwise)
@@ -186,8 +186,11 @@ struct ForwardResult {
 #endif
   }
 
-  /// Tokens routed to each expert (E entries).
+  /// Rows each expert received (E entries; after capacity when ForwardOptions::capacity is set).
   const IndexVector& tokens_per_expert() const { return plan.tokens_per_expert; }
+  /// Routing telemetry: capacity, max/mean rows per expert, slots dropped by the router and by
+  /// capacity (per expert), the auxiliary loss total (RoutingStats).
+  const RoutingStats& stats() const { return plan.stats; }
 };
 
 namespace detail {
@@ -677,7 +680,8 @@ class MoELayer {
   }
 
   /// Forward pass over the T×d batch `input`. Throws std::invalid_argument on a width mismatch,
-  /// on negative or non-finite loss weights, on step ≥ 2^32, and (with the gate's check_finite)
+  /// on negative or non-finite loss weights, on step ≥ 2^32, on unusable capacity options
+  /// (ForwardOptions::capacity: a factor ≤ 0 or not finite), and (with the gate's check_finite)
   /// on non-finite gate logits.
   ///
   /// Scratch memory comes from a pool inside the layer (thread-safe; one workspace per concurrent
@@ -1149,6 +1153,7 @@ class MoELayer {
     detail::require(input.cols() == input_dim(), function, "input must have ", input_dim(),
                     " columns (the layer's input_dim), got ", input.rows(), "x", input.cols());
     check_parameter_shapes(function);
+    if (options.capacity) detail::check_capacity_options(*options.capacity, function);
     const bool training = options.mode == Mode::training;
     const bool keep_cache = training || options.keep_cache;
     // The cache becomes usable only when this call has completed: a throw below (non-finite
@@ -1161,8 +1166,14 @@ class MoELayer {
     }
     result.step = step;
     Traits::route(router_, input, options.mode, step, result.routing);
-    build_dispatch_plan(result.routing.expert_ids, num_experts(), result.plan);
+    if (options.capacity) {
+      build_dispatch_plan(result.routing.expert_ids, result.routing.gates, num_experts(), *options.capacity,
+                          result.plan);
+    } else {
+      build_dispatch_plan(result.routing.expert_ids, num_experts(), result.plan);
+    }
     Traits::compute_losses(result.routing, options, result.losses);
+    result.plan.stats.auxiliary_loss = static_cast<double>(result.losses.total());
     group(input, result.plan, workspace.grouped_input);
     const bool shared = has_shared_expert();
     if (keep_cache) {
@@ -1232,7 +1243,9 @@ class MoELayer {
 
   /// Throws unless `result` can feed this layer's backward: a kept cache made by this layer, and
   /// a routing, dispatch plan and losses of the cached batch's shape that agree with each other
-  /// (every grouped row in its expert's range, (token, slot) ↔ row a bijection). O(T·k + E),
+  /// (every grouped row in its expert's range, (token, slot) ↔ row a bijection; row −1 exactly
+  /// where the id is −1 or the plan dropped the slot by capacity, both counts matching the
+  /// plan's stats). O(T·k + E),
   /// before any work, so that a stale or edited result can never make backward read out of range.
   void check_forward_result(const Result& result, const char* function) const {
     const ForwardCache<Scalar>& cache = result.cache;
@@ -1259,7 +1272,8 @@ class MoELayer {
     bool valid = plan.num_tokens == tokens && plan.num_experts == experts && plan.k == k && rows >= 0 &&
                  rows + plan.dropped_slots == tokens * k && plan.tokens_per_expert.size() == experts &&
                  plan.offsets.size() == experts + 1 && plan.token_of_row.size() == rows &&
-                 plan.slot_of_row.size() == rows && plan.row_of_token_slot.size() == tokens * k;
+                 plan.slot_of_row.size() == rows && plan.row_of_token_slot.size() == tokens * k &&
+                 static_cast<Index>(plan.capacity_dropped.size()) == tokens * k;
     detail::require(valid, function, "result.plan does not have the shapes of ", tokens, " tokens, ", experts,
                     " experts and k = ", k);
     detail::require_shape(cache.pre_activations, rows, pre_activation_width(), function,
@@ -1268,24 +1282,28 @@ class MoELayer {
     for (Index e = 0; valid && e < experts; ++e) {
       valid = plan.tokens_per_expert[e] >= 0 && plan.offsets[e + 1] == plan.offsets[e] + plan.tokens_per_expert[e];
     }
-    // Every (token, slot) with an expert owns one row of that expert, and the row names it back;
-    // a slot with id −1 owns none. With rows = T·k − dropped, that makes the map a bijection.
-    Index dropped = 0;
+    // Every (token, slot) with an expert owns one row of that expert, and the row names it back,
+    // unless the plan dropped it by capacity; a slot with id −1 owns none. With rows = T·k −
+    // dropped, that makes the map a bijection.
+    Index router_dropped = 0, capacity_dropped = 0;
     for (Index token = 0; valid && token < tokens; ++token) {
       for (Index slot = 0; valid && slot < k; ++slot) {
         const Index expert = routing.expert_ids(token, slot);
         const Index row = plan.row_of_slot(token, slot);
-        if (expert == -1) {
-          valid = row == -1;
-          ++dropped;
+        const bool over_capacity = plan.dropped_by_capacity(token, slot);
+        if (expert == -1 || over_capacity) {
+          valid = row == -1 && (expert == -1 ? !over_capacity : expert >= 0 && expert < experts);
+          ++(expert == -1 ? router_dropped : capacity_dropped);
           continue;
         }
         valid = expert >= 0 && expert < experts && row >= plan.offsets[expert] && row < plan.offsets[expert + 1] &&
                 plan.token_of_row[row] == token && plan.slot_of_row[row] == slot;
       }
     }
-    detail::require(valid && dropped == plan.dropped_slots, function,
-                    "result.plan and result.routing disagree (was the result edited?)");
+    detail::require(valid && router_dropped == plan.stats.router_dropped_slots &&
+                        capacity_dropped == plan.stats.capacity_dropped_slots &&
+                        router_dropped + capacity_dropped == plan.dropped_slots,
+                    function, "result.plan and result.routing disagree (was the result edited?)");
   }
 
   /// Average flops of one of `tiles` tiles sharing the expert forward of `plan`'s rows.
