@@ -234,6 +234,7 @@ struct Config {
   const char* label;
   Index tokens, d, h, experts, k;
   bool skew = false;
+  Index shared_hidden = 0;  ///< h_s of the always-on shared expert (0: none)
 };
 
 const Config configs[] = {
@@ -242,9 +243,10 @@ const Config configs[] = {
 };
 
 /// Fine-grained shapes of current models (ReLU experts of the same GEMM sizes), run with all
-/// threads only: DeepSeek-like (E = 64, k = 6) and Qwen3-30B-A3B-like (E = 128, k = 8).
+/// threads only: DeepSeek-like (E = 64, k = 6, two shared experts of width 512 = one of 1024)
+/// and Qwen3-30B-A3B-like (E = 128, k = 8, no shared expert).
 const Config model_configs[] = {
-    {"DeepSeek", 2048, 1024, 512, 64, 6},
+    {"DeepSeek", 2048, 1024, 512, 64, 6, false, 1024},
     {"Qwen3", 4096, 2048, 768, 128, 8},
 };
 
@@ -258,8 +260,10 @@ const Config& config_named(const std::string& label) {
   std::abort();
 }
 
+/// Expert FLOPs of one forward: 4·T·k·d·h routed, plus 4·T·d·h_s for a shared expert.
 double expert_forward_flops(const Config& c) {
-  return 4.0 * static_cast<double>(c.tokens * c.k) * static_cast<double>(c.d) * static_cast<double>(c.h);
+  return 4.0 * static_cast<double>(c.tokens) * static_cast<double>(c.d) *
+         static_cast<double>(c.k * c.h + c.shared_hidden);
 }
 
 /// A layer and an input for one config, built once per process and shared by every benchmark.
@@ -280,6 +284,7 @@ struct Setup {
     mc.num_experts = c.experts;
     mc.k = c.k;
     mc.seed = 42;
+    mc.shared_hidden_dim = c.shared_hidden;
     layer = std::make_unique<Layer>(mc);
     layer->gate().initialize_uniform(7);
     input.resize(c.tokens, c.d);
@@ -442,6 +447,25 @@ void BM_Gate(benchmark::State& state, const Config& c, int threads) {
     benchmark::DoNotOptimize(routing.gates.data());
   }
   state.counters["tokens_per_s"] = benchmark::Counter(static_cast<double>(c.tokens), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["threads"] = threads;
+}
+
+/// One top-k router of router.hpp routing config c's batch in training mode (its random parts
+/// on), for its share of a forward at c: softmax (renormalised), sigmoid with groups (DeepSeek-V3
+/// style), Switch with input jitter, GShard.
+template <typename RouterT>
+void BM_Router(benchmark::State& state, const Config& c, int threads, RouterT router) {
+  set_threads(threads);
+  Setup& s = setup_for(c);
+  router.initialize_uniform(7);
+  sparsemoe::TopKRouting<Scalar> routing;
+  sparsemoe::RouteOptions options;
+  options.mode = sparsemoe::Mode::training;
+  options.step = 1;
+  for (auto _ : state) {
+    router.route(s.input, options, routing);
+    benchmark::DoNotOptimize(routing.gates.data());
+  }
   state.counters["threads"] = threads;
 }
 
@@ -664,6 +688,32 @@ void register_all() {
   for (int t : thread_counts()) {
     const std::string suffix = "/threads:" + std::to_string(t);
     RegisterBenchmark(("A/Stage/Gate" + suffix).c_str(), BM_Gate, a, t)->UseRealTime()->Unit(benchmark::kMillisecond);
+    sparsemoe::SoftmaxTopKRouterOptions softmax;
+    softmax.k = a.k;
+    softmax.normalize_top_k = true;
+    sparsemoe::SigmoidTopKRouterOptions sigmoid;
+    sigmoid.k = a.k;
+    sigmoid.num_groups = 4;
+    sigmoid.top_groups = 2;
+    sigmoid.scale = 2.5;
+    sparsemoe::SwitchRouterOptions switch_options;
+    switch_options.jitter_epsilon = 0.01;
+    RegisterBenchmark(("A/Stage/Router/SoftmaxTopK" + suffix).c_str(), BM_Router<sparsemoe::SoftmaxTopKRouter<Scalar>>, a,
+                      t, sparsemoe::SoftmaxTopKRouter<Scalar>(a.d, a.experts, softmax))
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+    RegisterBenchmark(("A/Stage/Router/SigmoidTopK" + suffix).c_str(), BM_Router<sparsemoe::SigmoidTopKRouter<Scalar>>, a,
+                      t, sparsemoe::SigmoidTopKRouter<Scalar>(a.d, a.experts, sigmoid))
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+    RegisterBenchmark(("A/Stage/Router/Switch" + suffix).c_str(), BM_Router<sparsemoe::SwitchRouter<Scalar>>, a, t,
+                      sparsemoe::SwitchRouter<Scalar>(a.d, a.experts, switch_options))
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+    RegisterBenchmark(("A/Stage/Router/GShard" + suffix).c_str(), BM_Router<sparsemoe::GShardRouter<Scalar>>, a, t,
+                      sparsemoe::GShardRouter<Scalar>(a.d, a.experts, sparsemoe::GShardRouterOptions{}))
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
     RegisterBenchmark(("A/Stage/Group" + suffix).c_str(), BM_Group, a, t)->UseRealTime()->Unit(benchmark::kMillisecond);
     RegisterBenchmark(("A/Stage/Combine" + suffix).c_str(), BM_Combine, a, t)->UseRealTime()->Unit(benchmark::kMillisecond);
     RegisterBenchmark(("A/Stage/ExpertCompute" + suffix).c_str(), BM_ExpertCompute, a, t)
@@ -771,6 +821,10 @@ void print_table(const RecordingReporter& rec, const char* tsv_path) {
                            rec.seconds("A/Stage/Combine" + T)) /
                           rec.seconds("A/Forward" + T);
   add("A_overhead_gate+group+combine", overhead, 0.05, false);
+  for (const char* router : {"SoftmaxTopK", "SigmoidTopK", "Switch", "GShard"}) {
+    add(std::string("A_router_share_") + router,
+        rec.seconds(std::string("A/Stage/Router/") + router + T) / rec.seconds("A/Forward" + T), 0.05, false);
+  }
   add("A_speedup_1to2_threads", rec.seconds("A/Forward/threads:1") / rec.seconds("A/Forward" + T), 1.9, true);
   add("SkewA_over_A_forward_time", rec.seconds("SkewA/Forward" + T) / rec.seconds("A/Forward" + T), 1.1, false);
   // The simple API (forward(x, options), backward(result, d_y, gradients)) against the
