@@ -18,6 +18,9 @@
 
 namespace sparsemoe {
 
+/// \addtogroup losses
+/// @{
+
 /// Which slots count as "routed to expert i" in the balance loss's f_i.
 enum class BalanceCounts {
   all_slots,  ///< every dispatched slot: f_i = (slots on i) / (T·k) (Switch, Megatron)
@@ -236,6 +239,7 @@ void z_loss_backward(const TopKRouting<Scalar>& routing, double coefficient, Top
   });
 }
 
+/// @}
 }  // namespace sparsemoe
 
 #endif  // SPARSEMOE_BALANCE_LOSSES_HPP

@@ -20,6 +20,9 @@
 
 namespace sparsemoe {
 
+/// \addtogroup routers
+/// @{
+
 /// What the gate decided for a batch of T tokens over E experts, plus everything the backward
 /// pass and the load estimator need. Memory: O(T·E).
 template <typename Scalar>
@@ -106,6 +109,7 @@ Scalar sigmoid(Scalar a) {
 template <typename Scalar_>
 class NoisyTopKGate {
  public:
+  /// float or double.
   using Scalar = Scalar_;
 
   /// Builds a gate; throws std::invalid_argument unless d ≥ 1, E ≥ 1, 1 ≤ k ≤ E and ε > 0 is finite.
@@ -126,22 +130,32 @@ class NoisyTopKGate {
     noise_weight_ = Matrix<Scalar>::Zero(input_dim, num_experts);
   }
 
+  /// Token width d.
   Index input_dim() const { return gate_weight_.rows(); }
+  /// Number of experts E.
   Index num_experts() const { return gate_weight_.cols(); }
+  /// Experts chosen per token.
   Index k() const { return k_; }
+  /// ε of the noise scale s = softplus(x·W_noise) + ε.
   Scalar noise_epsilon() const { return noise_epsilon_; }
+  /// Key of the Philox noise stream.
   std::uint64_t noise_seed() const { return noise_seed_; }
 
+  ///@{
   /// W_g, d×E.
   Matrix<Scalar>& gate_weight() { return gate_weight_; }
   const Matrix<Scalar>& gate_weight() const { return gate_weight_; }
+  ///@}
+  ///@{
   /// W_noise, d×E.
   Matrix<Scalar>& noise_weight() { return noise_weight_; }
   const Matrix<Scalar>& noise_weight() const { return noise_weight_; }
+  ///@}
 
   /// Whether `route` throws on a non-finite logit (default: yes). With the check off, non-finite
   /// logits still give valid, distinct expert ids (NaN ranks last), but gates may be NaN.
   bool check_finite() const { return check_finite_; }
+  /// Turns the finite-value check of `route` on or off (see check_finite()).
   void set_check_finite(bool enabled) { check_finite_ = enabled; }
 
   /// Sets W_g and W_noise to U(−1/√d, 1/√d) draws that depend only on `seed`.
@@ -327,6 +341,7 @@ class NoisyTopKGate {
   Matrix<Scalar> noise_weight_;
 };
 
+/// @}
 }  // namespace sparsemoe
 
 #endif  // SPARSEMOE_GATE_HPP

@@ -14,6 +14,9 @@
 
 namespace sparsemoe {
 
+/// \addtogroup losses
+/// @{
+
 /// CV(v)² = Var(v) / (Mean(v)² + 1e-10) over the E entries of v, with the POPULATION variance
 /// (1/E)·Σ(v_i − mean)², as in the original TensorFlow code (unbiased-variance ports are E/(E−1)
 /// times larger). An empty v or E = 1 gives 0. O(E).
@@ -174,8 +177,11 @@ struct AuxiliaryLosses {
   Scalar importance_weight = 0;          ///< w_importance
   Scalar load_weight = 0;                ///< w_load
 
+  /// L_importance = w_importance·CV(Importance)².
   Scalar importance_loss() const { return importance_weight * importance_cv_squared; }
+  /// L_load = w_load·CV(Load)².
   Scalar load_loss() const { return load_weight * load_cv_squared; }
+  /// L_aux = L_importance + L_load: what backward adds to the caller's loss.
   Scalar total() const { return importance_loss() + load_loss(); }
 };
 
@@ -274,6 +280,7 @@ void auxiliary_losses_backward(const Routing<Scalar>& routing, const AuxiliaryLo
   }
 }
 
+/// @}
 }  // namespace sparsemoe
 
 #endif  // SPARSEMOE_LOSSES_HPP

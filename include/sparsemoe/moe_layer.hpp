@@ -27,6 +27,9 @@
 
 namespace sparsemoe {
 
+/// \addtogroup layer
+/// @{
+
 /// Sizes and settings of an MoELayer.
 struct MoEConfig {
   Index input_dim = 0;           ///< d: token width (input and output)
@@ -181,11 +184,18 @@ struct ForwardResult {
   /// this result is destroyed, for that layer's next such call (nothing if the layer is gone).
   std::weak_ptr<detail::ScratchPool<detail::ResultStorage<Scalar>>> recycler;
 
+  /// An empty result, to pass to the forward overloads that write into one.
   ForwardResult() = default;
+  ///@{
+  /// Member-wise copies and moves; a copy also hands its buffers to the same layer's pool when
+  /// destroyed.
   ForwardResult(const ForwardResult&) = default;
   ForwardResult(ForwardResult&&) noexcept = default;
   ForwardResult& operator=(const ForwardResult&) = default;
   ForwardResult& operator=(ForwardResult&&) noexcept = default;
+  ///@}
+  /// Gives the output and cache buffers to the pool of the layer that made this result through
+  /// MoELayer::forward(input, options), if that layer still exists; frees them otherwise.
   ~ForwardResult() {
     const auto pool = recycler.lock();
     if (!pool || (output.size() == 0 && cache.pre_activations.size() == 0)) return;
@@ -266,9 +276,11 @@ struct ForwardWorkspace {
   std::vector<Matrix<Scalar>> pre;           ///< per OpenMP thread, tile×p (evaluation mode)
   std::vector<detail::ExpertTile> tiles;     ///< this call's expert tiles
   std::vector<Index> expert_order;           ///< experts by descending size
+  ///@{
   /// Per expert, W1 and W2 packed for this call (only for experts with at least
   /// MoELayer::pack_rows_threshold rows, whose GEMMs then stream contiguous panels).
   std::vector<detail::PackedWeight<Scalar>> packed_w1, packed_w2;
+  ///@}
   std::vector<char> packed_this_call;        ///< per expert: packed_w1/w2 hold its current weights
   Matrix<Scalar> split_pre;                  ///< T·k×p, small batches in evaluation mode
   Matrix<Scalar> split_hidden;               ///< T·k×h, small batches
@@ -429,8 +441,11 @@ struct MoEGradients {
 template <typename Scalar_, typename ExpertT = Expert<Scalar_, Relu>>
 class MoELayer {
  public:
+  /// float or double.
   using Scalar = Scalar_;
+  /// The expert type (Expert<Scalar, Act>, SwiGluExpert<Scalar>, or one of yours).
   using ExpertType = ExpertT;
+  /// The gradients of every parameter, as make_gradients() returns them.
   using Gradients = MoEGradients<Scalar, ExpertT>;
   static_assert(std::is_same<typename ExpertT::Scalar, Scalar>::value, "ExpertT::Scalar must be the layer's Scalar");
 
@@ -449,6 +464,7 @@ class MoELayer {
   /// stream, and measured faster on 2 cores (bench/NOTES.md). Fixed by the problem, never by the
   /// thread count, so that results stay bitwise identical for any number of threads.
   static constexpr Index column_split_rows = 256;
+  /// See column_split_rows: the column split applies when at most this many experts have rows.
   static constexpr Index column_split_max_experts = 1;
   /// Columns of one tile of the column split (a multiple of the 64-column weight panels).
   static constexpr Index column_tile = 256;
@@ -513,9 +529,13 @@ class MoELayer {
 
   ~MoELayer() = default;
 
+  /// Token width d (input and output).
   Index input_dim() const { return gate_.input_dim(); }
+  /// Hidden width h of each expert.
   Index hidden_dim() const { return hidden_dim_; }
+  /// Number of experts E.
   Index num_experts() const { return gate_.num_experts(); }
+  /// Experts chosen per token.
   Index k() const { return gate_.k(); }
 
   /// The noise sample index that the next training-mode forward without ForwardOptions::step
@@ -558,10 +578,17 @@ class MoELayer {
     }
   }
 
+  ///@{
+  /// The gate (W_g, W_noise, check_finite). Keep its shapes: forward and backward check them.
   NoisyTopKGate<Scalar>& gate() { return gate_; }
   const NoisyTopKGate<Scalar>& gate() const { return gate_; }
+  ///@}
+  ///@{
+  /// Expert `index` (0 ≤ index < E; std::out_of_range otherwise). Keep its shapes: forward and
+  /// backward check them.
   ExpertT& expert(Index index) { return experts_.at(static_cast<std::size_t>(index)); }
   const ExpertT& expert(Index index) const { return experts_.at(static_cast<std::size_t>(index)); }
+  ///@}
 
   /// Every parameter tensor: gate.gate_weight, gate.noise_weight, then expert0.w1, expert0.b1, …
   std::vector<TensorView<Scalar>> tensors() {
@@ -1164,6 +1191,7 @@ class MoELayer {
   mutable std::atomic<std::uint64_t> training_step_{0};
 };
 
+/// @}
 }  // namespace sparsemoe
 
 #endif  // SPARSEMOE_MOE_LAYER_HPP

@@ -35,6 +35,9 @@
 
 namespace sparsemoe {
 
+/// \addtogroup optimizers
+/// @{
+
 namespace detail {
 
 /// The names and shapes of the parameter tensors an optimizer saw on its first step, so that
@@ -148,6 +151,7 @@ struct SgdOptions {
 template <typename Scalar_>
 class Sgd {
  public:
+  /// float or double: the scalar of the parameters, gradients and state.
   using Scalar = Scalar_;
 
   /// Throws std::invalid_argument unless lr is finite and > 0, 0 ≤ μ < 1, λ is finite and ≥ 0,
@@ -313,6 +317,7 @@ struct AdamOptions {
 template <typename Scalar_>
 class Adam {
  public:
+  /// float or double: the scalar of the parameters, gradients and state.
   using Scalar = Scalar_;
 
   /// Throws std::invalid_argument unless lr and ε are finite and > 0, 0 ≤ β1, β2 < 1 and λ is
@@ -454,6 +459,7 @@ class Adam {
   std::vector<Vector<Scalar>> second_moments_;
 };
 
+/// @}
 }  // namespace sparsemoe
 
 #endif  // SPARSEMOE_OPTIMIZERS_HPP

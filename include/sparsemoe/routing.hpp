@@ -13,6 +13,9 @@
 
 namespace sparsemoe {
 
+/// \addtogroup dispatch
+/// @{
+
 namespace detail {
 
 /// Strict ranking used by top-k: a larger value ranks first; NaN ranks below every number
@@ -54,9 +57,9 @@ void select_top(const Scalar* values, Index size, Index count, Index* ids) {
 /// [offsets[e], offsets[e+1]); inside it, tokens are in ascending order. `row_of_slot(t, j)` is
 /// the inverse: the grouped row of token t's j-th choice.
 struct DispatchPlan {
-  Index num_tokens = 0;
-  Index num_experts = 0;
-  Index k = 0;
+  Index num_tokens = 0;            ///< T
+  Index num_experts = 0;           ///< E
+  Index k = 0;                     ///< slots per token
   IndexVector tokens_per_expert;  ///< E: rows owned by each expert
   IndexVector offsets;            ///< E+1: first row of each expert, offsets[E] = T·k
   IndexVector token_of_row;       ///< T·k: token of each grouped row
@@ -117,6 +120,7 @@ inline DispatchPlan build_dispatch_plan(const IndexMatrix& expert_ids, Index num
   return plan;
 }
 
+/// @}
 }  // namespace sparsemoe
 
 #endif  // SPARSEMOE_ROUTING_HPP
