@@ -13,6 +13,9 @@ if(NOT DEFINED SPARSEMOE_XXHASH_INCLUDE_DIR)
   mark_as_advanced(SPARSEMOE_XXHASH_INCLUDE_DIR)
 endif()
 
+# Snippets may start threads (docs/serving.md).
+find_package(Threads REQUIRED)
+
 file(GLOB _sparsemoe_guides CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/docs/*.md)
 foreach(_page IN LISTS _sparsemoe_guides)
   set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS "${_page}")
@@ -27,7 +30,7 @@ foreach(_page IN LISTS _sparsemoe_guides)
       continue()
     endif()
     add_executable(${_target} "${_sources}/${_name}.cpp")
-    target_link_libraries(${_target} PRIVATE sparsemoe::sparsemoe)
+    target_link_libraries(${_target} PRIVATE sparsemoe::sparsemoe Threads::Threads)
     if(_name IN_LIST _needs_xxhash)
       target_include_directories(${_target} PRIVATE ${SPARSEMOE_XXHASH_INCLUDE_DIR})
     endif()
