@@ -191,7 +191,7 @@ TEST_F(EditedResult, RoutingShapesAndIds) {
   expect_rejected([](auto& r) { r.routing.noise.resize(0, 0); }, "noise");
   expect_rejected([](auto& r) { r.routing.clean_logits.conservativeResize(Eigen::NoChange, 3); }, "clean_logits");
   expect_rejected([](auto& r) { r.routing.expert_ids(3, 1) = 4; }, "disagree");
-  expect_rejected([](auto& r) { r.routing.expert_ids(3, 1) = -1; }, "disagree");
+  expect_rejected([](auto& r) { r.routing.expert_ids(3, 1) = -1; }, "-1");
   expect_rejected([](auto& r) { r.routing.kth_expert[2] = 99; }, "kth_expert");
   expect_rejected([](auto& r) { r.routing.next_expert.resize(3); }, "kth_expert");
   // Swapping two tokens' first choices between experts breaks the plan's row ranges.

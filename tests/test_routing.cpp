@@ -292,11 +292,57 @@ TEST(DispatchPlan, ZeroSlots) {
 
 TEST(DispatchPlan, OutOfRangeIdThrows) {
   IndexMatrix ids = random_ids(6, 4, 2, 99);
-  for (Index bad : {Index{-1}, Index{4}, Index{1000}, std::numeric_limits<Index>::min()}) {
+  for (Index bad : {Index{-2}, Index{4}, Index{1000}, std::numeric_limits<Index>::min()}) {
     IndexMatrix broken = ids;
     broken(3, 1) = bad;
     EXPECT_INVALID_ARGUMENT_WITH(sparsemoe::build_dispatch_plan(broken, 4), "build_dispatch_plan",
                                  std::to_string(bad), "token 3", "4");
+  }
+}
+
+// Id −1 marks a slot that is not dispatched (GShard's dropped second expert): it gets no row.
+// Reference: for each expert in turn, its (token, slot) pairs in token-major order are its rows.
+TEST(DispatchPlan, DroppedSlotsHaveNoRowAndTheRestIsGroupedStably) {
+  for (const std::uint64_t seed : {1u, 2u, 3u}) {
+    const Index tokens = 37, experts = 5, k = 3;
+    IndexMatrix ids = random_ids(tokens, experts, k, 300 + seed);
+    std::mt19937_64 generator(seed);
+    Index dropped = 0;
+    for (Index t = 0; t < tokens; ++t) {
+      for (Index j = 0; j < k; ++j) {
+        if (generator() % 4 == 0) {
+          ids(t, j) = -1;
+          ++dropped;
+        }
+      }
+    }
+    for (Index j = 0; j < k; ++j) ids(5, j) = -1;  // a token with no slot dispatched at all
+    dropped = (ids.array() == -1).count();
+    const auto plan = sparsemoe::build_dispatch_plan(ids, experts);
+    EXPECT_EQ(plan.dropped_slots, dropped);
+    EXPECT_EQ(plan.num_rows(), tokens * k - dropped);
+    Index row = 0;
+    for (Index e = 0; e < experts; ++e) {
+      EXPECT_EQ(plan.offsets[e], row);
+      for (Index t = 0; t < tokens; ++t) {
+        for (Index j = 0; j < k; ++j) {
+          if (ids(t, j) != e) continue;
+          EXPECT_EQ(plan.row_of_slot(t, j), row);
+          EXPECT_EQ(plan.token_of_row[row], t);
+          EXPECT_EQ(plan.slot_of_row[row], j);
+          ++row;
+        }
+      }
+      EXPECT_EQ(plan.tokens_per_expert[e], row - plan.offsets[e]);
+    }
+    EXPECT_EQ(row, plan.num_rows());
+    for (Index t = 0; t < tokens; ++t) {
+      for (Index j = 0; j < k; ++j) {
+        if (ids(t, j) == -1) {
+          EXPECT_EQ(plan.row_of_slot(t, j), -1);
+        }
+      }
+    }
   }
 }
 

@@ -12,6 +12,8 @@
 #include "detail/parallel.hpp"
 #include "expert.hpp"
 #include "gate.hpp"
+#include "layer_options.hpp"
+#include "layer_router.hpp"
 #include "losses.hpp"
 #include "parameters.hpp"
 #include "routing.hpp"
@@ -29,32 +31,6 @@ namespace sparsemoe {
 
 /// \addtogroup layer
 /// @{
-
-/// Sizes and settings of an MoELayer.
-struct MoEConfig {
-  Index input_dim = 0;           ///< d: token width (input and output)
-  Index hidden_dim = 0;          ///< h: hidden width of each expert
-  Index num_experts = 0;         ///< E
-  Index k = 0;                   ///< experts per token, 1 ≤ k ≤ E
-  double noise_epsilon = 1e-2;   ///< ε added to the noise scale softplus(x·W_noise)
-  std::uint64_t seed = 0;        ///< seeds the initial parameters and the training noise
-};
-
-/// Per-call settings of MoELayer::forward.
-struct ForwardOptions {
-  /// Training adds gate noise and keeps the cache for backward; evaluation routes on the clean
-  /// logits.
-  Mode mode = Mode::evaluation;
-  /// Index of the training noise sample, < 2^32. Unset (the default), a training-mode forward
-  /// takes the layer's next training step (MoELayer::training_step(), which it then advances), so
-  /// every call draws fresh noise. Set it to pin the sample, e.g. to replay a step exactly.
-  std::optional<std::uint64_t> step;
-  /// Keep the cache in evaluation mode too, so that backward differentiates the noise-free routing
-  /// (Load is then the hard count, which has no gradient). Training mode always keeps it.
-  bool keep_cache = false;
-  double importance_weight = 0.1;  ///< w_importance (the paper uses 0.1)
-  double load_weight = 0.1;        ///< w_load (the paper uses 0.1)
-};
 
 /// What a forward keeps for backward (training mode, or ForwardOptions::keep_cache). Memory:
 /// T·d + T·k·p scalars (p = h, or 2h for SwiGLU); empty otherwise.
@@ -171,13 +147,15 @@ struct ResultStorage {
 
 }  // namespace detail
 
-/// Everything a forward pass returns.
-template <typename Scalar>
+/// Everything a forward pass returns. RoutingT and LossesT are the router's records
+/// (RouterTraits): for the default NoisyTopKGate, Routing and AuxiliaryLosses; for the top-k
+/// routers of router.hpp, TopKRouting and TopKRouterLosses (MoELayer::Result names the type).
+template <typename Scalar, typename RoutingT = Routing<Scalar>, typename LossesT = AuxiliaryLosses<Scalar>>
 struct ForwardResult {
   Matrix<Scalar> output;             ///< T×d: y = Σ_{i∈S(x)} g_i(x)·E_i(x)
-  Routing<Scalar> routing;           ///< the gate's decisions (O(T·E))
-  DispatchPlan plan;                 ///< grouped rows per expert (tokens_per_expert, offsets, …)
-  AuxiliaryLosses<Scalar> losses;    ///< importance, load and both weighted losses
+  RoutingT routing;                  ///< the router's decisions (O(T·E))
+  DispatchPlan plan;                 ///< grouped rows per expert (tokens_per_expert, offsets, dropped slots, …)
+  LossesT losses;                    ///< the auxiliary loss terms; losses.total() is what backward differentiates
   ForwardCache<Scalar> cache;        ///< for backward; empty in evaluation mode
   std::uint64_t step = 0;            ///< the noise sample index used (training mode; 0 otherwise)
   /// Set by MoELayer::forward(input, options) only: where the output and cache buffers go when
@@ -300,8 +278,9 @@ struct ForwardWorkspace {
 };
 
 /// Scratch memory of MoELayer::backward, reusable across calls of the same shape. Not shared
-/// between threads: give each calling thread its own.
-template <typename Scalar>
+/// between threads: give each calling thread its own. RoutingGradientT is the router's
+/// (RouterTraits::RoutingGradient; MoELayer::BackwardWorkspaceType names the type).
+template <typename Scalar, typename RoutingGradientT = GateGradients<Scalar>>
 struct BackwardWorkspace {
   Matrix<Scalar> grouped_input;                              ///< T·k×d: the cached input, grouped
   Matrix<Scalar> grouped_d_output;                           ///< T·k×d: ∂L/∂y grouped, then times g
@@ -312,7 +291,7 @@ struct BackwardWorkspace {
   std::vector<Matrix<Scalar>> d_hidden;                      ///< per OpenMP thread, tile×h
   std::vector<detail::PackedWeight<Scalar>> w1_transposed;   ///< per expert, W1ᵀ packed (p×d)
   std::vector<detail::PackedWeight<Scalar>> w2_transposed;   ///< per expert, W2ᵀ packed (d×h)
-  GateGradients<Scalar> gate_gradients;                      ///< ∂L/∂(gates, logits, noise scale)
+  RoutingGradientT routing_gradient;                         ///< ∂L/∂(the router's outputs)
   std::vector<detail::ExpertTile> tiles;                     ///< this call's expert tiles
   std::vector<Index> expert_order;                           ///< experts by descending size
   std::vector<detail::GradientTile> gradient_tiles;          ///< this call's weight-gradient tiles
@@ -334,10 +313,10 @@ namespace detail {
 /// What an MoELayer shares with nobody but itself: its identity (ForwardCache::owner and
 /// PackedExperts refer to it weakly) and the workspaces and result buffers of the calls that
 /// bring none.
-template <typename Scalar>
+template <typename Scalar, typename RoutingGradientT>
 struct LayerScratch {
   ScratchPool<ForwardWorkspace<Scalar>> forward_workspaces;
-  ScratchPool<BackwardWorkspace<Scalar>> backward_workspaces;
+  ScratchPool<BackwardWorkspace<Scalar, RoutingGradientT>> backward_workspaces;
   /// Buffers of destroyed results; a few suffice for a training loop (one result alive at a time,
   /// per thread), and each is O(T·k·p) scalars.
   ScratchPool<ResultStorage<Scalar>> result_storage{4};
@@ -345,7 +324,7 @@ struct LayerScratch {
 
 }  // namespace detail
 
-template <typename Scalar_, typename ExpertT>
+template <typename Scalar_, typename ExpertT, typename RouterT>
 class MoELayer;
 
 /// A snapshot of every expert's parameters with W1 and W2 in the GEMM backend's packed layout
@@ -376,7 +355,7 @@ class PackedExperts {
   }
 
  private:
-  template <typename, typename>
+  template <typename, typename, typename>
   friend class MoELayer;
 
   struct Entry {
@@ -390,17 +369,21 @@ class PackedExperts {
   std::vector<Entry> experts_;
 };
 
-/// Gradients of every parameter of an MoELayer, laid out like the layer.
-template <typename Scalar, typename ExpertT>
-struct MoEGradients {
-  Matrix<Scalar> gate_weight;    ///< ∂L/∂W_g, d×E
-  Matrix<Scalar> noise_weight;   ///< ∂L/∂W_noise, d×E
+/// Gradients of every parameter of an MoELayer, laid out like the layer: the router's (the base,
+/// RouterTraits<RouterT>::Gradients: gate_weight and noise_weight for the default NoisyTopKGate,
+/// weight and bias for the top-k routers), then each expert's.
+template <typename Scalar, typename ExpertT, typename RouterT = NoisyTopKGate<Scalar>>
+struct MoEGradients : RouterTraits<RouterT>::Gradients {
+  using RouterGradientsType = typename RouterTraits<RouterT>::Gradients;
   std::vector<ExpertT> experts;  ///< ∂L/∂(W1, b1, W2, b2) of each expert, as expert-shaped tensors
 
-  /// All gradient tensors, in the same order as MoELayer::tensors().
+  /// The router's gradients (the base).
+  RouterGradientsType& router() { return *this; }
+
+  /// All gradient tensors, in the same order and with the same names as MoELayer::tensors().
   std::vector<TensorView<Scalar>> tensors() {
-    std::vector<TensorView<Scalar>> list{make_tensor_view("gate.gate_weight", gate_weight),
-                                         make_tensor_view("gate.noise_weight", noise_weight)};
+    std::vector<TensorView<Scalar>> list;
+    append_tensor_views(list, RouterTraits<RouterT>::prefix, RouterGradientsType::tensors());
     for (std::size_t e = 0; e < experts.size(); ++e) {
       append_tensor_views(list, "expert" + std::to_string(e) + ".", experts[e].tensors());
     }
@@ -409,8 +392,7 @@ struct MoEGradients {
 
   /// Sets every gradient to zero.
   void set_zero() {
-    gate_weight.setZero();
-    noise_weight.setZero();
+    RouterGradientsType::set_zero();
     for (auto& expert : experts) expert.set_zero();
   }
 };
@@ -438,15 +420,24 @@ struct MoEGradients {
 /// auto result = layer.forward(x);                 // evaluation mode
 /// std::cout << result.output.rows() << "\n";      // 32
 /// \endcode
-template <typename Scalar_, typename ExpertT = Expert<Scalar_, Relu>>
+template <typename Scalar_, typename ExpertT = Expert<Scalar_, Relu>, typename RouterT = NoisyTopKGate<Scalar_>>
 class MoELayer {
  public:
   /// float or double.
   using Scalar = Scalar_;
   /// The expert type (Expert<Scalar, Act>, SwiGluExpert<Scalar>, or one of yours).
   using ExpertType = ExpertT;
+  /// The router type (NoisyTopKGate by default, or a top-k router of router.hpp).
+  using RouterType = RouterT;
+  /// How the layer talks to its router (layer_router.hpp).
+  using Traits = RouterTraits<RouterT>;
   /// The gradients of every parameter, as make_gradients() returns them.
-  using Gradients = MoEGradients<Scalar, ExpertT>;
+  using Gradients = MoEGradients<Scalar, ExpertT, RouterT>;
+  /// What forward returns: ForwardResult over the router's routing and loss records.
+  using Result = ForwardResult<Scalar, typename Traits::Routing, typename Traits::Losses>;
+  /// Scratch of backward for this router.
+  using BackwardWorkspaceType = BackwardWorkspace<Scalar, typename Traits::RoutingGradient>;
+  static_assert(std::is_same<typename RouterT::Scalar, Scalar>::value, "RouterT::Scalar must be the layer's Scalar");
   static_assert(std::is_same<typename ExpertT::Scalar, Scalar>::value, "ExpertT::Scalar must be the layer's Scalar");
 
   /// Rows of one expert tile (fixed, so results do not depend on the thread count).
@@ -473,10 +464,23 @@ class MoELayer {
   /// ExpertT::initialize_uniform with a seed derived from (config.seed, i).
   /// Throws std::invalid_argument unless d, h, E ≥ 1, 1 ≤ k ≤ E and noise_epsilon > 0.
   explicit MoELayer(const MoEConfig& config)
-      : gate_(checked(config).input_dim, config.num_experts, config.k, static_cast<Scalar>(config.noise_epsilon),
-              config.seed),
+      : MoELayer(config, NoisyTopKGate<Scalar>(checked(config).input_dim, config.num_experts, config.k,
+                                               static_cast<Scalar>(config.noise_epsilon), config.seed)) {
+    static_assert(std::is_same<RouterT, NoisyTopKGate<Scalar>>::value,
+                  "MoELayer(config) builds the default NoisyTopKGate; pass the router: MoELayer(config, router)");
+  }
+
+  /// Builds the layer around `router` (e.g. a SoftmaxTopKRouter), which must have the config's d,
+  /// E and k; experts as for MoELayer(config). config.noise_epsilon serves NoisyTopKGate only.
+  /// Throws std::invalid_argument unless d, h, E ≥ 1, 1 ≤ k ≤ E and the router's sizes match.
+  MoELayer(const MoEConfig& config, RouterT router)
+      : router_(std::move(router)),
+        input_dim_(checked(config).input_dim),
+        num_experts_(config.num_experts),
+        k_(config.k),
         hidden_dim_(config.hidden_dim),
-        scratch_(std::make_shared<detail::LayerScratch<Scalar>>()) {
+        scratch_(std::make_shared<Scratch>()) {
+    Traits::check_router(router_, config.input_dim, config.num_experts, config.k, "sparsemoe::MoELayer");
     std::uint64_t state = config.seed;
     experts_.reserve(static_cast<std::size_t>(config.num_experts));
     for (Index e = 0; e < config.num_experts; ++e) {
@@ -490,18 +494,24 @@ class MoELayer {
   /// A copy has the same parameters and training step but an identity of its own: results and
   /// packed experts of `other` are not accepted by the copy. Its workspace pool starts empty.
   MoELayer(const MoELayer& other)
-      : gate_(other.gate_),
+      : router_(other.router_),
         experts_(other.experts_),
+        input_dim_(other.input_dim_),
+        num_experts_(other.num_experts_),
+        k_(other.k_),
         hidden_dim_(other.hidden_dim_),
         expert_shape_(other.expert_shape_),
-        scratch_(std::make_shared<detail::LayerScratch<Scalar>>()),
+        scratch_(std::make_shared<Scratch>()),
         training_step_(other.training_step()) {}
 
   /// Moving keeps the identity: results and packed experts of `other` are accepted by the new
   /// layer. The moved-from layer may only be assigned to or destroyed.
   MoELayer(MoELayer&& other) noexcept
-      : gate_(std::move(other.gate_)),
+      : router_(std::move(other.router_)),
         experts_(std::move(other.experts_)),
+        input_dim_(other.input_dim_),
+        num_experts_(other.num_experts_),
+        k_(other.k_),
         hidden_dim_(other.hidden_dim_),
         expert_shape_(other.expert_shape_),
         scratch_(std::move(other.scratch_)),
@@ -518,8 +528,11 @@ class MoELayer {
   /// the assignment are rejected by backward.
   MoELayer& operator=(MoELayer&& other) noexcept {
     if (this == &other) return *this;
-    gate_ = std::move(other.gate_);
+    router_ = std::move(other.router_);
     experts_ = std::move(other.experts_);
+    input_dim_ = other.input_dim_;
+    num_experts_ = other.num_experts_;
+    k_ = other.k_;
     hidden_dim_ = other.hidden_dim_;
     expert_shape_ = other.expert_shape_;
     scratch_ = std::move(other.scratch_);
@@ -530,13 +543,13 @@ class MoELayer {
   ~MoELayer() = default;
 
   /// Token width d (input and output).
-  Index input_dim() const { return gate_.input_dim(); }
+  Index input_dim() const { return input_dim_; }
   /// Hidden width h of each expert.
   Index hidden_dim() const { return hidden_dim_; }
   /// Number of experts E.
-  Index num_experts() const { return gate_.num_experts(); }
+  Index num_experts() const { return num_experts_; }
   /// Experts chosen per token.
-  Index k() const { return gate_.k(); }
+  Index k() const { return k_; }
 
   /// The noise sample index that the next training-mode forward without ForwardOptions::step
   /// will use. It starts at 0 and each such forward advances it by one (atomically: concurrent
@@ -566,8 +579,10 @@ class MoELayer {
     const auto require_finite = [&](const auto& tensor, const std::string& name) {
       detail::require(tensor.allFinite(), function, "parameter ", name, " holds a non-finite value");
     };
-    require_finite(gate_.gate_weight(), "gate.gate_weight");
-    require_finite(gate_.noise_weight(), "gate.noise_weight");
+    for (const TensorView<Scalar>& view : const_cast<RouterT&>(router_).tensors()) {  // views only read here
+      detail::require(Eigen::Map<const Vector<Scalar>>(view.data, view.size()).allFinite(), function, "parameter ",
+                      Traits::prefix, view.name, " holds a non-finite value");
+    }
     for (std::size_t e = 0; e < experts_.size(); ++e) {
       const std::string prefix = "expert" + std::to_string(e) + ".";
       const ExpertT& expert = experts_[e];
@@ -579,9 +594,14 @@ class MoELayer {
   }
 
   ///@{
-  /// The gate (W_g, W_noise, check_finite). Keep its shapes: forward and backward check them.
-  NoisyTopKGate<Scalar>& gate() { return gate_; }
-  const NoisyTopKGate<Scalar>& gate() const { return gate_; }
+  /// The router. Keep its parameters' shapes: forward and backward check them.
+  RouterT& router() { return router_; }
+  const RouterT& router() const { return router_; }
+  ///@}
+  ///@{
+  /// The router, under the name of the default NoisyTopKGate (W_g, W_noise, check_finite).
+  RouterT& gate() { return router_; }
+  const RouterT& gate() const { return router_; }
   ///@}
   ///@{
   /// Expert `index` (0 ≤ index < E; std::out_of_range otherwise). Keep its shapes: forward and
@@ -590,10 +610,12 @@ class MoELayer {
   const ExpertT& expert(Index index) const { return experts_.at(static_cast<std::size_t>(index)); }
   ///@}
 
-  /// Every parameter tensor: gate.gate_weight, gate.noise_weight, then expert0.w1, expert0.b1, …
+  /// Every parameter tensor: the router's under Traits::prefix (gate.gate_weight,
+  /// gate.noise_weight for the default gate; router.weight, router.bias for top-k routers), then
+  /// expert0.w1, expert0.b1, …
   std::vector<TensorView<Scalar>> tensors() {
     std::vector<TensorView<Scalar>> list;
-    append_tensor_views(list, "gate.", gate_.tensors());
+    append_tensor_views(list, Traits::prefix, router_.tensors());
     for (std::size_t e = 0; e < experts_.size(); ++e) {
       append_tensor_views(list, "expert" + std::to_string(e) + ".", experts_[e].tensors());
     }
@@ -603,8 +625,7 @@ class MoELayer {
   /// Zero gradients shaped like this layer's parameters.
   Gradients make_gradients() const {
     Gradients gradients;
-    gradients.gate_weight = Matrix<Scalar>::Zero(input_dim(), num_experts());
-    gradients.noise_weight = Matrix<Scalar>::Zero(input_dim(), num_experts());
+    gradients.router() = Traits::make_gradients(router_);
     gradients.experts.assign(experts_.size(), ExpertT(input_dim(), hidden_dim()));
     return gradients;
   }
@@ -617,8 +638,8 @@ class MoELayer {
   /// call, kept for the next call), and the returned result hands its output and cache buffers
   /// back to the layer when it is destroyed, so a loop over batches of one shape does not fault
   /// in fresh pages on every call; release_workspaces() frees what is pooled.
-  ForwardResult<Scalar> forward(ConstMatrixRef<Scalar> input, const ForwardOptions& options = {}) const {
-    ForwardResult<Scalar> result;
+  Result forward(ConstMatrixRef<Scalar> input, const ForwardOptions& options = {}) const {
+    Result result;
     if (const auto storage = scratch_->result_storage.take_idle()) {
       result.output.swap(storage->output);
       result.cache.input.swap(storage->cache_input);
@@ -633,7 +654,7 @@ class MoELayer {
   /// Forward pass into `result`, with scratch memory from `workspace`; both keep their storage
   /// from call to call, so a forward of the same shape and mode allocates nothing. Evaluation
   /// mode leaves result.cache empty unless options.keep_cache is set.
-  void forward(ConstMatrixRef<Scalar> input, const ForwardOptions& options, ForwardResult<Scalar>& result,
+  void forward(ConstMatrixRef<Scalar> input, const ForwardOptions& options, Result& result,
                ForwardWorkspace<Scalar>& workspace) const {
     forward_impl(input, options, result, workspace, nullptr);
   }
@@ -664,7 +685,7 @@ class MoELayer {
   /// pack_experts(), from the weights it should use) instead of the layer's experts; otherwise as
   /// the forward above. Throws std::invalid_argument when options.mode is training (backward
   /// needs the layer's own weights) or when `packed` was not made by this layer.
-  void forward(ConstMatrixRef<Scalar> input, const ForwardOptions& options, ForwardResult<Scalar>& result,
+  void forward(ConstMatrixRef<Scalar> input, const ForwardOptions& options, Result& result,
                ForwardWorkspace<Scalar>& workspace, const PackedExperts<Scalar>& packed) const {
     const char* function = "sparsemoe::MoELayer::forward";
     detail::require(options.mode == Mode::evaluation && !options.keep_cache, function,
@@ -681,10 +702,10 @@ class MoELayer {
     forward_impl(input, options, result, workspace, &packed);
   }
 
-  /// Stage 1, route: the gate's decisions for `input` (T×d), into `routing`, with the noise
-  /// sample options.step (0 when unset; only forward draws from the layer's training step).
-  void route(ConstMatrixRef<Scalar> input, const ForwardOptions& options, Routing<Scalar>& routing) const {
-    gate_.route(input, options.mode, options.step.value_or(0), routing);
+  /// Stage 1, route: the router's decisions for `input` (T×d), into `routing`, with the sample
+  /// index options.step (0 when unset; only forward draws from the layer's training step).
+  void route(ConstMatrixRef<Scalar> input, const ForwardOptions& options, typename Traits::Routing& routing) const {
+    Traits::route(router_, input, options.mode, options.step.value_or(0), routing);
   }
 
   /// Stage 2, group: grouped row r of `grouped` (T·k×d) is input row plan.token_of_row[r].
@@ -737,13 +758,15 @@ class MoELayer {
   }
 
   /// Stage 4, combine: output_t (T×d) = Σ_j g(t, j)·expert_output[row of (t, j)], slots in order.
-  void combine(const Matrix<Scalar>& expert_output, const Routing<Scalar>& routing, const DispatchPlan& plan,
+  /// Slots that are not dispatched (row −1) contribute nothing.
+  void combine(const Matrix<Scalar>& expert_output, const typename Traits::Routing& routing, const DispatchPlan& plan,
                Matrix<Scalar>& output) const {
     output.resize(plan.num_tokens, input_dim());
     detail::parallel_for(plan.num_tokens, static_cast<double>(plan.k * input_dim()), [&](Index token) {
       output.row(token).setZero();
       for (Index slot = 0; slot < plan.k; ++slot) {
-        output.row(token) += routing.gates(token, slot) * expert_output.row(plan.row_of_slot(token, slot));
+        const Index row = plan.row_of_slot(token, slot);
+        if (row >= 0) output.row(token) += routing.gates(token, slot) * expert_output.row(row);
       }
     });
   }
@@ -757,7 +780,7 @@ class MoELayer {
   /// another layer (or one that no longer exists), or if any of its parts, d_output, the
   /// gradients or the layer's parameters have shapes other than the forward's.
   /// Scratch memory comes from the layer's pool, as for forward(input, options).
-  Matrix<Scalar> backward(const ForwardResult<Scalar>& forward_result, ConstMatrixRef<Scalar> d_output,
+  Matrix<Scalar> backward(const Result& forward_result, ConstMatrixRef<Scalar> d_output,
                           Gradients& gradients) const {
     Matrix<Scalar> d_input;
     const auto workspace = scratch_->backward_workspaces.take();
@@ -772,20 +795,20 @@ class MoELayer {
   /// Work: per expert, W1ᵀ and W2ᵀ are packed once (detail::PackedWeight); per 128-row tile,
   /// ∂hidden = ∂Y·W2ᵀ, the gate gradient ⟨∂Y, E(x)⟩, ∂pre and ∂X rows; then the weight gradients
   /// in (expert, 128-column) tiles, each reducing over the expert's rows in order.
-  void backward(const ForwardResult<Scalar>& forward_result, ConstMatrixRef<Scalar> d_output, Gradients& gradients,
-                Matrix<Scalar>& d_input, BackwardWorkspace<Scalar>& workspace) const {
+  void backward(const Result& forward_result, ConstMatrixRef<Scalar> d_output, Gradients& gradients,
+                Matrix<Scalar>& d_input, BackwardWorkspaceType& workspace) const {
     const char* function = "sparsemoe::MoELayer::backward";
     const ForwardCache<Scalar>& cache = forward_result.cache;
-    const Routing<Scalar>& routing = forward_result.routing;
+    const typename Traits::Routing& routing = forward_result.routing;
     const DispatchPlan& plan = forward_result.plan;
     check_forward_result(forward_result, function);
     const Index tokens = cache.input.rows();
     detail::require_shape(d_output, tokens, input_dim(), function, "d_output");
     check_gradients(gradients, function);
 
-    GateGradients<Scalar>& gate_gradients = workspace.gate_gradients;
-    gate_gradients.set_zero(routing);
-    auxiliary_losses_backward(routing, forward_result.losses, gate_gradients);
+    typename Traits::RoutingGradient& routing_gradient = workspace.routing_gradient;
+    routing_gradient.set_zero(routing);
+    Traits::losses_backward(routing, forward_result.losses, routing_gradient);
 
     const Index rows = plan.num_rows();
     group(cache.input, plan, workspace.grouped_input);
@@ -832,16 +855,17 @@ class MoELayer {
     accumulate_weight_gradients(plan, workspace, gradients);
 
     for (Index row = 0; row < rows; ++row) {
-      gate_gradients.gates(plan.token_of_row[row], plan.slot_of_row[row]) += workspace.d_gate_of_row[row];
+      routing_gradient.gates(plan.token_of_row[row], plan.slot_of_row[row]) += workspace.d_gate_of_row[row];
     }
     d_input.resize(tokens, input_dim());
     detail::parallel_for(tokens, static_cast<double>(plan.k * input_dim()), [&](Index token) {
-      d_input.row(token) = workspace.d_grouped_input.row(plan.row_of_slot(token, 0));
-      for (Index slot = 1; slot < plan.k; ++slot) {
-        d_input.row(token) += workspace.d_grouped_input.row(plan.row_of_slot(token, slot));
+      d_input.row(token).setZero();  // then 0 + r₀ + r₁ + …: bitwise r₀ + r₁ + …
+      for (Index slot = 0; slot < plan.k; ++slot) {
+        const Index row = plan.row_of_slot(token, slot);
+        if (row >= 0) d_input.row(token) += workspace.d_grouped_input.row(row);
       }
     });
-    gate_.backward(routing, cache.input, gate_gradients, gradients.gate_weight, gradients.noise_weight, d_input);
+    Traits::backward(router_, routing, cache.input, routing_gradient, gradients.router(), d_input);
   }
 
  private:
@@ -975,7 +999,7 @@ class MoELayer {
     });
   }
 
-  void forward_impl(ConstMatrixRef<Scalar> input, const ForwardOptions& options, ForwardResult<Scalar>& result,
+  void forward_impl(ConstMatrixRef<Scalar> input, const ForwardOptions& options, Result& result,
                     ForwardWorkspace<Scalar>& workspace, const PackedExperts<Scalar>* packed) const {
     const char* function = "sparsemoe::MoELayer::forward";
     detail::require(input.cols() == input_dim(), function, "input must have ", input_dim(),
@@ -992,10 +1016,9 @@ class MoELayer {
       step = options.step ? *options.step : training_step_.fetch_add(1, std::memory_order_relaxed);
     }
     result.step = step;
-    gate_.route(input, options.mode, step, result.routing);
+    Traits::route(router_, input, options.mode, step, result.routing);
     build_dispatch_plan(result.routing.expert_ids, num_experts(), result.plan);
-    auxiliary_losses(result.routing, static_cast<Scalar>(options.importance_weight),
-                     static_cast<Scalar>(options.load_weight), result.losses);
+    Traits::compute_losses(result.routing, options, result.losses);
     group(input, result.plan, workspace.grouped_input);
     if (keep_cache) {
       cache.input = input;
@@ -1030,8 +1053,7 @@ class MoELayer {
   /// are reachable through non-const references and could have been resized). O(E).
   void check_parameter_shapes(const char* function) const {
     const Index d = input_dim(), experts = num_experts();
-    detail::require_shape(gate_.gate_weight(), d, experts, function, "the gate's gate_weight");
-    detail::require_shape(gate_.noise_weight(), d, experts, function, "the gate's noise_weight");
+    Traits::check_router(router_, d, experts, k(), function);
     for (std::size_t e = 0; e < experts_.size(); ++e) {
       const ExpertT& expert = experts_[e];
       const bool fits = expert.w1().rows() == d && expert.w1().cols() == expert_shape_.pre_activation_width &&
@@ -1049,7 +1071,7 @@ class MoELayer {
   /// a routing, dispatch plan and losses of the cached batch's shape that agree with each other
   /// (every grouped row in its expert's range, (token, slot) ↔ row a bijection). O(T·k + E),
   /// before any work, so that a stale or edited result can never make backward read out of range.
-  void check_forward_result(const ForwardResult<Scalar>& result, const char* function) const {
+  void check_forward_result(const Result& result, const char* function) const {
     const ForwardCache<Scalar>& cache = result.cache;
     const std::weak_ptr<const void> nobody;
     const bool never_kept = !cache.owner.owner_before(nobody) && !nobody.owner_before(cache.owner);
@@ -1059,56 +1081,42 @@ class MoELayer {
     detail::require(made_by_this(cache.owner), function,
                     "the forward result was made by another layer (or by one that no longer exists)");
     check_parameter_shapes(function);
-    const Index tokens = cache.input.rows(), experts = num_experts(), k = this->k(), rows = tokens * k;
+    const Index tokens = cache.input.rows(), experts = num_experts(), k = this->k();
+    const Index rows = result.plan.num_rows();
     detail::require_shape(cache.input, tokens, input_dim(), function, "result.cache.input");
-    detail::require_shape(cache.pre_activations, rows, pre_activation_width(), function,
-                          "result.cache.pre_activations");
-    const Routing<Scalar>& routing = result.routing;
-    detail::require_shape(routing.expert_ids, tokens, k, function, "result.routing.expert_ids");
-    detail::require_shape(routing.gates, tokens, k, function, "result.routing.gates");
-    detail::require_shape(routing.clean_logits, tokens, experts, function, "result.routing.clean_logits");
-    detail::require_shape(routing.noisy_logits, tokens, experts, function, "result.routing.noisy_logits");
-    const Index noise_rows = routing.noisy() ? tokens : 0, noise_cols = routing.noisy() ? experts : 0;
-    detail::require_shape(routing.noise, noise_rows, noise_cols, function, "result.routing.noise");
-    detail::require_shape(routing.raw_noise, noise_rows, noise_cols, function, "result.routing.raw_noise");
-    detail::require_shape(routing.noise_scale, noise_rows, noise_cols, function, "result.routing.noise_scale");
-    const AuxiliaryLosses<Scalar>& losses = result.losses;
-    detail::require(losses.importance.size() == experts && losses.load.size() == experts, function,
-                    "result.losses must have ", experts, " importance and load entries, got ", losses.importance.size(),
-                    " and ", losses.load.size());
-    detail::require(!losses.smooth_load || routing.has_smooth_load(), function,
-                    "result.losses uses the smooth load, which the routing does not define");
-    if (routing.has_smooth_load()) {
-      bool valid = routing.kth_expert.size() == tokens && routing.next_expert.size() == tokens;
-      for (Index token = 0; valid && token < tokens; ++token) {
-        valid = routing.kth_expert[token] >= 0 && routing.kth_expert[token] < experts &&
-                routing.next_expert[token] >= 0 && routing.next_expert[token] < experts;
-      }
-      detail::require(valid, function, "result.routing.kth_expert/next_expert are not ", tokens,
-                      " expert ids in range");
-    }
+    const typename Traits::Routing& routing = result.routing;
+    Traits::check_routing(router_, routing, result.losses, tokens, function);
     const DispatchPlan& plan = result.plan;
-    bool valid = plan.num_tokens == tokens && plan.num_experts == experts && plan.k == k &&
-                 plan.tokens_per_expert.size() == experts && plan.offsets.size() == experts + 1 &&
-                 plan.token_of_row.size() == rows && plan.slot_of_row.size() == rows &&
-                 plan.row_of_token_slot.size() == rows;
+    bool valid = plan.num_tokens == tokens && plan.num_experts == experts && plan.k == k && rows >= 0 &&
+                 rows + plan.dropped_slots == tokens * k && plan.tokens_per_expert.size() == experts &&
+                 plan.offsets.size() == experts + 1 && plan.token_of_row.size() == rows &&
+                 plan.slot_of_row.size() == rows && plan.row_of_token_slot.size() == tokens * k;
     detail::require(valid, function, "result.plan does not have the shapes of ", tokens, " tokens, ", experts,
                     " experts and k = ", k);
+    detail::require_shape(cache.pre_activations, rows, pre_activation_width(), function,
+                          "result.cache.pre_activations");
     valid = plan.offsets[0] == 0 && plan.offsets[experts] == rows;
     for (Index e = 0; valid && e < experts; ++e) {
       valid = plan.tokens_per_expert[e] >= 0 && plan.offsets[e + 1] == plan.offsets[e] + plan.tokens_per_expert[e];
     }
+    // Every (token, slot) with an expert owns one row of that expert, and the row names it back;
+    // a slot with id −1 owns none. With rows = T·k − dropped, that makes the map a bijection.
+    Index dropped = 0;
     for (Index token = 0; valid && token < tokens; ++token) {
       for (Index slot = 0; valid && slot < k; ++slot) {
         const Index expert = routing.expert_ids(token, slot);
-        valid = expert >= 0 && expert < experts;
-        if (!valid) break;
         const Index row = plan.row_of_slot(token, slot);
-        valid = row >= plan.offsets[expert] && row < plan.offsets[expert + 1] && plan.token_of_row[row] == token &&
-                plan.slot_of_row[row] == slot;
+        if (expert == -1) {
+          valid = row == -1;
+          ++dropped;
+          continue;
+        }
+        valid = expert >= 0 && expert < experts && row >= plan.offsets[expert] && row < plan.offsets[expert + 1] &&
+                plan.token_of_row[row] == token && plan.slot_of_row[row] == slot;
       }
     }
-    detail::require(valid, function, "result.plan and result.routing disagree (was the result edited?)");
+    detail::require(valid && dropped == plan.dropped_slots, function,
+                    "result.plan and result.routing disagree (was the result edited?)");
   }
 
   /// Average flops of one of `tiles` tiles sharing the expert forward of `plan`'s rows.
@@ -1119,8 +1127,7 @@ class MoELayer {
   }
 
   void check_gradients(Gradients& gradients, const char* function) const {
-    detail::require_shape(gradients.gate_weight, input_dim(), num_experts(), function, "gradients.gate_weight");
-    detail::require_shape(gradients.noise_weight, input_dim(), num_experts(), function, "gradients.noise_weight");
+    Traits::check_gradients(router_, gradients.router(), function);
     detail::require(static_cast<Index>(gradients.experts.size()) == num_experts(), function, "gradients has ",
                     gradients.experts.size(), " experts, the layer ", num_experts());
     for (const ExpertT& expert : gradients.experts) {
@@ -1132,7 +1139,7 @@ class MoELayer {
 
   /// W1ᵀ and W2ᵀ of every expert that has rows, packed for the backward products (parallel
   /// over experts; storage reused from call to call).
-  void pack_transposed_weights(const DispatchPlan& plan, BackwardWorkspace<Scalar>& workspace) const {
+  void pack_transposed_weights(const DispatchPlan& plan, BackwardWorkspaceType& workspace) const {
     workspace.w1_transposed.resize(experts_.size());
     workspace.w2_transposed.resize(experts_.size());
     const double work = 2.0 * static_cast<double>(input_dim()) * static_cast<double>(pre_activation_width() + hidden_dim());
@@ -1147,7 +1154,7 @@ class MoELayer {
   /// ∂W1 += X_iᵀ·∂pre, ∂b1 += Σ ∂pre, ∂W2 += hiddenᵀ·∂out, ∂b2 += Σ ∂out for each expert i, in
   /// tiles of gradient_column_tile columns; each tile reduces over all of the expert's rows in
   /// row order, so no two threads touch one gradient element and the sum order is fixed.
-  void accumulate_weight_gradients(const DispatchPlan& plan, BackwardWorkspace<Scalar>& workspace,
+  void accumulate_weight_gradients(const DispatchPlan& plan, BackwardWorkspaceType& workspace,
                                    Gradients& gradients) const {
     auto& tiles = workspace.gradient_tiles;
     tiles.clear();
@@ -1181,12 +1188,17 @@ class MoELayer {
     Index b2_size = 0;
   };
 
-  NoisyTopKGate<Scalar> gate_;
+  using Scratch = detail::LayerScratch<Scalar, typename Traits::RoutingGradient>;
+
+  RouterT router_;
   std::vector<ExpertT> experts_;
+  Index input_dim_ = 0;
+  Index num_experts_ = 0;
+  Index k_ = 0;
   Index hidden_dim_ = 0;
   ExpertShape expert_shape_;
   /// Identity (never shared with another layer) and the workspace pool.
-  std::shared_ptr<detail::LayerScratch<Scalar>> scratch_;
+  std::shared_ptr<Scratch> scratch_;
   /// Next training step; forward (const) advances it, atomically.
   mutable std::atomic<std::uint64_t> training_step_{0};
 };

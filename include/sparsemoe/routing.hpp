@@ -52,46 +52,56 @@ void select_top(const Scalar* values, Index size, Index count, Index* ids) {
 
 /// Which grouped rows belong to which expert, built by a stable counting sort of the routing.
 ///
-/// Grouped row r (0 ≤ r < T·k) holds token `token_of_row[r]` as its slot `slot_of_row[r]`
+/// Grouped row r (0 ≤ r < num_rows()) holds token `token_of_row[r]` as its slot `slot_of_row[r]`
 /// (the position of the expert in that token's top-k list). Expert e owns rows
 /// [offsets[e], offsets[e+1]); inside it, tokens are in ascending order. `row_of_slot(t, j)` is
-/// the inverse: the grouped row of token t's j-th choice.
+/// the inverse: the grouped row of token t's j-th choice, or −1 for a slot that is not
+/// dispatched (expert id −1, e.g. GShard's dropped second expert): such a slot has no row,
+/// contributes nothing to the output and gets no gradient.
 struct DispatchPlan {
-  Index num_tokens = 0;            ///< T
-  Index num_experts = 0;           ///< E
-  Index k = 0;                     ///< slots per token
+  Index num_tokens = 0;           ///< T
+  Index num_experts = 0;          ///< E
+  Index k = 0;                    ///< slots per token
+  Index rows = 0;                 ///< dispatched slots: T·k − dropped_slots
+  Index dropped_slots = 0;        ///< slots with expert id −1
   IndexVector tokens_per_expert;  ///< E: rows owned by each expert
-  IndexVector offsets;            ///< E+1: first row of each expert, offsets[E] = T·k
-  IndexVector token_of_row;       ///< T·k: token of each grouped row
-  IndexVector slot_of_row;        ///< T·k: slot (0..k-1) of each grouped row
-  IndexVector row_of_token_slot;  ///< T·k: grouped row of (token t, slot j) at index t·k + j
+  IndexVector offsets;            ///< E+1: first row of each expert, offsets[E] = rows
+  IndexVector token_of_row;       ///< rows: token of each grouped row
+  IndexVector slot_of_row;        ///< rows: slot (0..k-1) of each grouped row
+  IndexVector row_of_token_slot;  ///< T·k: grouped row of (token t, slot j) at index t·k + j; −1: not dispatched
 
-  /// Total number of grouped rows, T·k.
-  Index num_rows() const { return num_tokens * k; }
-  /// Grouped row of token `token`'s `slot`-th choice.
+  /// Number of grouped rows (dispatched slots), T·k when nothing is dropped.
+  Index num_rows() const { return rows; }
+  /// Grouped row of token `token`'s `slot`-th choice, −1 if that slot is not dispatched.
   Index row_of_slot(Index token, Index slot) const { return row_of_token_slot[token * k + slot]; }
 };
 
-/// Builds into `plan` the dispatch plan of a T×k matrix of expert ids (each in [0, num_experts))
-/// by counting sort: O(T·k + E) time, stable (tokens ascending inside each expert). Reuses the
-/// plan's storage: no allocation when the shapes are those of the previous call.
-/// Throws std::invalid_argument for an id out of range.
+/// Builds into `plan` the dispatch plan of a T×k matrix of expert ids (each in [0, num_experts),
+/// or −1 for a slot that is not dispatched) by counting sort: O(T·k + E) time, stable (tokens
+/// ascending inside each expert). Reuses the plan's storage: no allocation when the shapes are
+/// those of the previous call. Throws std::invalid_argument for an id out of range.
 inline void build_dispatch_plan(const IndexMatrix& expert_ids, Index num_experts, DispatchPlan& plan) {
   const char* function = "sparsemoe::build_dispatch_plan";
   detail::require(num_experts >= 1, function, "num_experts must be >= 1, got ", num_experts);
   plan.num_tokens = expert_ids.rows();
   plan.num_experts = num_experts;
   plan.k = expert_ids.cols();
-  const Index rows = plan.num_rows();
   plan.tokens_per_expert.setZero(num_experts);
+  plan.dropped_slots = 0;
   for (Index token = 0; token < plan.num_tokens; ++token) {
     for (Index slot = 0; slot < plan.k; ++slot) {
       const Index expert = expert_ids(token, slot);
-      detail::require(expert >= 0 && expert < num_experts, function, "expert id ", expert, " of token ", token,
-                      " is outside [0, ", num_experts, ")");
-      ++plan.tokens_per_expert[expert];
+      detail::require(expert >= -1 && expert < num_experts, function, "expert id ", expert, " of token ", token,
+                      " is outside [0, ", num_experts, ") and is not -1 (not dispatched)");
+      if (expert < 0) {
+        ++plan.dropped_slots;
+      } else {
+        ++plan.tokens_per_expert[expert];
+      }
     }
   }
+  plan.rows = plan.num_tokens * plan.k - plan.dropped_slots;
+  const Index rows = plan.rows;
   // offsets[e + 1] first serves as the cursor of expert e, ending at the end of e's block.
   plan.offsets.resize(num_experts + 1);
   plan.offsets[0] = 0;
@@ -101,10 +111,15 @@ inline void build_dispatch_plan(const IndexMatrix& expert_ids, Index num_experts
   }
   plan.token_of_row.resize(rows);
   plan.slot_of_row.resize(rows);
-  plan.row_of_token_slot.resize(rows);
+  plan.row_of_token_slot.resize(plan.num_tokens * plan.k);
   for (Index token = 0; token < plan.num_tokens; ++token) {
     for (Index slot = 0; slot < plan.k; ++slot) {
-      const Index row = plan.offsets[expert_ids(token, slot) + 1]++;
+      const Index expert = expert_ids(token, slot);
+      if (expert < 0) {
+        plan.row_of_token_slot[token * plan.k + slot] = -1;
+        continue;
+      }
+      const Index row = plan.offsets[expert + 1]++;
       plan.token_of_row[row] = token;
       plan.slot_of_row[row] = slot;
       plan.row_of_token_slot[token * plan.k + slot] = row;

@@ -31,6 +31,9 @@
 #                         succeed and say that it turned the unit tests and benchmarks off
 #   MODE=macro_name       compiling the headers with SPARSEMOE_USE_LIBXSMM (the CMake option's
 #                         name) or SPARSEMOE_WITH_LIBXSMM=0 defined must fail with a message
+#   MODE=extern_templates tests/cmake/extern_templates at -O2: user.cpp with
+#                         SPARSEMOE_EXTERN_TEMPLATES plus instances.cpp builds and runs, user.cpp
+#                         alone fails to link
 #
 # Other inputs: SOURCE_DIR, WORK_DIR, PREFIX, STAGING_PREFIX, CONSUMER_HOME, GENERATOR,
 # MAKE_PROGRAM, CXX_COMPILER, CONFIG, Eigen3_DIR, EIGEN_INCLUDE_DIRS, USE_OPENMP, USE_LIBXSMM,
@@ -417,6 +420,26 @@ elseif(MODE STREQUAL "macro_name")
       message(FATAL_ERROR "compiling with ${_define} failed without saying to define SPARSEMOE_WITH_LIBXSMM=1:\n${_out}")
     endif()
   endforeach()
+
+elseif(MODE STREQUAL "extern_templates")
+  # At -O2, the case the opt-in is for (whatever this build's own flags are).
+  set(_bin "${WORK_DIR}/build")
+  build_and_run_consumer("${_tests_dir}/extern_templates" "${_bin}"
+    "-DSPARSEMOE_SOURCE_DIR=${SOURCE_DIR}"
+    "-DSPARSEMOE_USE_OPENMP=${USE_OPENMP}"
+    "-DSPARSEMOE_WERROR=${WERROR}"
+    "-DCMAKE_CXX_FLAGS_RELEASE=-O2 -DNDEBUG")
+  # user.cpp alone must not link: its explicit instantiation declarations kept the layer's
+  # member functions out of its object file.
+  message(STATUS "+ ${CMAKE_COMMAND} --build ${_bin} --target app_without_instances  (must fail)")
+  execute_process(COMMAND "${CMAKE_COMMAND}" --build "${_bin}" --target app_without_instances ${_config_args}
+    RESULT_VARIABLE _rc OUTPUT_VARIABLE _out ERROR_VARIABLE _out)
+  if(_rc EQUAL 0)
+    message(FATAL_ERROR "user.cpp linked without instances.cpp: SPARSEMOE_EXTERN_TEMPLATES had no effect")
+  endif()
+  if(NOT _out MATCHES "MoELayer")
+    message(FATAL_ERROR "linking user.cpp alone failed, but not for want of MoELayer's members:\n${_out}")
+  endif()
 
 else()
   message(FATAL_ERROR "consumer_test.cmake: unknown MODE '${MODE}'")
