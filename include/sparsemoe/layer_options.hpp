@@ -14,6 +14,9 @@
 
 namespace sparsemoe {
 
+/// \addtogroup layer
+/// @{
+
 /// Sizes and settings of an MoELayer.
 struct MoEConfig {
   Index input_dim = 0;           ///< d: token width (input and output)
@@ -49,6 +52,7 @@ struct ForwardOptions {
   double z_loss_weight = 0.0;
 };
 
+/// @}
 }  // namespace sparsemoe
 
 #endif  // SPARSEMOE_LAYER_OPTIONS_HPP

@@ -374,6 +374,7 @@ class PackedExperts {
 /// weight and bias for the top-k routers), then each expert's.
 template <typename Scalar, typename ExpertT, typename RouterT = NoisyTopKGate<Scalar>>
 struct MoEGradients : RouterTraits<RouterT>::Gradients {
+  /// The router's parameter gradients, the base of this struct.
   using RouterGradientsType = typename RouterTraits<RouterT>::Gradients;
   std::vector<ExpertT> experts;  ///< ∂L/∂(W1, b1, W2, b2) of each expert, as expert-shaped tensors
 
