@@ -200,7 +200,7 @@ double logsumexp_row(const Matrix<Scalar>& logits, Index token) {
 
 }  // namespace detail
 
-/// The router z-loss of ST-MoE (Zoph et al. 2022): coefficient·(1/T)·Σ_t (log Σ_i e^{z_ti})²
+/// The router z-loss of ST-MoE (Zoph et al.\ 2022): coefficient·(1/T)·Σ_t (log Σ_i e^{z_ti})²
 /// over routing.logits (coefficient is typically 1e-3). Returns 0 for T = 0. Throws
 /// std::invalid_argument for a non-finite coefficient. O(T·E), in double; no allocation.
 template <typename Scalar>

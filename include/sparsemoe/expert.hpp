@@ -30,7 +30,7 @@ namespace sparsemoe {
 /// \addtogroup experts
 /// @{
 
-/// Two-layer feed-forward expert E(x) = act(x·W1 + b1)·W2 + b2 (Shazeer et al. 2017 use ReLU).
+/// Two-layer feed-forward expert E(x) = act(x·W1 + b1)·W2 + b2 (Shazeer et al.\ 2017 use ReLU).
 /// W1: d×h, b1: h, W2: h×d, b2: d. Parameters: 2·d·h + h + d.
 /// `Activation` is one of Relu, Silu, GeluTanh, GeluErf (activation.hpp) or a type like them.
 template <typename Scalar_, typename Activation_ = Relu>
@@ -61,26 +61,26 @@ class Expert {
   /// Width of the pre-activation block, p = h.
   Index pre_activation_width() const { return w1_.cols(); }
 
-  ///@{
-  /// W1, d×h. Keep its shape: the layer checks it before every call.
+  /** @{ */
+  /// W1, d×h (keep its shape: the layer checks it before every call).
   Matrix<Scalar>& w1() { return w1_; }
   const Matrix<Scalar>& w1() const { return w1_; }
-  ///@}
-  ///@{
+  /** @} */
+  /** @{ */
   /// b1, h entries.
   Vector<Scalar>& b1() { return b1_; }
   const Vector<Scalar>& b1() const { return b1_; }
-  ///@}
-  ///@{
+  /** @} */
+  /** @{ */
   /// W2, h×d.
   Matrix<Scalar>& w2() { return w2_; }
   const Matrix<Scalar>& w2() const { return w2_; }
-  ///@}
-  ///@{
+  /** @} */
+  /** @{ */
   /// b2, d entries.
   Vector<Scalar>& b2() { return b2_; }
   const Vector<Scalar>& b2() const { return b2_; }
-  ///@}
+  /** @} */
 
   /// PyTorch's nn.Linear default: every weight and bias of a layer with fan-in f drawn from
   /// U(−1/√f, 1/√f) (f = d for W1, b1; f = h for W2, b2), as a function of `seed` only.
@@ -154,26 +154,26 @@ class SwiGluExpert {
   /// Width of the pre-activation block, p = 2h (gate half, then up half).
   Index pre_activation_width() const { return w1_.cols(); }
 
-  ///@{
+  /** @{ */
   /// [W_gate | W_up], d×2h.
   Matrix<Scalar>& w1() { return w1_; }
   const Matrix<Scalar>& w1() const { return w1_; }
-  ///@}
-  ///@{
+  /** @} */
+  /** @{ */
   /// Empty: no bias.
   Vector<Scalar>& b1() { return no_bias_; }
   const Vector<Scalar>& b1() const { return no_bias_; }
-  ///@}
-  ///@{
+  /** @} */
+  /** @{ */
   /// W_down, h×d.
   Matrix<Scalar>& w2() { return w2_; }
   const Matrix<Scalar>& w2() const { return w2_; }
-  ///@}
-  ///@{
+  /** @} */
+  /** @{ */
   /// Empty: no bias.
   Vector<Scalar>& b2() { return no_bias_; }
   const Vector<Scalar>& b2() const { return no_bias_; }
-  ///@}
+  /** @} */
 
   /// W_gate (d×h), the first half of w1().
   auto gate_weight() { return w1_.leftCols(hidden_dim()); }

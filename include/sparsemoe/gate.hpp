@@ -141,16 +141,16 @@ class NoisyTopKGate {
   /// Key of the Philox noise stream.
   std::uint64_t noise_seed() const { return noise_seed_; }
 
-  ///@{
+  /** @{ */
   /// W_g, d×E.
   Matrix<Scalar>& gate_weight() { return gate_weight_; }
   const Matrix<Scalar>& gate_weight() const { return gate_weight_; }
-  ///@}
-  ///@{
+  /** @} */
+  /** @{ */
   /// W_noise, d×E.
   Matrix<Scalar>& noise_weight() { return noise_weight_; }
   const Matrix<Scalar>& noise_weight() const { return noise_weight_; }
-  ///@}
+  /** @} */
 
   /// Whether `route` throws on a non-finite logit (default: yes). With the check off, non-finite
   /// logits still give valid, distinct expert ids (NaN ranks last), but gates may be NaN.

@@ -175,7 +175,7 @@ struct NoisyTopKGateGradients {
   }
 };
 
-/// MoELayer's view of the noisy top-k gate of Shazeer et al. 2017: its Routing, GateGradients
+/// MoELayer's view of the noisy top-k gate of Shazeer et al.\ 2017: its Routing, GateGradients
 /// and AuxiliaryLosses (CV² of Importance and Load, weighted by ForwardOptions::importance_weight
 /// and load_weight). The tensors keep their historical prefix "gate.".
 template <typename Scalar>

@@ -164,14 +164,14 @@ struct ForwardResult {
 
   /// An empty result, to pass to the forward overloads that write into one.
   ForwardResult() = default;
-  ///@{
+  /** @{ */
   /// Member-wise copies and moves; a copy also hands its buffers to the same layer's pool when
   /// destroyed.
   ForwardResult(const ForwardResult&) = default;
   ForwardResult(ForwardResult&&) noexcept = default;
   ForwardResult& operator=(const ForwardResult&) = default;
   ForwardResult& operator=(ForwardResult&&) noexcept = default;
-  ///@}
+  /** @} */
   /// Gives the output and cache buffers to the pool of the layer that made this result through
   /// MoELayer::forward(input, options), if that layer still exists; frees them otherwise.
   ~ForwardResult() {
@@ -254,11 +254,11 @@ struct ForwardWorkspace {
   std::vector<Matrix<Scalar>> pre;           ///< per OpenMP thread, tile×p (evaluation mode)
   std::vector<detail::ExpertTile> tiles;     ///< this call's expert tiles
   std::vector<Index> expert_order;           ///< experts by descending size
-  ///@{
+  /** @{ */
   /// Per expert, W1 and W2 packed for this call (only for experts with at least
   /// MoELayer::pack_rows_threshold rows, whose GEMMs then stream contiguous panels).
   std::vector<detail::PackedWeight<Scalar>> packed_w1, packed_w2;
-  ///@}
+  /** @} */
   std::vector<char> packed_this_call;        ///< per expert: packed_w1/w2 hold its current weights
   Matrix<Scalar> split_pre;                  ///< T·k×p, small batches in evaluation mode
   Matrix<Scalar> split_hidden;               ///< T·k×h, small batches
@@ -471,7 +471,7 @@ class MoELayer {
                   "MoELayer(config) builds the default NoisyTopKGate; pass the router: MoELayer(config, router)");
   }
 
-  /// Builds the layer around `router` (e.g. a SoftmaxTopKRouter), which must have the config's d,
+  /// Builds the layer around `router` (for example a SoftmaxTopKRouter), which must have the config's d,
   /// E and k; experts as for MoELayer(config). config.noise_epsilon serves NoisyTopKGate only.
   /// Throws std::invalid_argument unless d, h, E ≥ 1, 1 ≤ k ≤ E and the router's sizes match.
   MoELayer(const MoEConfig& config, RouterT router)
@@ -573,8 +573,8 @@ class MoELayer {
   }
 
   /// Throws std::invalid_argument naming the first parameter tensor (as tensors() names it,
-  /// e.g. "expert3.w2") that holds a NaN or an infinity. O(E·d·h). pack_experts() runs it; run
-  /// it yourself after loading weights from elsewhere or after a suspicious optimizer step.
+  /// for example "expert3.w2") that holds a NaN or an infinity. O(E·d·h). pack_experts() runs
+  /// it; run it yourself after loading weights from elsewhere or after a suspicious optimizer step.
   void require_finite_parameters() const {
     const char* function = "sparsemoe::MoELayer::require_finite_parameters";
     const auto require_finite = [&](const auto& tensor, const std::string& name) {
@@ -594,22 +594,22 @@ class MoELayer {
     }
   }
 
-  ///@{
-  /// The router. Keep its parameters' shapes: forward and backward check them.
+  /** @{ */
+  /// The router (keep its parameters' shapes: forward and backward check them).
   RouterT& router() { return router_; }
   const RouterT& router() const { return router_; }
-  ///@}
-  ///@{
+  /** @} */
+  /** @{ */
   /// The router, under the name of the default NoisyTopKGate (W_g, W_noise, check_finite).
   RouterT& gate() { return router_; }
   const RouterT& gate() const { return router_; }
-  ///@}
-  ///@{
-  /// Expert `index` (0 ≤ index < E; std::out_of_range otherwise). Keep its shapes: forward and
-  /// backward check them.
+  /** @} */
+  /** @{ */
+  /// Expert `index`, 0 ≤ index < E (std::out_of_range otherwise; keep its shapes: forward and
+  /// backward check them).
   ExpertT& expert(Index index) { return experts_.at(static_cast<std::size_t>(index)); }
   const ExpertT& expert(Index index) const { return experts_.at(static_cast<std::size_t>(index)); }
-  ///@}
+  /** @} */
 
   /// Every parameter tensor: the router's under Traits::prefix (gate.gate_weight,
   /// gate.noise_weight for the default gate; router.weight, router.bias for top-k routers), then

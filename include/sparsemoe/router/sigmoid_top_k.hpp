@@ -146,22 +146,22 @@ class SigmoidTopKRouter {
   /// Whether group-limited selection is on (num_groups > 1).
   bool grouped() const { return options_.num_groups > 1; }
 
-  ///@{
+  /** @{ */
   /// W_r, d×E: z = x·W_r.
   Matrix<Scalar>& weight() { return weight_; }
   const Matrix<Scalar>& weight() const { return weight_; }
-  ///@}
-  ///@{
+  /** @} */
+  /** @{ */
   /// b_r, E entries (empty without use_bias).
   Vector<Scalar>& bias() { return bias_; }
   const Vector<Scalar>& bias() const { return bias_; }
-  ///@}
-  ///@{
-  /// β, E entries: added to the scores for selection only; no gradient. Update it with
-  /// update_selection_bias(); keep its size E. Must be finite (route checks).
+  /** @} */
+  /** @{ */
+  /// β, E entries: added to the scores for selection only, without gradient (update it with
+  /// update_selection_bias(); keep its size E and its values finite, which route checks).
   Vector<Scalar>& selection_bias() { return selection_bias_; }
   const Vector<Scalar>& selection_bias() const { return selection_bias_; }
-  ///@}
+  /** @} */
 
   /// Sets W_r to U(−1/√d, 1/√d) draws that depend only on `seed`, b_r to zero; β is unchanged.
   void initialize_uniform(std::uint64_t seed) {

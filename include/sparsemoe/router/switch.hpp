@@ -105,16 +105,16 @@ class SwitchRouter {
   /// The options the router was built with.
   const Options& options() const { return options_; }
 
-  ///@{
+  /** @{ */
   /// W_r, d×E: z = x·W_r.
   Matrix<Scalar>& weight() { return weight_; }
   const Matrix<Scalar>& weight() const { return weight_; }
-  ///@}
-  ///@{
+  /** @} */
+  /** @{ */
   /// b_r, E entries (empty without use_bias).
   Vector<Scalar>& bias() { return bias_; }
   const Vector<Scalar>& bias() const { return bias_; }
-  ///@}
+  /** @} */
 
   /// Sets W_r to U(−1/√d, 1/√d) draws that depend only on `seed`, and b_r to zero.
   void initialize_uniform(std::uint64_t seed) {
@@ -285,16 +285,16 @@ class GShardRouter {
   /// The options the router was built with.
   const Options& options() const { return options_; }
 
-  ///@{
+  /** @{ */
   /// W_r, d×E: z = x·W_r.
   Matrix<Scalar>& weight() { return weight_; }
   const Matrix<Scalar>& weight() const { return weight_; }
-  ///@}
-  ///@{
+  /** @} */
+  /** @{ */
   /// b_r, E entries (empty without use_bias).
   Vector<Scalar>& bias() { return bias_; }
   const Vector<Scalar>& bias() const { return bias_; }
-  ///@}
+  /** @} */
 
   /// Sets W_r to U(−1/√d, 1/√d) draws that depend only on `seed`, and b_r to zero.
   void initialize_uniform(std::uint64_t seed) {
