@@ -98,7 +98,10 @@ Scalar sigmoid(Scalar a) {
 /// Noisy top-k gate over E experts for tokens of width d.
 ///
 /// H(x) = x·W_g + n ⊙ (softplus(x·W_noise) + ε), n ~ N(0, I) in training; H(x) = x·W_g in
-/// evaluation. G(x) = softmax(KeepTopK(H(x), k)). The noise sample of (token t, expert i) at
+/// evaluation. G(x) = softmax(KeepTopK(H(x), k)):
+/// \f[ H(x) = x W_g + n \odot \big(\operatorname{softplus}(x W_{\text{noise}}) + \varepsilon\big), \qquad
+///     G(x) = \operatorname{softmax}\big(\operatorname{KeepTopK}(H(x), k)\big) \f]
+/// The noise sample of (token t, expert i) at
 /// training step `step` is Philox4x32-10 at (noise_seed, step, t, i) through Box–Muller: the
 /// same arguments always give the same routing, whatever the thread count.
 ///

@@ -20,6 +20,7 @@ namespace sparsemoe {
 /// CV(v)² = Var(v) / (Mean(v)² + 1e-10) over the E entries of v, with the POPULATION variance
 /// (1/E)·Σ(v_i − mean)², as in the original TensorFlow code (unbiased-variance ports are E/(E−1)
 /// times larger). An empty v or E = 1 gives 0. O(E).
+/// \f[ \operatorname{CV}(v)^2 = \frac{\frac{1}{E}\sum_i (v_i - \bar v)^2}{\bar v^2 + 10^{-10}} \f]
 template <typename Derived>
 typename Derived::Scalar cv_squared(const Eigen::MatrixBase<Derived>& values) {
   using Scalar = typename Derived::Scalar;
@@ -162,6 +163,9 @@ Vector<Scalar> load(const Routing<Scalar>& routing) {
 
 /// The auxiliary losses of one batch: L_importance = w_importance·CV(Importance)²,
 /// L_load = w_load·CV(Load)².
+///
+/// \f[ L_{\text{aux}} = w_{\text{importance}} \operatorname{CV}(\operatorname{Importance})^2
+///     + w_{\text{load}} \operatorname{CV}(\operatorname{Load})^2 \f]
 ///
 /// Importance and Load are sums over the batch, and CV² divides their spread by their mean: on a
 /// nearly balanced batch it magnifies their rounding error by mean/|v_i − mean| (hundreds). So

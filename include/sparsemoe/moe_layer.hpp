@@ -401,6 +401,8 @@ struct MoEGradients : RouterTraits<RouterT>::Gradients {
 /// Sparsely-gated mixture-of-experts layer over tokens of width d: a NoisyTopKGate picks k of E
 /// experts per token, and y = Σ_{i∈S(x)} g_i(x)·E_i(x).
 ///
+/// \f[ y = \sum_{i \in S(x)} g_i(x)\, E_i(x), \qquad E_i(x) = \operatorname{act}(x W_{1,i} + b_{1,i})\, W_{2,i} + b_{2,i} \f]
+///
 /// Forward runs four named stages: route (gate logits, noise, top-k, softmax), group (a stable
 /// counting sort puts each expert's tokens into one contiguous block of rows), expert compute (two
 /// GEMMs per tile of 128 rows of one expert, OpenMP-parallel, biggest experts first), combine (each
