@@ -33,6 +33,9 @@ namespace sparsemoe {
 /// Two-layer feed-forward expert E(x) = act(x·W1 + b1)·W2 + b2 (Shazeer et al.\ 2017 use ReLU).
 /// W1: d×h, b1: h, W2: h×d, b2: d. Parameters: 2·d·h + h + d.
 /// `Activation` is one of Relu, Silu, GeluTanh, GeluErf (activation.hpp) or a type like them.
+///
+/// \tparam Scalar_ float or double.
+/// \tparam Activation_ the element-wise activation, a type with the members of Relu.
 template <typename Scalar_, typename Activation_ = Relu>
 class Expert {
  public:
@@ -130,6 +133,8 @@ class Expert {
 /// E(x) = (silu(x·W_gate) ⊙ (x·W_up))·W_down, no biases.
 /// Stored in the common contract as W1 = [W_gate | W_up] (d×2h) and W2 = W_down (h×d), with b1
 /// and b2 empty. Parameters: 3·d·h.
+///
+/// \tparam Scalar_ float or double.
 template <typename Scalar_>
 class SwiGluExpert {
  public:

@@ -109,6 +109,8 @@ Scalar sigmoid(Scalar a) {
 /// some noise"); `initialize_uniform` gives them small random values instead.
 /// Thread safety: `route` and `backward` are const and keep no state, so concurrent calls on one
 /// gate are safe while nobody modifies its parameters.
+///
+/// \tparam Scalar_ float or double: parameters, inputs and the routing record.
 template <typename Scalar_>
 class NoisyTopKGate {
  public:

@@ -398,8 +398,8 @@ struct MoEGradients : RouterTraits<RouterT>::Gradients {
   }
 };
 
-/// Sparsely-gated mixture-of-experts layer over tokens of width d: a NoisyTopKGate picks k of E
-/// experts per token, and y = Σ_{i∈S(x)} g_i(x)·E_i(x).
+/// Sparsely-gated mixture-of-experts layer over tokens of width d: a router (the NoisyTopKGate
+/// by default) picks k of E experts per token, and y = Σ_{i∈S(x)} g_i(x)·E_i(x).
 ///
 /// \f[ y = \sum_{i \in S(x)} g_i(x)\, E_i(x), \qquad E_i(x) = \operatorname{act}(x W_{1,i} + b_{1,i})\, W_{2,i} + b_{2,i} \f]
 ///
@@ -423,6 +423,13 @@ struct MoEGradients : RouterTraits<RouterT>::Gradients {
 /// auto result = layer.forward(x);                 // evaluation mode
 /// std::cout << result.output.rows() << "\n";      // 32
 /// \endcode
+///
+/// \tparam Scalar_ float or double: parameters, inputs, outputs and gradients.
+/// \tparam ExpertT the expert type: Expert<Scalar_, Act> (the default, ReLU), SwiGluExpert<Scalar_>,
+///   or a type of yours that models the contract of expert.hpp.
+/// \tparam RouterT the router: NoisyTopKGate<Scalar_> (the default, with the CV² losses), one of the
+///   top-k routers of router.hpp (with the balance loss and the z-loss), or a type with a
+///   RouterTraits specialisation (layer_router.hpp).
 template <typename Scalar_, typename ExpertT = Expert<Scalar_, Relu>, typename RouterT = NoisyTopKGate<Scalar_>>
 class MoELayer {
  public:
@@ -641,6 +648,11 @@ class MoELayer {
   /// call, kept for the next call), and the returned result hands its output and cache buffers
   /// back to the layer when it is destroyed, so a loop over batches of one shape does not fault
   /// in fresh pages on every call; release_workspaces() frees what is pooled.
+  ///
+  /// \param input T×d, one token per row (T may be 0).
+  /// \param options the mode (training: noise and a cache), the noise step, and the loss weights.
+  /// \return the output (T×d), the routing, the dispatch plan, the losses and, in training mode
+  ///   or with options.keep_cache, the cache that backward needs.
   Result forward(ConstMatrixRef<Scalar> input, const ForwardOptions& options = {}) const {
     Result result;
     if (const auto storage = scratch_->result_storage.take_idle()) {
@@ -783,6 +795,11 @@ class MoELayer {
   /// another layer (or one that no longer exists), or if any of its parts, d_output, the
   /// gradients or the layer's parameters have shapes other than the forward's.
   /// Scratch memory comes from the layer's pool, as for forward(input, options).
+  ///
+  /// \param forward_result what this layer's forward returned, with its cache.
+  /// \param d_output ∂L/∂y of the caller's loss, T×d.
+  /// \param gradients where the parameter gradients are ADDED (make_gradients()).
+  /// \return ∂(L + losses.total())/∂x, T×d.
   Matrix<Scalar> backward(const Result& forward_result, ConstMatrixRef<Scalar> d_output,
                           Gradients& gradients) const {
     Matrix<Scalar> d_input;

@@ -148,6 +148,8 @@ struct SgdOptions {
 ///
 /// State: one velocity tensor per parameter tensor when μ > 0 (none otherwise). Cost per step:
 /// O(N) for N parameters, a few flops each; nothing is allocated after the first step.
+///
+/// \tparam Scalar_ float or double: the scalar of the parameter and gradient views it steps.
 template <typename Scalar_>
 class Sgd {
  public:
@@ -314,6 +316,8 @@ struct AdamOptions {
 /// The constants 1 − β and the bias corrections 1 − βᵗ are computed in double. State: two
 /// tensors (m, v) per parameter tensor. Cost per step: O(N) for N parameters, about ten flops
 /// and one square root each; nothing is allocated after the first step.
+///
+/// \tparam Scalar_ float or double: the scalar of the parameter and gradient views it steps.
 template <typename Scalar_>
 class Adam {
  public:

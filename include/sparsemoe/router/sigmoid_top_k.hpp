@@ -102,6 +102,8 @@ using SigmoidTopKRouterGradients = RouterGradients<Scalar>;
 /// Parameters: W_r d×E (row-major, zero-initialised) and, with use_bias, b_r (E). State without
 /// gradient: the selection bias β (E, zero-initialised), listed by state(). Cost of route:
 /// 2·T·d·E flops + O(T·E·k); of backward 4·T·d·E flops.
+///
+/// \tparam Scalar_ float or double: parameters, inputs and the routing record.
 template <typename Scalar_>
 class SigmoidTopKRouter {
  public:

@@ -73,6 +73,8 @@ using SoftmaxTopKRouterGradients = RouterGradients<Scalar>;
 ///
 /// Parameters: W_r d×E (row-major, zero-initialised; see initialize_uniform) and, with use_bias,
 /// b_r (E, zero-initialised). Cost of route: 2·T·d·E flops + O(T·E·k); of backward 4·T·d·E flops.
+///
+/// \tparam Scalar_ float or double: parameters, inputs and the routing record.
 template <typename Scalar_>
 class SoftmaxTopKRouter {
  public:

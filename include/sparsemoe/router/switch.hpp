@@ -73,6 +73,8 @@ using SwitchRouterGradients = RouterGradients<Scalar>;
 ///
 /// Parameters: W_r d×E (row-major, zero-initialised), b_r (E) with use_bias. Cost of route:
 /// 2·T·d·E flops + O(T·E) (+ T·d Philox draws with jitter); of backward 4·T·d·E flops.
+///
+/// \tparam Scalar_ float or double: parameters, inputs and the routing record.
 template <typename Scalar_>
 class SwitchRouter {
  public:
@@ -255,6 +257,8 @@ using GShardRouterGradients = RouterGradients<Scalar>;
 ///
 /// Parameters: W_r d×E (row-major, zero-initialised), b_r (E) with use_bias. Cost of route:
 /// 2·T·d·E flops + O(T·E) (+ T Philox draws in training); of backward 4·T·d·E flops.
+///
+/// \tparam Scalar_ float or double: parameters, inputs and the routing record.
 template <typename Scalar_>
 class GShardRouter {
  public:
