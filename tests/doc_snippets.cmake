@@ -6,6 +6,13 @@
 # <build>/tests/doc_snippets/ (some write files there). A page is a configure dependency: editing a
 # guide re-extracts its snippets, and only the changed ones are rebuilt.
 
+# The sanitizer presets turn them off: 17 small programs cost about 300 s of CPU to build with
+# ASan + UBSan, for code paths the unit tests there already cover.
+option(SPARSEMOE_BUILD_DOC_SNIPPETS "Build and run the C++ snippets of docs/*.md as tests" ON)
+if(NOT SPARSEMOE_BUILD_DOC_SNIPPETS)
+  return()
+endif()
+
 include(${PROJECT_SOURCE_DIR}/cmake/sparsemoeDocSnippets.cmake)
 
 if(NOT DEFINED SPARSEMOE_XXHASH_INCLUDE_DIR)
