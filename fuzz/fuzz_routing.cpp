@@ -14,6 +14,11 @@
 //   (d×E), W_noise (d×E), the T×d input, then T×k raw expert ids. Raw: the bits of one float or
 //   double each. Palette: one byte each, indexing NaN, ±Inf, ±0, ±1, ±max, ±1e30, ±lowest normal,
 //   denormals, ... (ties and non-finite values are then common).
+//   Then 3 capacity bytes (0 when the data has run out: dropless, as before they existed):
+//     c0: capacity factor: 0 none (dropless), 1..249 → c0/32, 250 → 0, 251 → −1, 252 → NaN,
+//         253 → +Inf (those four must be rejected), 254 → 1e300, 255 → the smallest denormal;
+//     c1: policy c1 % 3 (DropPolicy), rounding (c1 / 3) % 2 (CapacityRounding);
+//     c2: min_capacity c2 % 8.
 //
 // Exercised, with invariants checked by __builtin_trap():
 //   * detail::select_top on every logits row for several counts: equal to a stable sort by
@@ -25,9 +30,17 @@
 //     non-finite logit or noise scale, and the message names the first such row;
 //   * build_dispatch_plan on the routed ids: every (token, slot) grouped exactly once, offsets
 //     are the prefix sums of tokens_per_expert, tokens ascending inside each expert; on raw
-//     (possibly out-of-range) ids: std::invalid_argument exactly when an id is out of range;
-//   * a whole MoELayer forward (and backward in training mode) with the check off: the same
-//     routing and plan invariants, outputs of the right shape, no sanitizer report.
+//     (possibly out-of-range) ids: std::invalid_argument exactly when an id is out of range (−1,
+//     a slot not dispatched, is in range and gets no row);
+//   * build_dispatch_plan under a random expert capacity, on the routed ids and gates and on the
+//     raw ids: std::invalid_argument exactly when the factor is unusable (or an id out of range);
+//     otherwise ids in range, capacity respected (C = expert_capacity, ≤ C rows per expert,
+//     min(routed, C) kept), every (token, slot) either grouped once or marked dropped (by the
+//     router: id −1; by capacity: flagged), tokens ascending in each expert, every kept slot ahead
+//     of every dropped one of its expert in the policy's order (NaN gates last), stats consistent;
+//   * a whole MoELayer forward (and backward in training mode) with the check off, dropless and
+//     under the same capacity: the same routing and plan invariants, outputs of the right shape,
+//     no sanitizer report.
 #include <sparsemoe/sparsemoe.hpp>
 
 #include <algorithm>
@@ -38,6 +51,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -131,17 +145,20 @@ void check_ids(const IndexMatrix& ids, Index experts) {
   }
 }
 
+// A dropless plan of `ids` (in range or −1: not dispatched, no row).
 void check_plan(const sparsemoe::DispatchPlan& plan, const IndexMatrix& ids, Index experts) {
   const Index tokens = ids.rows();
   const Index k = ids.cols();
-  const Index rows = tokens * k;
+  const Index not_dispatched = (ids.array() == -1).count();
+  const Index rows = tokens * k - not_dispatched;
   FUZZ_CHECK(plan.num_tokens == tokens && plan.k == k && plan.num_experts == experts);
-  FUZZ_CHECK(plan.num_rows() == rows);
+  FUZZ_CHECK(plan.num_rows() == rows && plan.dropped_slots == not_dispatched);
+  FUZZ_CHECK(plan.stats.capacity == -1 && plan.stats.capacity_dropped_slots == 0);
   FUZZ_CHECK(plan.tokens_per_expert.size() == experts && plan.offsets.size() == experts + 1);
   FUZZ_CHECK(plan.token_of_row.size() == rows && plan.slot_of_row.size() == rows &&
-             plan.row_of_token_slot.size() == rows);
+             plan.row_of_token_slot.size() == tokens * k);
   FUZZ_CHECK(plan.offsets[0] == 0 && plan.offsets[experts] == rows);
-  std::vector<int> seen(static_cast<std::size_t>(rows), 0);
+  std::vector<int> seen(static_cast<std::size_t>(tokens * k), 0);
   for (Index e = 0; e < experts; ++e) {
     FUZZ_CHECK(plan.tokens_per_expert[e] >= 0);
     FUZZ_CHECK(plan.offsets[e + 1] - plan.offsets[e] == plan.tokens_per_expert[e]);
@@ -157,7 +174,95 @@ void check_plan(const sparsemoe::DispatchPlan& plan, const IndexMatrix& ids, Ind
       ++seen[static_cast<std::size_t>(t * k + j)];
     }
   }
-  for (const int count : seen) FUZZ_CHECK(count == 1);  // every (token, slot) grouped exactly once
+  for (Index i = 0; i < tokens * k; ++i) {
+    const bool dispatched = ids(i / k, i % k) != -1;
+    FUZZ_CHECK(seen[static_cast<std::size_t>(i)] == (dispatched ? 1 : 0));  // grouped exactly once, or never
+    if (!dispatched) FUZZ_CHECK(plan.row_of_slot(i / k, i % k) == -1);
+  }
+}
+
+// Whether the slot at flat index a (token a / k, slot a % k) goes ahead of b in `policy`'s
+// order: token-major, slot-major, or gate descending with NaN last; then token, then slot.
+template <typename Scalar>
+bool goes_ahead(Index a, Index b, Index k, const Matrix<Scalar>& gates, sparsemoe::DropPolicy policy) {
+  const Index ta = a / k, ja = a % k, tb = b / k, jb = b % k;
+  switch (policy) {
+    case sparsemoe::DropPolicy::by_position: return a < b;
+    case sparsemoe::DropPolicy::by_slot_then_position: return ja != jb ? ja < jb : ta < tb;
+    case sparsemoe::DropPolicy::by_probability: {
+      const Scalar ga = gates(ta, ja), gb = gates(tb, jb);
+      if (std::isnan(ga) != std::isnan(gb)) return std::isnan(gb);
+      if (!std::isnan(ga) && ga != gb) return ga > gb;
+      return a < b;
+    }
+  }
+  return false;
+}
+
+// A plan built under `capacity` from `ids` (in range) and `gates`.
+template <typename Scalar>
+void check_capacity_plan(const sparsemoe::DispatchPlan& plan, const IndexMatrix& ids, const Matrix<Scalar>& gates,
+                         Index experts, const sparsemoe::CapacityOptions& capacity) {
+  const Index tokens = ids.rows(), k = ids.cols();
+  const Index limit = sparsemoe::expert_capacity(tokens, k, experts, capacity);
+  FUZZ_CHECK(limit >= capacity.min_capacity && limit >= 0);
+  FUZZ_CHECK(limit <= std::max(tokens * k, capacity.min_capacity));
+  FUZZ_CHECK(plan.num_tokens == tokens && plan.k == k && plan.num_experts == experts);
+  FUZZ_CHECK(plan.stats.capacity == limit);
+  FUZZ_CHECK(plan.tokens_per_expert.size() == experts && plan.offsets.size() == experts + 1);
+  FUZZ_CHECK(plan.stats.capacity_dropped_per_expert.size() == experts);
+  FUZZ_CHECK(static_cast<Index>(plan.capacity_dropped.size()) == tokens * k && plan.row_of_token_slot.size() == tokens * k);
+  FUZZ_CHECK(plan.token_of_row.size() == plan.num_rows() && plan.slot_of_row.size() == plan.num_rows());
+  FUZZ_CHECK(plan.offsets[0] == 0 && plan.offsets[experts] == plan.num_rows());
+  Index router_dropped = 0, capacity_dropped = 0, max_routed = 0, max_rows = 0;
+  std::vector<int> seen(static_cast<std::size_t>(plan.num_rows()), 0);
+  for (Index e = 0; e < experts; ++e) {
+    FUZZ_CHECK(plan.offsets[e + 1] - plan.offsets[e] == plan.tokens_per_expert[e]);
+    FUZZ_CHECK(plan.tokens_per_expert[e] >= 0 && plan.tokens_per_expert[e] <= limit);  // capacity respected
+    Index routed = 0, dropped = 0;
+    for (Index flat = 0; flat < tokens * k; ++flat) {
+      if (ids(flat / k, flat % k) != e) continue;
+      ++routed;
+      if (!plan.capacity_dropped[static_cast<std::size_t>(flat)]) continue;
+      ++dropped;
+      // Every kept slot of this expert goes ahead of this dropped one.
+      for (Index other = 0; other < tokens * k; ++other) {
+        if (ids(other / k, other % k) == e && !plan.capacity_dropped[static_cast<std::size_t>(other)]) {
+          FUZZ_CHECK(goes_ahead(other, flat, k, gates, capacity.policy));
+        }
+      }
+    }
+    FUZZ_CHECK(plan.tokens_per_expert[e] == std::min(routed, limit));
+    FUZZ_CHECK(plan.stats.capacity_dropped_per_expert[e] == dropped && routed - dropped == plan.tokens_per_expert[e]);
+    capacity_dropped += dropped;
+    max_routed = std::max(max_routed, routed);
+    max_rows = std::max(max_rows, plan.tokens_per_expert[e]);
+    Index previous = -1;
+    for (Index r = plan.offsets[e]; r < plan.offsets[e + 1]; ++r) {
+      const Index t = plan.token_of_row[r], j = plan.slot_of_row[r];
+      FUZZ_CHECK(t >= 0 && t < tokens && j >= 0 && j < k);
+      FUZZ_CHECK(ids(t, j) == e && !plan.dropped_by_capacity(t, j) && plan.row_of_slot(t, j) == r);
+      FUZZ_CHECK(t * k + j > previous);  // token-major order inside the expert
+      previous = t * k + j;
+      ++seen[static_cast<std::size_t>(r)];
+    }
+  }
+  for (Index t = 0; t < tokens; ++t) {
+    for (Index j = 0; j < k; ++j) {
+      const Index id = ids(t, j);
+      FUZZ_CHECK(id >= -1 && id < experts);
+      if (id < 0) {
+        ++router_dropped;
+        FUZZ_CHECK(!plan.dropped_by_capacity(t, j));
+      }
+      if (id < 0 || plan.dropped_by_capacity(t, j)) FUZZ_CHECK(plan.row_of_slot(t, j) == -1);
+    }
+  }
+  for (const int count : seen) FUZZ_CHECK(count == 1);
+  FUZZ_CHECK(plan.stats.router_dropped_slots == router_dropped && plan.stats.capacity_dropped_slots == capacity_dropped);
+  FUZZ_CHECK(plan.dropped_slots == router_dropped + capacity_dropped);
+  FUZZ_CHECK(plan.num_rows() == tokens * k - plan.dropped_slots);
+  FUZZ_CHECK(plan.stats.max_routed_per_expert == max_routed && plan.stats.max_rows_per_expert == max_rows);
 }
 
 template <typename Scalar>
@@ -266,7 +371,7 @@ void run(Reader& in, Index tokens, Index experts, Index k, Index dim, Index hidd
     const std::uint8_t b = in.byte();
     const Index id = b >= 0xF0 ? Index(b) - 0xF8 + (b & 1 ? experts : 0) : Index(b) % experts;  // a few out of range
     raw_ids.data()[i] = id;
-    out_of_range = out_of_range || id < 0 || id >= experts;
+    out_of_range = out_of_range || id < -1 || id >= experts;  // −1: a slot not dispatched
   }
   try {
     sparsemoe::DispatchPlan raw_plan;
@@ -275,6 +380,42 @@ void run(Reader& in, Index tokens, Index experts, Index k, Index dim, Index hidd
     check_plan(raw_plan, raw_ids, experts);
   } catch (const std::invalid_argument&) {
     FUZZ_CHECK(out_of_range);
+  }
+
+  // 3b. The same under a random capacity (none when the data has run out).
+  const std::uint8_t factor_byte = in.byte(), policy_byte = in.byte(), min_byte = in.byte();
+  std::optional<sparsemoe::CapacityOptions> capacity;
+  bool usable = true;
+  if (factor_byte != 0) {
+    sparsemoe::CapacityOptions o;
+    switch (factor_byte) {
+      case 250: o.factor = 0.0; usable = false; break;
+      case 251: o.factor = -1.0; usable = false; break;
+      case 252: o.factor = std::numeric_limits<double>::quiet_NaN(); usable = false; break;
+      case 253: o.factor = std::numeric_limits<double>::infinity(); usable = false; break;
+      case 254: o.factor = 1e300; break;
+      case 255: o.factor = std::numeric_limits<double>::denorm_min(); break;
+      default: o.factor = factor_byte / 32.0; break;
+    }
+    o.policy = static_cast<sparsemoe::DropPolicy>(policy_byte % 3);
+    o.rounding = static_cast<sparsemoe::CapacityRounding>((policy_byte / 3) % 2);
+    o.min_capacity = min_byte % 8;
+    capacity = o;
+    sparsemoe::DispatchPlan capped;
+    try {
+      sparsemoe::build_dispatch_plan(routing.expert_ids, routing.gates, experts, o, capped);
+      FUZZ_CHECK(usable);
+      check_capacity_plan(capped, routing.expert_ids, routing.gates, experts, o);
+    } catch (const std::invalid_argument&) {
+      FUZZ_CHECK(!usable);
+    }
+    try {  // into the same plan: leftovers of the previous one must not matter
+      sparsemoe::build_dispatch_plan(raw_ids, routing.gates, experts, o, capped);
+      FUZZ_CHECK(usable && !out_of_range);
+      check_capacity_plan(capped, raw_ids, routing.gates, experts, o);
+    } catch (const std::invalid_argument&) {
+      FUZZ_CHECK(!usable || out_of_range);
+    }
   }
 
   // 4. A whole layer, check off: forward (and backward in training).
@@ -303,6 +444,24 @@ void run(Reader& in, Index tokens, Index experts, Index k, Index dim, Index hidd
     const Matrix<Scalar> d_output = Matrix<Scalar>::Ones(tokens, dim);
     const Matrix<Scalar> d_input = layer.backward(result, d_output, gradients);
     FUZZ_CHECK(d_input.rows() == tokens && d_input.cols() == dim);
+  }
+
+  // 5. The layer under the capacity: same routing, a capacity plan, backward accepts it.
+  if (!capacity) return;
+  options.capacity = capacity;
+  try {
+    const sparsemoe::ForwardResult<Scalar> capped = layer.forward(input, options);
+    FUZZ_CHECK(usable);
+    FUZZ_CHECK(capped.routing.expert_ids == routing.expert_ids);
+    check_capacity_plan(capped.plan, capped.routing.expert_ids, capped.routing.gates, experts, *capacity);
+    FUZZ_CHECK(capped.output.rows() == tokens && capped.output.cols() == dim);
+    if (training) {
+      auto gradients = layer.make_gradients();
+      const Matrix<Scalar> d_input = layer.backward(capped, Matrix<Scalar>::Ones(tokens, dim), gradients);
+      FUZZ_CHECK(d_input.rows() == tokens && d_input.cols() == dim);
+    }
+  } catch (const std::invalid_argument&) {
+    FUZZ_CHECK(!usable);
   }
 }
 

@@ -27,6 +27,7 @@ std::atomic<long> eigen_heap_allocations{0};
 
 #include <gtest/gtest.h>
 
+#include <optional>
 #include <vector>
 
 namespace {
@@ -61,13 +62,18 @@ sparsemoe::MoEConfig small_config() {
 
 // tokens = 300 gives each of the 6 experts about 100 rows; tokens = 1200 about 400, past
 // MoELayer::pack_rows_threshold, so that the forward also packs weights into its workspace.
+//
+// With `capacity`, the forward drops slots by capacity too; the factors used below make every
+// expert overflow, so the number of rows (E·C) stays the same from call to call.
 template <typename Scalar, typename ExpertT>
-void expect_no_allocation(sparsemoe::Mode mode, bool packed = false, sparsemoe::Index tokens = 300) {
+void expect_no_allocation(sparsemoe::Mode mode, bool packed = false, sparsemoe::Index tokens = 300,
+                          std::optional<sparsemoe::CapacityOptions> capacity = std::nullopt) {
   sparsemoe::MoELayer<Scalar, ExpertT> layer(small_config());
   layer.gate().initialize_uniform(3);
   const sparsemoe::Matrix<Scalar> input = sparsemoe::Matrix<Scalar>::Random(tokens, 24);
   sparsemoe::ForwardOptions options;
   options.mode = mode;
+  options.capacity = capacity;
   sparsemoe::ForwardResult<Scalar> result;
   sparsemoe::ForwardWorkspace<Scalar> workspace;
   const sparsemoe::PackedExperts<Scalar> packed_experts =
@@ -80,6 +86,10 @@ void expect_no_allocation(sparsemoe::Mode mode, bool packed = false, sparsemoe::
     }
   };
   run();
+  const sparsemoe::Index row_count = result.plan.num_rows();
+  if (capacity) {
+    EXPECT_GT(result.stats().capacity_dropped_slots, 0) << "the capacity must drop slots";
+  }
   const Scalar* output = result.output.data();
   const Scalar* grouped = workspace.grouped_input.data();
   const Scalar* logits = result.routing.noisy_logits.data();
@@ -98,19 +108,22 @@ void expect_no_allocation(sparsemoe::Mode mode, bool packed = false, sparsemoe::
   EXPECT_EQ(result.routing.noisy_logits.data(), logits);
   EXPECT_EQ(result.plan.token_of_row.data(), rows);
   EXPECT_EQ(result.output.rows(), tokens);
+  EXPECT_EQ(result.plan.num_rows(), row_count);
   EXPECT_TRUE(result.output.allFinite());
 }
 
 // A training step (forward, backward into reused gradients, d_input and BackwardWorkspace, an
 // Adam update): the second step (new input, new noise) must not allocate.
 template <typename Scalar, typename ExpertT>
-void expect_no_backward_allocation(sparsemoe::Index tokens) {
+void expect_no_backward_allocation(sparsemoe::Index tokens,
+                                   std::optional<sparsemoe::CapacityOptions> capacity = std::nullopt) {
   sparsemoe::MoELayer<Scalar, ExpertT> layer(small_config());
   layer.gate().initialize_uniform(5);
   sparsemoe::Matrix<Scalar> input = sparsemoe::Matrix<Scalar>::Random(tokens, 24);
   const sparsemoe::Matrix<Scalar> d_output = sparsemoe::Matrix<Scalar>::Random(tokens, 24);
   sparsemoe::ForwardOptions options;
   options.mode = sparsemoe::Mode::training;
+  options.capacity = capacity;
   sparsemoe::ForwardResult<Scalar> result;
   sparsemoe::ForwardWorkspace<Scalar> workspace;
   sparsemoe::BackwardWorkspace<Scalar> backward_workspace;
@@ -128,6 +141,10 @@ void expect_no_backward_allocation(sparsemoe::Index tokens) {
     adam.step(parameters, gradient_tensors);
   };
   step(0);
+  const sparsemoe::Index rows = result.plan.num_rows();
+  if (capacity) {
+    EXPECT_GT(result.stats().capacity_dropped_slots, 0) << "the capacity must drop slots";
+  }
   const Scalar* d_input_data = d_input.data();
   input = sparsemoe::Matrix<Scalar>::Random(tokens, 24);
   const long before = allocations.load();
@@ -139,7 +156,15 @@ void expect_no_backward_allocation(sparsemoe::Index tokens) {
   EXPECT_EQ(eigen_heap_allocations.load() - eigen_before, 0) << "Eigen heap allocations in a steady-state training step";
   EXPECT_EQ(d_input.data(), d_input_data);
   EXPECT_EQ(d_input.rows(), tokens);
+  EXPECT_EQ(result.plan.num_rows(), rows);
   EXPECT_TRUE(d_input.allFinite());
+}
+
+sparsemoe::CapacityOptions capacity(double factor, sparsemoe::DropPolicy policy) {
+  sparsemoe::CapacityOptions options;
+  options.factor = factor;
+  options.policy = policy;
+  return options;
 }
 
 }  // namespace
@@ -168,6 +193,23 @@ TEST(Allocation, SteadyStateTrainingStepAllocatesNothing) {
   expect_no_backward_allocation<float, sparsemoe::Expert<float, sparsemoe::Relu>>(300);
   expect_no_backward_allocation<double, sparsemoe::SwiGluExpert<double>>(300);
   expect_no_backward_allocation<float, sparsemoe::Expert<float, sparsemoe::GeluTanh>>(1200);
+}
+
+TEST(Allocation, SteadyStateForwardWithCapacityAllocatesNothing) {
+  using sparsemoe::DropPolicy;
+  expect_no_allocation<float, sparsemoe::Expert<float, sparsemoe::Relu>>(sparsemoe::Mode::evaluation, false, 300,
+                                                                        capacity(0.3, DropPolicy::by_position));
+  expect_no_allocation<float, sparsemoe::Expert<float, sparsemoe::Relu>>(sparsemoe::Mode::training, false, 300,
+                                                                        capacity(0.3, DropPolicy::by_probability));
+  expect_no_allocation<double, sparsemoe::SwiGluExpert<double>>(sparsemoe::Mode::evaluation, true, 300,
+                                                               capacity(0.3, DropPolicy::by_slot_then_position));
+}
+
+TEST(Allocation, SteadyStateTrainingStepWithCapacityAllocatesNothing) {
+  using sparsemoe::DropPolicy;
+  expect_no_backward_allocation<float, sparsemoe::Expert<float, sparsemoe::Relu>>(
+      300, capacity(0.3, DropPolicy::by_probability));
+  expect_no_backward_allocation<double, sparsemoe::SwiGluExpert<double>>(300, capacity(0.3, DropPolicy::by_position));
 }
 
 TEST(Allocation, CountersSeeAllocations) {

@@ -8,6 +8,7 @@
 
 #include "balance_losses.hpp"
 #include "config.hpp"
+#include "routing.hpp"
 
 #include <cstdint>
 #include <optional>
@@ -25,6 +26,13 @@ struct MoEConfig {
   Index k = 0;                   ///< experts per token, 1 ≤ k ≤ E
   double noise_epsilon = 1e-2;   ///< ε added to the noise scale softplus(x·W_noise)
   std::uint64_t seed = 0;        ///< seeds the initial parameters and the training noise
+  /// h_s: hidden width of one always-on shared expert added to every token's output
+  /// (DeepSeekMoE, Qwen2-MoE; DeepSeek's n shared experts of width I are one of width n·I);
+  /// 0 = none. Not scaled by the routed gates or the router's routed scale.
+  Index shared_hidden_dim = 0;
+  /// Scale the shared expert's output by σ(x·w_shared), w_shared a learned d-vector (Qwen2-MoE's
+  /// shared_expert_gate); needs shared_hidden_dim > 0.
+  bool shared_expert_gate = false;
 };
 
 /// Per-call settings of MoELayer::forward.
@@ -50,6 +58,15 @@ struct ForwardOptions {
   BalanceLossOptions balance_loss;
   /// Top-k routers: coefficient of the ST-MoE router z-loss (z_loss; OLMoE trains with 0.001).
   double z_loss_weight = 0.0;
+  /// Expert capacity (token dropping). Unset (the default): dropless, every dispatched slot gets
+  /// a row. Set: each expert takes at most C = max(min_capacity, ⌈(T·k/E)·factor⌉) rows (the
+  /// rounding is configurable), keeping the slots that capacity->policy prefers; a dropped slot
+  /// contributes 0 to the output and gets no gradient through the expert path, while the
+  /// router's record (ids, gates, auxiliary losses) stays as the router made it. Applies in both
+  /// modes: leave it unset in evaluation calls for dropless inference. Drop counts are in
+  /// result.plan.stats. See CapacityOptions (routing.hpp) for the semantics and what other
+  /// stacks do. Throws std::invalid_argument (in forward) for a factor ≤ 0 or not finite.
+  std::optional<CapacityOptions> capacity;
 };
 
 /// @}

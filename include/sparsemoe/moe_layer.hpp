@@ -41,6 +41,7 @@ struct ForwardCache {
   std::weak_ptr<const void> owner;
   Matrix<Scalar> input;              ///< T×d copy of the input
   Matrix<Scalar> pre_activations;    ///< T·k×p, grouped rows: x·W1 + b1 of each routed token
+  Matrix<Scalar> shared_pre_activations;  ///< T×p_s: x·W1 + b1 of the shared expert (empty without one)
 
   /// Whether this cache cannot feed a backward pass (no completed forward kept it, or its layer
   /// is gone).
@@ -154,10 +155,13 @@ template <typename Scalar, typename RoutingT = Routing<Scalar>, typename LossesT
 struct ForwardResult {
   Matrix<Scalar> output;             ///< T×d: y = Σ_{i∈S(x)} g_i(x)·E_i(x)
   RoutingT routing;                  ///< the router's decisions (O(T·E))
-  DispatchPlan plan;                 ///< grouped rows per expert (tokens_per_expert, offsets, dropped slots, …)
+  DispatchPlan plan;                 ///< grouped rows per expert (tokens_per_expert, offsets, capacity drops, stats, …)
   LossesT losses;                    ///< the auxiliary loss terms; losses.total() is what backward differentiates
   ForwardCache<Scalar> cache;        ///< for backward; empty in evaluation mode
   std::uint64_t step = 0;            ///< the noise sample index used (training mode; 0 otherwise)
+  /// T: σ(x·w_shared) of each token, the shared expert's gate (MoEConfig::shared_expert_gate);
+  /// empty without it.
+  Vector<Scalar> shared_gates;
   /// Set by MoELayer::forward(input, options) only: where the output and cache buffers go when
   /// this result is destroyed, for that layer's next such call (nothing if the layer is gone).
   std::weak_ptr<detail::ScratchPool<detail::ResultStorage<Scalar>>> recycler;
@@ -192,8 +196,11 @@ struct ForwardResult {
 #endif
   }
 
-  /// Tokens routed to each expert (E entries).
+  /// Rows each expert received (E entries; after capacity when ForwardOptions::capacity is set).
   const IndexVector& tokens_per_expert() const { return plan.tokens_per_expert; }
+  /// Routing telemetry: capacity, max/mean rows per expert, slots dropped by the router and by
+  /// capacity (per expert), the auxiliary loss total (RoutingStats).
+  const RoutingStats& stats() const { return plan.stats; }
 };
 
 namespace detail {
@@ -263,10 +270,15 @@ struct ForwardWorkspace {
   Matrix<Scalar> split_pre;                  ///< T·k×p, small batches in evaluation mode
   Matrix<Scalar> split_hidden;               ///< T·k×h, small batches
   std::vector<detail::ColumnTile> column_tiles;  ///< small batches: this call's column tiles
+  Matrix<Scalar> shared_output;                  ///< T×d: the shared expert's output (without its gate)
+  std::vector<Matrix<Scalar>> shared_hidden;     ///< per OpenMP thread, tile×h_s
+  std::vector<Matrix<Scalar>> shared_pre;        ///< per OpenMP thread, tile×p_s (no cache kept)
 
   /// Bytes held by the matrices and packed weights above.
   std::size_t bytes() const {
-    std::size_t total = static_cast<std::size_t>(grouped_input.size() + expert_output.size());
+    std::size_t total = static_cast<std::size_t>(grouped_input.size() + expert_output.size() + shared_output.size());
+    for (const auto& block : shared_hidden) total += static_cast<std::size_t>(block.size());
+    for (const auto& block : shared_pre) total += static_cast<std::size_t>(block.size());
     for (const auto& block : hidden) total += static_cast<std::size_t>(block.size());
     for (const auto& block : pre) total += static_cast<std::size_t>(block.size());
     total += static_cast<std::size_t>(split_pre.size() + split_hidden.size());
@@ -295,12 +307,21 @@ struct BackwardWorkspace {
   std::vector<detail::ExpertTile> tiles;                     ///< this call's expert tiles
   std::vector<Index> expert_order;                           ///< experts by descending size
   std::vector<detail::GradientTile> gradient_tiles;          ///< this call's weight-gradient tiles
+  Matrix<Scalar> shared_hidden;                              ///< T×h_s: the shared expert's act(pre), recomputed
+  Matrix<Scalar> shared_d_output;                            ///< T×d: ∂L/∂y times the shared expert's gate
+  Matrix<Scalar> shared_d_pre;                               ///< T×p_s: ∂L/∂pre of the shared expert
+  Matrix<Scalar> shared_d_input;                             ///< T×d: ∂L/∂x through the shared expert
+  Vector<Scalar> shared_d_gate;                              ///< T: ∂L/∂(the shared expert's gate)
+  std::vector<Matrix<Scalar>> shared_d_hidden;               ///< per OpenMP thread, tile×h_s
 
   /// Bytes held by the matrices and packed weights above.
   std::size_t bytes() const {
     std::size_t total = static_cast<std::size_t>(grouped_input.size() + grouped_d_output.size() + hidden.size() +
-                                                  d_pre.size() + d_grouped_input.size() + d_gate_of_row.size()) *
+                                                  d_pre.size() + d_grouped_input.size() + d_gate_of_row.size() +
+                                                  shared_hidden.size() + shared_d_output.size() + shared_d_pre.size() +
+                                                  shared_d_input.size() + shared_d_gate.size()) *
                         sizeof(Scalar);
+    for (const auto& block : shared_d_hidden) total += static_cast<std::size_t>(block.size()) * sizeof(Scalar);
     for (const auto& block : d_hidden) total += static_cast<std::size_t>(block.size()) * sizeof(Scalar);
     for (const auto& packed : w1_transposed) total += packed.bytes();
     for (const auto& packed : w2_transposed) total += packed.bytes();
@@ -377,6 +398,8 @@ struct MoEGradients : RouterTraits<RouterT>::Gradients {
   /// The router's parameter gradients, the base of this struct.
   using RouterGradientsType = typename RouterTraits<RouterT>::Gradients;
   std::vector<ExpertT> experts;  ///< ∂L/∂(W1, b1, W2, b2) of each expert, as expert-shaped tensors
+  std::vector<ExpertT> shared_experts;  ///< ∂L/∂ the shared expert's tensors (none or one)
+  Vector<Scalar> shared_expert_gate;    ///< ∂L/∂w_shared, d (empty without the gate)
 
   /// The router's gradients (the base).
   RouterGradientsType& router() { return *this; }
@@ -388,6 +411,8 @@ struct MoEGradients : RouterTraits<RouterT>::Gradients {
     for (std::size_t e = 0; e < experts.size(); ++e) {
       append_tensor_views(list, "expert" + std::to_string(e) + ".", experts[e].tensors());
     }
+    for (auto& shared : shared_experts) append_tensor_views(list, "shared_expert.", shared.tensors());
+    if (shared_expert_gate.size() > 0) list.push_back(make_tensor_view("shared_expert_gate", shared_expert_gate));
     return list;
   }
 
@@ -395,6 +420,8 @@ struct MoEGradients : RouterTraits<RouterT>::Gradients {
   void set_zero() {
     RouterGradientsType::set_zero();
     for (auto& expert : experts) expert.set_zero();
+    for (auto& shared : shared_experts) shared.set_zero();
+    shared_expert_gate.setZero();
   }
 };
 
@@ -432,6 +459,13 @@ struct MoEGradients : RouterTraits<RouterT>::Gradients {
 ///   RouterTraits specialisation (layer_router.hpp).
 template <typename Scalar_, typename ExpertT = Expert<Scalar_, Relu>, typename RouterT = NoisyTopKGate<Scalar_>>
 class MoELayer {
+  /// Shapes every expert's parameters must keep: p, and the sizes of b1 and b2 (0: no bias).
+  struct ExpertShape {
+    Index pre_activation_width = 0;
+    Index b1_size = 0;
+    Index b2_size = 0;
+  };
+
  public:
   /// float or double.
   using Scalar = Scalar_;
@@ -499,6 +533,18 @@ class MoELayer {
     }
     const ExpertT& first = experts_.front();
     expert_shape_ = {first.pre_activation_width(), first.b1().size(), first.b2().size()};
+    if (config.shared_hidden_dim > 0) {
+      shared_hidden_dim_ = config.shared_hidden_dim;
+      shared_experts_.emplace_back(config.input_dim, config.shared_hidden_dim);
+      shared_experts_.back().initialize_uniform(detail::splitmix64(state));
+      const ExpertT& shared = shared_experts_.front();
+      shared_shape_ = {shared.pre_activation_width(), shared.b1().size(), shared.b2().size()};
+      if (config.shared_expert_gate) {
+        shared_gate_weight_.resize(config.input_dim);
+        detail::fill_uniform(shared_gate_weight_.data(), shared_gate_weight_.size(),
+                             Scalar(1) / std::sqrt(static_cast<Scalar>(config.input_dim)), detail::splitmix64(state), 0);
+      }
+    }
   }
 
   /// A copy has the same parameters and training step but an identity of its own: results and
@@ -511,6 +557,10 @@ class MoELayer {
         k_(other.k_),
         hidden_dim_(other.hidden_dim_),
         expert_shape_(other.expert_shape_),
+        shared_experts_(other.shared_experts_),
+        shared_hidden_dim_(other.shared_hidden_dim_),
+        shared_gate_weight_(other.shared_gate_weight_),
+        shared_shape_(other.shared_shape_),
         scratch_(std::make_shared<Scratch>()),
         training_step_(other.training_step()) {}
 
@@ -524,6 +574,10 @@ class MoELayer {
         k_(other.k_),
         hidden_dim_(other.hidden_dim_),
         expert_shape_(other.expert_shape_),
+        shared_experts_(std::move(other.shared_experts_)),
+        shared_hidden_dim_(other.shared_hidden_dim_),
+        shared_gate_weight_(std::move(other.shared_gate_weight_)),
+        shared_shape_(other.shared_shape_),
         scratch_(std::move(other.scratch_)),
         training_step_(other.training_step()) {}
 
@@ -545,6 +599,10 @@ class MoELayer {
     k_ = other.k_;
     hidden_dim_ = other.hidden_dim_;
     expert_shape_ = other.expert_shape_;
+    shared_experts_ = std::move(other.shared_experts_);
+    shared_hidden_dim_ = other.shared_hidden_dim_;
+    shared_gate_weight_ = std::move(other.shared_gate_weight_);
+    shared_shape_ = other.shared_shape_;
     scratch_ = std::move(other.scratch_);
     training_step_.store(other.training_step(), std::memory_order_relaxed);
     return *this;
@@ -556,6 +614,20 @@ class MoELayer {
   Index input_dim() const { return input_dim_; }
   /// Hidden width h of each expert.
   Index hidden_dim() const { return hidden_dim_; }
+  /// Whether the layer has a shared expert (MoEConfig::shared_hidden_dim > 0).
+  bool has_shared_expert() const { return !shared_experts_.empty(); }
+  /// h_s, the shared expert's hidden width (0 without one).
+  Index shared_hidden_dim() const { return shared_hidden_dim_; }
+  /** @{ */
+  /// The shared expert (throws std::out_of_range without one).
+  ExpertT& shared_expert() { return shared_experts_.at(0); }
+  const ExpertT& shared_expert() const { return shared_experts_.at(0); }
+  /** @} */
+  /** @{ */
+  /// w_shared (d), the shared expert's gate σ(x·w_shared); empty without the gate.
+  Vector<Scalar>& shared_expert_gate() { return shared_gate_weight_; }
+  const Vector<Scalar>& shared_expert_gate() const { return shared_gate_weight_; }
+  /** @} */
   /// Number of experts E.
   Index num_experts() const { return num_experts_; }
   /// Experts chosen per token.
@@ -601,6 +673,13 @@ class MoELayer {
       require_finite(expert.w2(), prefix + "w2");
       if (expert.b2().size() > 0) require_finite(expert.b2(), prefix + "b2");
     }
+    for (const ExpertT& shared : shared_experts_) {
+      require_finite(shared.w1(), "shared_expert.w1");
+      if (shared.b1().size() > 0) require_finite(shared.b1(), "shared_expert.b1");
+      require_finite(shared.w2(), "shared_expert.w2");
+      if (shared.b2().size() > 0) require_finite(shared.b2(), "shared_expert.b2");
+    }
+    if (shared_gate_weight_.size() > 0) require_finite(shared_gate_weight_, "shared_expert_gate");
   }
 
   /** @{ */
@@ -629,6 +708,8 @@ class MoELayer {
     for (std::size_t e = 0; e < experts_.size(); ++e) {
       append_tensor_views(list, "expert" + std::to_string(e) + ".", experts_[e].tensors());
     }
+    for (auto& shared : shared_experts_) append_tensor_views(list, "shared_expert.", shared.tensors());
+    if (shared_gate_weight_.size() > 0) list.push_back(make_tensor_view("shared_expert_gate", shared_gate_weight_));
     return list;
   }
 
@@ -637,11 +718,14 @@ class MoELayer {
     Gradients gradients;
     gradients.router() = Traits::make_gradients(router_);
     gradients.experts.assign(experts_.size(), ExpertT(input_dim(), hidden_dim()));
+    if (has_shared_expert()) gradients.shared_experts.assign(1, ExpertT(input_dim(), shared_hidden_dim()));
+    gradients.shared_expert_gate = Vector<Scalar>::Zero(shared_gate_weight_.size());
     return gradients;
   }
 
   /// Forward pass over the T×d batch `input`. Throws std::invalid_argument on a width mismatch,
-  /// on negative or non-finite loss weights, on step ≥ 2^32, and (with the gate's check_finite)
+  /// on negative or non-finite loss weights, on step ≥ 2^32, on unusable capacity options
+  /// (ForwardOptions::capacity: a factor ≤ 0 or not finite), and (with the gate's check_finite)
   /// on non-finite gate logits.
   ///
   /// Scratch memory comes from a pool inside the layer (thread-safe; one workspace per concurrent
@@ -742,22 +826,64 @@ class MoELayer {
   /// Either way the tiles depend on the routing only, never on the thread count.
   void compute_experts(const DispatchPlan& plan, Matrix<Scalar>* pre_activations, ForwardWorkspace<Scalar>& workspace,
                        const PackedExperts<Scalar>* packed = nullptr) const {
+    compute_experts_and_shared(plan, pre_activations, workspace, packed, nullptr, nullptr);
+  }
+
+ private:
+  /// compute_experts, and with `shared_input` (T×d) also the shared expert over every token into
+  /// workspace.shared_output (T×d; pre-activations into `shared_pre` when given, T×p_s). Its
+  /// tiles (128 tokens each, all of equal size) go first in the same dynamic schedule as the
+  /// routed tiles, so that neither waits for the other.
+  void compute_experts_and_shared(const DispatchPlan& plan, Matrix<Scalar>* pre_activations,
+                                  ForwardWorkspace<Scalar>& workspace, const PackedExperts<Scalar>* packed,
+                                  const ConstMatrixRef<Scalar>* shared_input, Matrix<Scalar>* shared_pre) const {
     workspace.expert_output.resize(plan.num_rows(), input_dim());
     detail::make_expert_tiles(plan, expert_row_tile, workspace.expert_order, workspace.tiles);
     pack_large_experts(plan, packed == nullptr, workspace);
+    const auto threads = static_cast<std::size_t>(detail::max_threads());
+    const Index shared_tiles = shared_input ? detail::tile_count(shared_input->rows(), expert_row_tile) : 0;
+    if (shared_input) {
+      workspace.shared_output.resize(shared_input->rows(), input_dim());
+      workspace.shared_hidden.resize(threads);
+      workspace.shared_pre.resize(shared_pre ? 0 : threads);
+      for (auto& block : workspace.shared_hidden) block.resize(expert_row_tile, shared_hidden_dim());
+      for (auto& block : workspace.shared_pre) block.resize(expert_row_tile, shared_shape_.pre_activation_width);
+    }
+    const double shared_tile_flops = 2.0 * static_cast<double>(expert_row_tile * input_dim()) *
+                                     static_cast<double>(shared_shape_.pre_activation_width + shared_hidden_dim());
+    const auto shared_tile = [&](Index tile) {
+      const Index first = tile * expert_row_tile;
+      const Index rows = std::min(expert_row_tile, shared_input->rows() - first);
+      const auto thread = static_cast<std::size_t>(detail::thread_index());
+      const ExpertT& shared = shared_experts_.front();
+      const ExpertWeights weights{&shared, nullptr, &shared.b1(), nullptr, &shared.b2()};
+      auto hidden = workspace.shared_hidden[thread].topRows(rows);
+      auto pre = shared_pre ? shared_pre->middleRows(first, rows) : workspace.shared_pre[thread].topRows(rows);
+      auto output = workspace.shared_output.middleRows(first, rows);
+      first_layer(shared, weights, shared_input->middleRows(first, rows), pre, hidden, 0,
+                  shared_shape_.pre_activation_width);
+      if (!detail::activation_is_elementwise<ExpertT>::value) shared.activate(pre, hidden);
+      second_layer(weights, hidden, output, 0, input_dim());
+    };
     const Index experts_used = (plan.tokens_per_expert.array() > 0).count();
     if (plan.num_rows() <= column_split_rows && experts_used <= column_split_max_experts) {
       compute_experts_by_columns(plan, pre_activations, workspace, packed);
+      detail::parallel_for_dynamic(shared_tiles, shared_tile_flops, shared_tile);
       return;
     }
-    const auto threads = static_cast<std::size_t>(detail::max_threads());
     workspace.hidden.resize(threads);
     workspace.pre.resize(pre_activations ? 0 : threads);
     for (auto& block : workspace.hidden) block.resize(expert_row_tile, hidden_dim());
     for (auto& block : workspace.pre) block.resize(expert_row_tile, pre_activation_width());
-    detail::parallel_for_dynamic(static_cast<Index>(workspace.tiles.size()), tile_flops(plan, workspace.tiles.size()),
-                                 [&](Index index) {
-      const detail::ExpertTile& tile = workspace.tiles[static_cast<std::size_t>(index)];
+    const Index routed_tiles = static_cast<Index>(workspace.tiles.size());
+    const double work = (tile_flops(plan, 1) + static_cast<double>(shared_tiles) * shared_tile_flops) /
+                        static_cast<double>(std::max<Index>(1, routed_tiles + shared_tiles));
+    detail::parallel_for_dynamic(shared_tiles + routed_tiles, work, [&](Index index) {
+      if (index < shared_tiles) {
+        shared_tile(index);
+        return;
+      }
+      const detail::ExpertTile& tile = workspace.tiles[static_cast<std::size_t>(index - shared_tiles)];
       const auto thread = static_cast<std::size_t>(detail::thread_index());
       auto hidden = workspace.hidden[thread].topRows(tile.rows);
       auto pre = pre_activations ? pre_activations->middleRows(tile.first_row, tile.rows)
@@ -772,19 +898,39 @@ class MoELayer {
     });
   }
 
+ public:
   /// Stage 4, combine: output_t (T×d) = Σ_j g(t, j)·expert_output[row of (t, j)], slots in order.
   /// Slots that are not dispatched (row −1) contribute nothing.
   void combine(const Matrix<Scalar>& expert_output, const typename Traits::Routing& routing, const DispatchPlan& plan,
                Matrix<Scalar>& output) const {
+    combine_with_shared(expert_output, routing, plan, nullptr, nullptr, output);
+  }
+
+ private:
+  /// combine, then + s_t·shared_output_t for each token (s_t = shared_gates[t], or 1 when
+  /// `shared_gates` is null or empty) when `shared_output` is given: the shared expert is added
+  /// unscaled by the routed gates.
+  void combine_with_shared(const Matrix<Scalar>& expert_output, const typename Traits::Routing& routing,
+                           const DispatchPlan& plan, const Matrix<Scalar>* shared_output,
+                           const Vector<Scalar>* shared_gates, Matrix<Scalar>& output) const {
     output.resize(plan.num_tokens, input_dim());
-    detail::parallel_for(plan.num_tokens, static_cast<double>(plan.k * input_dim()), [&](Index token) {
+    const bool gated = shared_gates && shared_gates->size() > 0;
+    detail::parallel_for(plan.num_tokens, static_cast<double>((plan.k + 1) * input_dim()), [&](Index token) {
       output.row(token).setZero();
       for (Index slot = 0; slot < plan.k; ++slot) {
         const Index row = plan.row_of_slot(token, slot);
         if (row >= 0) output.row(token) += routing.gates(token, slot) * expert_output.row(row);
       }
+      if (!shared_output) return;
+      if (gated) {
+        output.row(token) += (*shared_gates)[token] * shared_output->row(token);
+      } else {
+        output.row(token) += shared_output->row(token);
+      }
     });
   }
+
+ public:
 
   /// Backward pass: from the result of a forward that kept its cache (training mode, or
   /// ForwardOptions::keep_cache) and ∂L/∂y (T×d), returns ∂L/∂x (T×d) and ADDS the gradient of
@@ -840,12 +986,33 @@ class MoELayer {
     pack_transposed_weights(plan, workspace);
 
     detail::make_expert_tiles(plan, expert_row_tile, workspace.expert_order, workspace.tiles);
-    workspace.d_hidden.resize(static_cast<std::size_t>(detail::max_threads()));
+    const auto threads = static_cast<std::size_t>(detail::max_threads());
+    workspace.d_hidden.resize(threads);
     for (auto& block : workspace.d_hidden) block.resize(expert_row_tile, hidden_dim());
+    const bool shared = has_shared_expert();
+    const bool gated = shared_gate_weight_.size() > 0;
+    const Index shared_tiles = shared ? detail::tile_count(tokens, expert_row_tile) : 0;
+    if (shared) {
+      workspace.shared_hidden.resize(tokens, shared_hidden_dim());
+      workspace.shared_d_output.resize(tokens, input_dim());
+      workspace.shared_d_pre.resize(tokens, shared_shape_.pre_activation_width);
+      workspace.shared_d_input.resize(tokens, input_dim());
+      workspace.shared_d_hidden.resize(threads);
+      for (auto& block : workspace.shared_d_hidden) block.resize(expert_row_tile, shared_hidden_dim());
+    }
+    workspace.shared_d_gate.resize(gated ? tokens : 0);
     const auto no_epilogue = [](Index, Index, Index, Index) {};
-    detail::parallel_for_dynamic(static_cast<Index>(workspace.tiles.size()), 2 * tile_flops(plan, workspace.tiles.size()),
-                                 [&](Index index) {
-      const detail::ExpertTile& tile = workspace.tiles[static_cast<std::size_t>(index)];
+    const Index routed_tiles = static_cast<Index>(workspace.tiles.size());
+    const double shared_tile_flops = 4.0 * static_cast<double>(expert_row_tile * input_dim()) *
+                                     static_cast<double>(shared_shape_.pre_activation_width + shared_hidden_dim());
+    const double work = (2 * tile_flops(plan, 1) + static_cast<double>(shared_tiles) * shared_tile_flops) /
+                        static_cast<double>(std::max<Index>(1, routed_tiles + shared_tiles));
+    detail::parallel_for_dynamic(shared_tiles + routed_tiles, work, [&](Index index) {
+      if (index < shared_tiles) {
+        shared_backward_tile(index, cache, forward_result.shared_gates, d_output, workspace);
+        return;
+      }
+      const detail::ExpertTile& tile = workspace.tiles[static_cast<std::size_t>(index - shared_tiles)];
       const auto expert_index = static_cast<std::size_t>(tile.expert);
       const ExpertT& expert = experts_[expert_index];
       auto d_hidden = workspace.d_hidden[static_cast<std::size_t>(detail::thread_index())].topRows(tile.rows);
@@ -872,7 +1039,7 @@ class MoELayer {
                           false, no_epilogue);
     });
 
-    accumulate_weight_gradients(plan, workspace, gradients);
+    accumulate_weight_gradients(plan, cache.input, workspace, gradients);
 
     for (Index row = 0; row < rows; ++row) {
       routing_gradient.gates(plan.token_of_row[row], plan.slot_of_row[row]) += workspace.d_gate_of_row[row];
@@ -884,7 +1051,22 @@ class MoELayer {
         const Index row = plan.row_of_slot(token, slot);
         if (row >= 0) d_input.row(token) += workspace.d_grouped_input.row(row);
       }
+      if (shared) d_input.row(token) += workspace.shared_d_input.row(token);
+      if (gated) {
+        // ∂L/∂(x·w_shared) = ∂L/∂s · s·(1 − s); kept in shared_d_gate for ∂w_shared below.
+        const Scalar gate = forward_result.shared_gates[token];
+        const Scalar d_logit = workspace.shared_d_gate[token] * gate * (Scalar(1) - gate);
+        workspace.shared_d_gate[token] = d_logit;
+        d_input.row(token) += d_logit * shared_gate_weight_.transpose();
+      }
     });
+    if (gated) {  // ∂w_shared += Xᵀ·∂z, each entry summed over the tokens in order
+      detail::parallel_for(input_dim(), static_cast<double>(2 * tokens), [&](Index column) {
+        Scalar sum = 0;
+        for (Index token = 0; token < tokens; ++token) sum += cache.input(token, column) * workspace.shared_d_gate[token];
+        gradients.shared_expert_gate[column] += sum;
+      });
+    }
     Traits::backward(router_, routing, cache.input, routing_gradient, gradients.router(), d_input);
   }
 
@@ -1025,6 +1207,7 @@ class MoELayer {
     detail::require(input.cols() == input_dim(), function, "input must have ", input_dim(),
                     " columns (the layer's input_dim), got ", input.rows(), "x", input.cols());
     check_parameter_shapes(function);
+    if (options.capacity) detail::check_capacity_options(*options.capacity, function);
     const bool training = options.mode == Mode::training;
     const bool keep_cache = training || options.keep_cache;
     // The cache becomes usable only when this call has completed: a throw below (non-finite
@@ -1037,18 +1220,36 @@ class MoELayer {
     }
     result.step = step;
     Traits::route(router_, input, options.mode, step, result.routing);
-    build_dispatch_plan(result.routing.expert_ids, num_experts(), result.plan);
+    if (options.capacity) {
+      build_dispatch_plan(result.routing.expert_ids, result.routing.gates, num_experts(), *options.capacity,
+                          result.plan);
+    } else {
+      build_dispatch_plan(result.routing.expert_ids, num_experts(), result.plan);
+    }
     Traits::compute_losses(result.routing, options, result.losses);
+    result.plan.stats.auxiliary_loss = static_cast<double>(result.losses.total());
     group(input, result.plan, workspace.grouped_input);
+    const bool shared = has_shared_expert();
     if (keep_cache) {
       cache.input = input;
       cache.pre_activations.resize(result.plan.num_rows(), pre_activation_width());
+      cache.shared_pre_activations.resize(shared ? input.rows() : 0, shared_shape_.pre_activation_width);
     } else {
       cache.input.resize(0, 0);
       cache.pre_activations.resize(0, 0);
+      cache.shared_pre_activations.resize(0, 0);
     }
-    compute_experts(result.plan, keep_cache ? &cache.pre_activations : nullptr, workspace, packed);
-    combine(workspace.expert_output, result.routing, result.plan, result.output);
+    result.shared_gates.resize(shared_gate_weight_.size() > 0 ? input.rows() : 0);
+    if (result.shared_gates.size() > 0) {
+      detail::parallel_for(input.rows(), static_cast<double>(2 * input_dim()), [&](Index token) {
+        result.shared_gates[token] = sigmoid(input.row(token).dot(shared_gate_weight_.transpose()));
+      });
+    }
+    compute_experts_and_shared(result.plan, keep_cache ? &cache.pre_activations : nullptr, workspace, packed,
+                               shared ? &input : nullptr,
+                               shared && keep_cache ? &cache.shared_pre_activations : nullptr);
+    combine_with_shared(workspace.expert_output, result.routing, result.plan, shared ? &workspace.shared_output : nullptr,
+                        &result.shared_gates, result.output);
     if (keep_cache) cache.owner = scratch_;
   }
 
@@ -1059,6 +1260,10 @@ class MoELayer {
     detail::require(config.num_experts >= 1, function, "num_experts must be >= 1, got ", config.num_experts);
     detail::require(config.k >= 1 && config.k <= config.num_experts, function, "k must be in [1, num_experts = ",
                     config.num_experts, "], got ", config.k);
+    detail::require(config.shared_hidden_dim >= 0, function, "shared_hidden_dim must be >= 0, got ",
+                    config.shared_hidden_dim);
+    detail::require(!config.shared_expert_gate || config.shared_hidden_dim > 0, function,
+                    "shared_expert_gate needs a shared expert (shared_hidden_dim > 0)");
     return config;
   }
 
@@ -1076,20 +1281,25 @@ class MoELayer {
     Traits::check_router(router_, d, experts, k(), function);
     for (std::size_t e = 0; e < experts_.size(); ++e) {
       const ExpertT& expert = experts_[e];
-      const bool fits = expert.w1().rows() == d && expert.w1().cols() == expert_shape_.pre_activation_width &&
-                        expert.w2().rows() == hidden_dim() && expert.w2().cols() == d &&
-                        expert.b1().size() == expert_shape_.b1_size && expert.b2().size() == expert_shape_.b2_size;
-      detail::require(fits, function, "expert ", e, " has been resized: w1 ", expert.w1().rows(), "x",
+      detail::require(fits(expert, hidden_dim(), expert_shape_), function, "expert ", e, " has been resized: w1 ", expert.w1().rows(), "x",
                       expert.w1().cols(), ", b1 ", expert.b1().size(), ", w2 ", expert.w2().rows(), "x",
                       expert.w2().cols(), ", b2 ", expert.b2().size(), "; the layer needs w1 ", d, "x",
                       expert_shape_.pre_activation_width, ", b1 ", expert_shape_.b1_size, ", w2 ", hidden_dim(), "x",
                       d, ", b2 ", expert_shape_.b2_size);
     }
+    if (has_shared_expert()) {
+      detail::require(fits(shared_experts_.front(), shared_hidden_dim_, shared_shape_), function,
+                      "the shared expert has been resized");
+    }
+    detail::require(shared_gate_weight_.size() == 0 || shared_gate_weight_.size() == d, function,
+                    "the shared expert's gate has ", shared_gate_weight_.size(), " entries, expected ", d);
   }
 
   /// Throws unless `result` can feed this layer's backward: a kept cache made by this layer, and
   /// a routing, dispatch plan and losses of the cached batch's shape that agree with each other
-  /// (every grouped row in its expert's range, (token, slot) ↔ row a bijection). O(T·k + E),
+  /// (every grouped row in its expert's range, (token, slot) ↔ row a bijection; row −1 exactly
+  /// where the id is −1 or the plan dropped the slot by capacity, both counts matching the
+  /// plan's stats). O(T·k + E),
   /// before any work, so that a stale or edited result can never make backward read out of range.
   void check_forward_result(const Result& result, const char* function) const {
     const ForwardCache<Scalar>& cache = result.cache;
@@ -1104,13 +1314,20 @@ class MoELayer {
     const Index tokens = cache.input.rows(), experts = num_experts(), k = this->k();
     const Index rows = result.plan.num_rows();
     detail::require_shape(cache.input, tokens, input_dim(), function, "result.cache.input");
+    detail::require_shape(cache.shared_pre_activations, has_shared_expert() ? tokens : 0,
+                          has_shared_expert() ? shared_shape_.pre_activation_width : 0, function,
+                          "result.cache.shared_pre_activations");
+    detail::require(result.shared_gates.size() == (shared_gate_weight_.size() > 0 ? tokens : 0), function,
+                    "result.shared_gates has ", result.shared_gates.size(), " entries, expected ",
+                    shared_gate_weight_.size() > 0 ? tokens : 0);
     const typename Traits::Routing& routing = result.routing;
     Traits::check_routing(router_, routing, result.losses, tokens, function);
     const DispatchPlan& plan = result.plan;
     bool valid = plan.num_tokens == tokens && plan.num_experts == experts && plan.k == k && rows >= 0 &&
                  rows + plan.dropped_slots == tokens * k && plan.tokens_per_expert.size() == experts &&
                  plan.offsets.size() == experts + 1 && plan.token_of_row.size() == rows &&
-                 plan.slot_of_row.size() == rows && plan.row_of_token_slot.size() == tokens * k;
+                 plan.slot_of_row.size() == rows && plan.row_of_token_slot.size() == tokens * k &&
+                 static_cast<Index>(plan.capacity_dropped.size()) == tokens * k;
     detail::require(valid, function, "result.plan does not have the shapes of ", tokens, " tokens, ", experts,
                     " experts and k = ", k);
     detail::require_shape(cache.pre_activations, rows, pre_activation_width(), function,
@@ -1119,24 +1336,28 @@ class MoELayer {
     for (Index e = 0; valid && e < experts; ++e) {
       valid = plan.tokens_per_expert[e] >= 0 && plan.offsets[e + 1] == plan.offsets[e] + plan.tokens_per_expert[e];
     }
-    // Every (token, slot) with an expert owns one row of that expert, and the row names it back;
-    // a slot with id −1 owns none. With rows = T·k − dropped, that makes the map a bijection.
-    Index dropped = 0;
+    // Every (token, slot) with an expert owns one row of that expert, and the row names it back,
+    // unless the plan dropped it by capacity; a slot with id −1 owns none. With rows = T·k −
+    // dropped, that makes the map a bijection.
+    Index router_dropped = 0, capacity_dropped = 0;
     for (Index token = 0; valid && token < tokens; ++token) {
       for (Index slot = 0; valid && slot < k; ++slot) {
         const Index expert = routing.expert_ids(token, slot);
         const Index row = plan.row_of_slot(token, slot);
-        if (expert == -1) {
-          valid = row == -1;
-          ++dropped;
+        const bool over_capacity = plan.dropped_by_capacity(token, slot);
+        if (expert == -1 || over_capacity) {
+          valid = row == -1 && (expert == -1 ? !over_capacity : expert >= 0 && expert < experts);
+          ++(expert == -1 ? router_dropped : capacity_dropped);
           continue;
         }
         valid = expert >= 0 && expert < experts && row >= plan.offsets[expert] && row < plan.offsets[expert + 1] &&
                 plan.token_of_row[row] == token && plan.slot_of_row[row] == slot;
       }
     }
-    detail::require(valid && dropped == plan.dropped_slots, function,
-                    "result.plan and result.routing disagree (was the result edited?)");
+    detail::require(valid && router_dropped == plan.stats.router_dropped_slots &&
+                        capacity_dropped == plan.stats.capacity_dropped_slots &&
+                        router_dropped + capacity_dropped == plan.dropped_slots,
+                    function, "result.plan and result.routing disagree (was the result edited?)");
   }
 
   /// Average flops of one of `tiles` tiles sharing the expert forward of `plan`'s rows.
@@ -1151,10 +1372,54 @@ class MoELayer {
     detail::require(static_cast<Index>(gradients.experts.size()) == num_experts(), function, "gradients has ",
                     gradients.experts.size(), " experts, the layer ", num_experts());
     for (const ExpertT& expert : gradients.experts) {
-      detail::require(expert.input_dim() == input_dim() && expert.hidden_dim() == hidden_dim(), function,
-                      "an expert gradient is ", expert.input_dim(), "x", expert.hidden_dim(), ", expected ",
-                      input_dim(), "x", hidden_dim());
+      detail::require(fits(expert, hidden_dim(), expert_shape_), function, "an expert gradient is ", expert.input_dim(),
+                      "x", expert.hidden_dim(), " or has resized tensors, expected ", input_dim(), "x", hidden_dim());
     }
+    detail::require(gradients.shared_experts.size() == shared_experts_.size() &&
+                        (!has_shared_expert() || fits(gradients.shared_experts.front(), shared_hidden_dim_, shared_shape_)),
+                    function, "the shared expert's gradient does not have the shared expert's shapes");
+    detail::require(gradients.shared_expert_gate.size() == shared_gate_weight_.size(), function,
+                    "gradients.shared_expert_gate has ", gradients.shared_expert_gate.size(), " entries, expected ",
+                    shared_gate_weight_.size());
+  }
+
+  /// Whether `expert`'s tensors have the shapes of an expert of this layer with hidden width
+  /// `hidden` (every tensor: they are reachable through non-const references).
+  bool fits(const ExpertT& expert, Index hidden, const ExpertShape& shape) const {
+    return expert.w1().rows() == input_dim() && expert.w1().cols() == shape.pre_activation_width &&
+           expert.w2().rows() == hidden && expert.w2().cols() == input_dim() && expert.b1().size() == shape.b1_size &&
+           expert.b2().size() == shape.b2_size;
+  }
+
+  /// Backward of the shared expert over tokens [128·tile, 128·tile + 128): ∂hidden = ∂Y·W2ᵀ
+  /// (unscaled), the gate's ∂s = ⟨∂Y, E_s(x)⟩ when gated, then times s: ∂pre, ∂X rows; the
+  /// recomputed hidden rows and s ⊙ ∂Y are kept for the weight gradients.
+  void shared_backward_tile(Index tile, const ForwardCache<Scalar>& cache, const Vector<Scalar>& shared_gates,
+                            ConstMatrixRef<Scalar> d_output, BackwardWorkspaceType& workspace) const {
+    const Index first = tile * expert_row_tile;
+    const Index rows = std::min(expert_row_tile, cache.input.rows() - first);
+    const ExpertT& shared = shared_experts_.front();
+    auto d_hidden = workspace.shared_d_hidden[static_cast<std::size_t>(detail::thread_index())].topRows(rows);
+    auto d_out = workspace.shared_d_output.middleRows(first, rows);
+    const auto pre = cache.shared_pre_activations.middleRows(first, rows);
+    auto hidden = workspace.shared_hidden.middleRows(first, rows);
+    d_out = d_output.middleRows(first, rows);
+    detail::gemm(detail::operand(d_out), detail::operand(shared.w2(), detail::Op::transpose), d_hidden.data(),
+                 d_hidden.outerStride(), Scalar(1), false);
+    shared.activate(pre, hidden);
+    if (shared_gates.size() > 0) {
+      for (Index r = 0; r < rows; ++r) {
+        Scalar d_gate = d_hidden.row(r).dot(hidden.row(r));
+        if (shared.b2().size() > 0) d_gate += d_out.row(r).dot(shared.b2().transpose());
+        workspace.shared_d_gate[first + r] = d_gate;
+        d_hidden.row(r) *= shared_gates[first + r];
+        d_out.row(r) *= shared_gates[first + r];
+      }
+    }
+    auto d_pre = workspace.shared_d_pre.middleRows(first, rows);
+    shared.activation_backward(pre, d_hidden, d_pre);
+    detail::gemm(detail::operand(d_pre), detail::operand(shared.w1(), detail::Op::transpose),
+                 workspace.shared_d_input.row(first).data(), workspace.shared_d_input.outerStride(), Scalar(1), false);
   }
 
   /// W1ᵀ and W2ᵀ of every expert that has rows, packed for the backward products (parallel
@@ -1174,10 +1439,18 @@ class MoELayer {
   /// ∂W1 += X_iᵀ·∂pre, ∂b1 += Σ ∂pre, ∂W2 += hiddenᵀ·∂out, ∂b2 += Σ ∂out for each expert i, in
   /// tiles of gradient_column_tile columns; each tile reduces over all of the expert's rows in
   /// row order, so no two threads touch one gradient element and the sum order is fixed.
-  void accumulate_weight_gradients(const DispatchPlan& plan, BackwardWorkspaceType& workspace,
-                                   Gradients& gradients) const {
+  ///
+  /// With a shared expert (tiles with expert = E, first in the list): ∂W1_s += Xᵀ·∂pre_s, ∂b1_s,
+  /// ∂W2_s += hidden_sᵀ·(s ⊙ ∂Y), ∂b2_s, over all T tokens in order.
+  void accumulate_weight_gradients(const DispatchPlan& plan, const Matrix<Scalar>& input,
+                                   BackwardWorkspaceType& workspace, Gradients& gradients) const {
     auto& tiles = workspace.gradient_tiles;
     tiles.clear();
+    const Index shared = num_experts();  // the shared expert's tile id
+    if (has_shared_expert()) {
+      for (Index c = 0; c < shared_shape_.pre_activation_width; c += gradient_column_tile) tiles.push_back({shared, true, c});
+      for (Index c = 0; c < input_dim(); c += gradient_column_tile) tiles.push_back({shared, false, c});
+    }
     for (Index expert = 0; expert < num_experts(); ++expert) {
       if (plan.tokens_per_expert[expert] == 0) continue;
       for (Index c = 0; c < pre_activation_width(); c += gradient_column_tile) tiles.push_back({expert, true, c});
@@ -1185,11 +1458,14 @@ class MoELayer {
     }
     detail::parallel_for_dynamic(static_cast<Index>(tiles.size()), tile_flops(plan, tiles.size()), [&](Index index) {
       const detail::GradientTile& tile = tiles[static_cast<std::size_t>(index)];
-      ExpertT& gradient = gradients.experts[static_cast<std::size_t>(tile.expert)];
-      const Index first_row = plan.offsets[tile.expert];
-      const Index rows = plan.tokens_per_expert[tile.expert];
-      const Matrix<Scalar>& left = tile.first_layer ? workspace.grouped_input : workspace.hidden;
-      const Matrix<Scalar>& right = tile.first_layer ? workspace.d_pre : workspace.grouped_d_output;
+      const bool is_shared = tile.expert == shared;
+      ExpertT& gradient = is_shared ? gradients.shared_experts.front() : gradients.experts[static_cast<std::size_t>(tile.expert)];
+      const Index first_row = is_shared ? 0 : plan.offsets[tile.expert];
+      const Index rows = is_shared ? input.rows() : plan.tokens_per_expert[tile.expert];
+      const Matrix<Scalar>& left = tile.first_layer ? (is_shared ? input : workspace.grouped_input)
+                                                    : (is_shared ? workspace.shared_hidden : workspace.hidden);
+      const Matrix<Scalar>& right = tile.first_layer ? (is_shared ? workspace.shared_d_pre : workspace.d_pre)
+                                                     : (is_shared ? workspace.shared_d_output : workspace.grouped_d_output);
       Matrix<Scalar>& weight = tile.first_layer ? gradient.w1() : gradient.w2();
       Vector<Scalar>& bias = tile.first_layer ? gradient.b1() : gradient.b2();
       const Index columns = std::min(gradient_column_tile, right.cols() - tile.first_column);
@@ -1201,13 +1477,6 @@ class MoELayer {
     });
   }
 
-  /// Shapes every expert's parameters must keep: p, and the sizes of b1 and b2 (0: no bias).
-  struct ExpertShape {
-    Index pre_activation_width = 0;
-    Index b1_size = 0;
-    Index b2_size = 0;
-  };
-
   using Scratch = detail::LayerScratch<Scalar, typename Traits::RoutingGradient>;
 
   RouterT router_;
@@ -1217,6 +1486,10 @@ class MoELayer {
   Index k_ = 0;
   Index hidden_dim_ = 0;
   ExpertShape expert_shape_;
+  std::vector<ExpertT> shared_experts_;  ///< none or one always-on expert
+  Index shared_hidden_dim_ = 0;
+  Vector<Scalar> shared_gate_weight_;    ///< w_shared (d), or empty: no gate on the shared expert
+  ExpertShape shared_shape_;
   /// Identity (never shared with another layer) and the workspace pool.
   std::shared_ptr<Scratch> scratch_;
   /// Next training step; forward (const) advances it, atomically.
