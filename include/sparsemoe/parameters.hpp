@@ -22,7 +22,7 @@ namespace sparsemoe {
 /// Valid while its owner lives and is not resized.
 template <typename Scalar>
 struct TensorView {
-  std::string name;        ///< e.g. "expert3.w2": unique in its list, stable across versions
+  std::string name;        ///< such as "expert3.w2", unique within its list
   Scalar* data = nullptr;  ///< first of rows·cols contiguous scalars, row-major
   Index rows = 0;          ///< rows (a vector is rows×1)
   Index cols = 0;          ///< columns
