@@ -18,6 +18,9 @@
 
 namespace sparsemoe {
 
+/// \addtogroup losses
+/// @{
+
 /// Which slots count as "routed to expert i" in the balance loss's f_i.
 enum class BalanceCounts {
   all_slots,  ///< every dispatched slot: f_i = (slots on i) / (T·k) (Switch, Megatron)
@@ -84,6 +87,7 @@ double score_row_sum(const TopKRouting<Scalar>& routing, Index token) {
 /// or sigmoid probabilities). With sequence_length L, the mean over the T/L sequences of the
 /// same loss computed on each. Slots with id −1 are not counted (f_i still divides by T·k).
 /// Uniform routing (f_i = P_i = 1/E) gives α.
+/// \f[ L = \alpha E \sum_{i=1}^{E} f_i P_i, \qquad P_i = \frac{1}{T} \sum_{t=1}^{T} p_{ti} \f]
 ///
 /// Other forms: Megatron's α·E/(k·T²)·Σ_i(Σ_t p_ti)·count_i is this one; Hugging Face Mixtral's
 /// divides the counts by T instead of T·k, so its value is k times this one (and it computes the
@@ -197,8 +201,9 @@ double logsumexp_row(const Matrix<Scalar>& logits, Index token) {
 
 }  // namespace detail
 
-/// The router z-loss of ST-MoE (Zoph et al. 2022): coefficient·(1/T)·Σ_t (log Σ_i e^{z_ti})²
-/// over routing.logits (coefficient is typically 1e-3). Returns 0 for T = 0. Throws
+/// The router z-loss of ST-MoE (Zoph et al.\ 2022): coefficient·(1/T)·Σ_t (log Σ_i e^{z_ti})²
+/// over routing.logits (coefficient is typically 1e-3).
+/// \f[ L_z = \frac{c}{T} \sum_{t=1}^{T} \Big(\log \sum_{i=1}^{E} e^{z_{ti}}\Big)^2 \f] Returns 0 for T = 0. Throws
 /// std::invalid_argument for a non-finite coefficient. O(T·E), in double; no allocation.
 template <typename Scalar>
 Scalar z_loss(const TopKRouting<Scalar>& routing, double coefficient) {
@@ -236,6 +241,7 @@ void z_loss_backward(const TopKRouting<Scalar>& routing, double coefficient, Top
   });
 }
 
+/// @}
 }  // namespace sparsemoe
 
 #endif  // SPARSEMOE_BALANCE_LOSSES_HPP

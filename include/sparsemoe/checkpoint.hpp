@@ -126,6 +126,9 @@
 
 namespace sparsemoe {
 
+/// \addtogroup files
+/// @{
+
 static_assert(std::numeric_limits<float>::is_iec559 && sizeof(float) == 4,
               "sparsemoe checkpoints need IEEE-754 binary32 float");
 static_assert(std::numeric_limits<double>::is_iec559 && sizeof(double) == 8,
@@ -220,18 +223,21 @@ template <typename ExpertT>
 struct ExpertKind {
   static_assert(sizeof(ExpertT) == 0,
                 "sparsemoe::ExpertKind is not specialised for this expert type: specialise it to checkpoint it");
+  /// The kind string (never called: the primary template does not compile).
   static std::string name() { return {}; }
 };
 
 /// "expert:" + Activation::name.
 template <typename Scalar, typename Activation>
 struct ExpertKind<Expert<Scalar, Activation>> {
+  /// "expert:" + Activation::name, e.g. "expert:gelu_erf".
   static std::string name() { return std::string("expert:") + Activation::name; }
 };
 
 /// "swiglu".
 template <typename Scalar>
 struct ExpertKind<SwiGluExpert<Scalar>> {
+  /// "swiglu".
   static std::string name() { return "swiglu"; }
 };
 
@@ -1257,6 +1263,7 @@ inline CheckpointInfo read_checkpoint_info(const std::string& path) {
       .info;
 }
 
+/// @}
 }  // namespace sparsemoe
 
 #endif  // SPARSEMOE_CHECKPOINT_HPP

@@ -30,10 +30,17 @@
 #error "define SPARSEMOE_WITH_LIBXSMM=1 to select the libxsmm backend, or leave it undefined for the Eigen backend"
 #endif
 
+/// \ingroup core
+/// Major version of the library (incompatible API changes).
 #define SPARSEMOE_VERSION_MAJOR 0
+/// \ingroup core
+/// Minor version of the library (additions).
 #define SPARSEMOE_VERSION_MINOR 1
+/// \ingroup core
+/// Patch version of the library (fixes).
 #define SPARSEMOE_VERSION_PATCH 0
 
+/// \ingroup core
 /// Throws `exception_type(message)`. Define `SPARSEMOE_NO_EXCEPTIONS` (or build with
 /// `-fno-exceptions`) to print the message to stderr and abort instead, or define
 /// `SPARSEMOE_THROW(exception_type, message)` yourself before including any sparsemoe header.
@@ -49,6 +56,7 @@
 #endif
 #endif
 
+/// \ingroup core
 /// Debug-only check of an internal invariant (compiled out with NDEBUG, like `eigen_assert`).
 #ifndef SPARSEMOE_ASSERT
 #ifdef NDEBUG
@@ -66,6 +74,9 @@
 #endif
 
 namespace sparsemoe {
+
+/// \addtogroup core
+/// @{
 
 /// The library's version as "major.minor.patch".
 inline std::string version_string() {
@@ -136,6 +147,8 @@ void require_shape(const Eigen::EigenBase<Derived>& matrix, Index rows, Index co
 }
 
 }  // namespace detail
+
+/// @}
 }  // namespace sparsemoe
 
 #endif  // SPARSEMOE_CONFIG_HPP

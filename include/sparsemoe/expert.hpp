@@ -27,13 +27,21 @@
 
 namespace sparsemoe {
 
-/// Two-layer feed-forward expert E(x) = act(x·W1 + b1)·W2 + b2 (Shazeer et al. 2017 use ReLU).
+/// \addtogroup experts
+/// @{
+
+/// Two-layer feed-forward expert E(x) = act(x·W1 + b1)·W2 + b2 (Shazeer et al.\ 2017 use ReLU).
 /// W1: d×h, b1: h, W2: h×d, b2: d. Parameters: 2·d·h + h + d.
 /// `Activation` is one of Relu, Silu, GeluTanh, GeluErf (activation.hpp) or a type like them.
+///
+/// \tparam Scalar_ float or double.
+/// \tparam Activation_ the element-wise activation, a type with the members of Relu.
 template <typename Scalar_, typename Activation_ = Relu>
 class Expert {
  public:
+  /// float or double.
   using Scalar = Scalar_;
+  /// The element-wise activation act (Relu, Silu, GeluTanh, GeluErf, or a type like them).
   using Activation = Activation_;
   /// activate() works column by column, so it may run on any column block of pre and hidden.
   static constexpr bool activation_is_elementwise = true;
@@ -49,19 +57,33 @@ class Expert {
     b2_ = Vector<Scalar>::Zero(input_dim);
   }
 
+  /// Token width d.
   Index input_dim() const { return w1_.rows(); }
+  /// Hidden width h.
   Index hidden_dim() const { return w1_.cols(); }
   /// Width of the pre-activation block, p = h.
   Index pre_activation_width() const { return w1_.cols(); }
 
+  /** @{ */
+  /// W1, d×h (keep its shape: the layer checks it before every call).
   Matrix<Scalar>& w1() { return w1_; }
   const Matrix<Scalar>& w1() const { return w1_; }
+  /** @} */
+  /** @{ */
+  /// b1, h entries.
   Vector<Scalar>& b1() { return b1_; }
   const Vector<Scalar>& b1() const { return b1_; }
+  /** @} */
+  /** @{ */
+  /// W2, h×d.
   Matrix<Scalar>& w2() { return w2_; }
   const Matrix<Scalar>& w2() const { return w2_; }
+  /** @} */
+  /** @{ */
+  /// b2, d entries.
   Vector<Scalar>& b2() { return b2_; }
   const Vector<Scalar>& b2() const { return b2_; }
+  /** @} */
 
   /// PyTorch's nn.Linear default: every weight and bias of a layer with fan-in f drawn from
   /// U(−1/√f, 1/√f) (f = d for W1, b1; f = h for W2, b2), as a function of `seed` only.
@@ -111,9 +133,12 @@ class Expert {
 /// E(x) = (silu(x·W_gate) ⊙ (x·W_up))·W_down, no biases.
 /// Stored in the common contract as W1 = [W_gate | W_up] (d×2h) and W2 = W_down (h×d), with b1
 /// and b2 empty. Parameters: 3·d·h.
+///
+/// \tparam Scalar_ float or double.
 template <typename Scalar_>
 class SwiGluExpert {
  public:
+  /// float or double.
   using Scalar = Scalar_;
   /// activate() pairs column j with column h + j, so it needs whole rows of pre.
   static constexpr bool activation_is_elementwise = false;
@@ -127,23 +152,33 @@ class SwiGluExpert {
     w2_ = Matrix<Scalar>::Zero(hidden_dim, input_dim);
   }
 
+  /// Token width d.
   Index input_dim() const { return w1_.rows(); }
+  /// Hidden width h (W1 has 2h columns).
   Index hidden_dim() const { return w2_.rows(); }
   /// Width of the pre-activation block, p = 2h (gate half, then up half).
   Index pre_activation_width() const { return w1_.cols(); }
 
+  /** @{ */
   /// [W_gate | W_up], d×2h.
   Matrix<Scalar>& w1() { return w1_; }
   const Matrix<Scalar>& w1() const { return w1_; }
+  /** @} */
+  /** @{ */
   /// Empty: no bias.
   Vector<Scalar>& b1() { return no_bias_; }
   const Vector<Scalar>& b1() const { return no_bias_; }
+  /** @} */
+  /** @{ */
   /// W_down, h×d.
   Matrix<Scalar>& w2() { return w2_; }
   const Matrix<Scalar>& w2() const { return w2_; }
+  /** @} */
+  /** @{ */
   /// Empty: no bias.
   Vector<Scalar>& b2() { return no_bias_; }
   const Vector<Scalar>& b2() const { return no_bias_; }
+  /** @} */
 
   /// W_gate (d×h), the first half of w1().
   auto gate_weight() { return w1_.leftCols(hidden_dim()); }
@@ -239,6 +274,7 @@ Matrix<typename ExpertT::Scalar> expert_forward(const ExpertT& expert,
   return output;
 }
 
+/// @}
 }  // namespace sparsemoe
 
 #endif  // SPARSEMOE_EXPERT_HPP

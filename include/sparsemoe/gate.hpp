@@ -20,6 +20,9 @@
 
 namespace sparsemoe {
 
+/// \addtogroup routers
+/// @{
+
 /// What the gate decided for a batch of T tokens over E experts, plus everything the backward
 /// pass and the load estimator need. Memory: O(T·E).
 template <typename Scalar>
@@ -95,7 +98,10 @@ Scalar sigmoid(Scalar a) {
 /// Noisy top-k gate over E experts for tokens of width d.
 ///
 /// H(x) = x·W_g + n ⊙ (softplus(x·W_noise) + ε), n ~ N(0, I) in training; H(x) = x·W_g in
-/// evaluation. G(x) = softmax(KeepTopK(H(x), k)). The noise sample of (token t, expert i) at
+/// evaluation. G(x) = softmax(KeepTopK(H(x), k)):
+/// \f[ H(x) = x W_g + n \odot \big(\operatorname{softplus}(x W_{\text{noise}}) + \varepsilon\big), \qquad
+///     G(x) = \operatorname{softmax}\big(\operatorname{KeepTopK}(H(x), k)\big) \f]
+/// The noise sample of (token t, expert i) at
 /// training step `step` is Philox4x32-10 at (noise_seed, step, t, i) through Box–Muller: the
 /// same arguments always give the same routing, whatever the thread count.
 ///
@@ -103,9 +109,12 @@ Scalar sigmoid(Scalar a) {
 /// some noise"); `initialize_uniform` gives them small random values instead.
 /// Thread safety: `route` and `backward` are const and keep no state, so concurrent calls on one
 /// gate are safe while nobody modifies its parameters.
+///
+/// \tparam Scalar_ float or double: parameters, inputs and the routing record.
 template <typename Scalar_>
 class NoisyTopKGate {
  public:
+  /// float or double.
   using Scalar = Scalar_;
 
   /// Builds a gate; throws std::invalid_argument unless d ≥ 1, E ≥ 1, 1 ≤ k ≤ E and ε > 0 is finite.
@@ -126,22 +135,32 @@ class NoisyTopKGate {
     noise_weight_ = Matrix<Scalar>::Zero(input_dim, num_experts);
   }
 
+  /// Token width d.
   Index input_dim() const { return gate_weight_.rows(); }
+  /// Number of experts E.
   Index num_experts() const { return gate_weight_.cols(); }
+  /// Experts chosen per token.
   Index k() const { return k_; }
+  /// ε of the noise scale s = softplus(x·W_noise) + ε.
   Scalar noise_epsilon() const { return noise_epsilon_; }
+  /// Key of the Philox noise stream.
   std::uint64_t noise_seed() const { return noise_seed_; }
 
+  /** @{ */
   /// W_g, d×E.
   Matrix<Scalar>& gate_weight() { return gate_weight_; }
   const Matrix<Scalar>& gate_weight() const { return gate_weight_; }
+  /** @} */
+  /** @{ */
   /// W_noise, d×E.
   Matrix<Scalar>& noise_weight() { return noise_weight_; }
   const Matrix<Scalar>& noise_weight() const { return noise_weight_; }
+  /** @} */
 
   /// Whether `route` throws on a non-finite logit (default: yes). With the check off, non-finite
   /// logits still give valid, distinct expert ids (NaN ranks last), but gates may be NaN.
   bool check_finite() const { return check_finite_; }
+  /// Turns the finite-value check of `route` on or off (see check_finite()).
   void set_check_finite(bool enabled) { check_finite_ = enabled; }
 
   /// Sets W_g and W_noise to U(−1/√d, 1/√d) draws that depend only on `seed`.
@@ -327,6 +346,7 @@ class NoisyTopKGate {
   Matrix<Scalar> noise_weight_;
 };
 
+/// @}
 }  // namespace sparsemoe
 
 #endif  // SPARSEMOE_GATE_HPP

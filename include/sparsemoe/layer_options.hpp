@@ -15,6 +15,9 @@
 
 namespace sparsemoe {
 
+/// \addtogroup layer
+/// @{
+
 /// Sizes and settings of an MoELayer.
 struct MoEConfig {
   Index input_dim = 0;           ///< d: token width (input and output)
@@ -66,6 +69,7 @@ struct ForwardOptions {
   std::optional<CapacityOptions> capacity;
 };
 
+/// @}
 }  // namespace sparsemoe
 
 #endif  // SPARSEMOE_LAYER_OPTIONS_HPP

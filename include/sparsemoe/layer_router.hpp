@@ -27,6 +27,9 @@
 
 namespace sparsemoe {
 
+/// \addtogroup routers
+/// @{
+
 /// The loss terms of a top-k router's batch: balance = α·E·Σ_i f_i·P_i (balance_loss) and
 /// z = c·(1/T)·Σ_t (logsumexp_i z_ti)² (z_loss), with the weights and variant forward used.
 template <typename Scalar>
@@ -64,13 +67,20 @@ struct TopKLayerRoutingGradient : TopKRoutingGradient<Scalar> {
 /// | `check_routing(router, routing, losses, T, function)` | a routing that backward may read (every shape it indexes) |
 template <typename RouterT, typename Enable = void>
 struct RouterTraits {
+  /// The router's scalar.
   using Scalar = typename RouterT::Scalar;
+  /// What route() fills: a TopKRouting.
   using Routing = TopKRouting<Scalar>;
+  /// The upstream gradients the layer accumulates for backward.
   using RoutingGradient = TopKLayerRoutingGradient<Scalar>;
+  /// The balance and z-loss record of one forward.
   using Losses = TopKRouterLosses<Scalar>;
+  /// The router's parameter gradients (RouterGradients).
   using Gradients = typename RouterT::Gradients;
+  /// Prefix of the router's tensors in MoELayer::tensors(): "router.weight", "router.bias".
   static constexpr const char* prefix = "router.";
 
+  /// router.route(input, {mode, step}, routing).
   static void route(const RouterT& router, ConstMatrixRef<Scalar> input, Mode mode, std::uint64_t step,
                     Routing& routing) {
     RouteOptions options;
@@ -79,6 +89,8 @@ struct RouterTraits {
     router.route(input, options, routing);
   }
 
+  /// The balance loss (ForwardOptions::balance_loss_weight, balance_loss) and the z-loss
+  /// (ForwardOptions::z_loss_weight) of `routing`; a weight of 0 skips its term.
   static void compute_losses(const Routing& routing, const ForwardOptions& options, Losses& losses) {
     losses.balance_weight = options.balance_loss_weight;
     losses.z_weight = options.z_loss_weight;
@@ -89,6 +101,7 @@ struct RouterTraits {
     losses.z = options.z_loss_weight != 0.0 ? z_loss(routing, options.z_loss_weight) : Scalar(0);
   }
 
+  /// Adds the gradients of both terms, with the weights forward used, to `gradient`.
   static void losses_backward(const Routing& routing, const Losses& losses, RoutingGradient& gradient) {
     if (losses.balance_weight != 0.0) {
       balance_loss_backward(routing, losses.balance_weight, losses.balance_options, gradient, gradient.balance_workspace);
@@ -96,13 +109,16 @@ struct RouterTraits {
     if (losses.z_weight != 0.0) z_loss_backward(routing, losses.z_weight, gradient);
   }
 
+  /// router.backward: ADDS ∂L/∂W_r (and ∂L/∂b_r) and ∂L/∂x.
   static void backward(const RouterT& router, const Routing& routing, ConstMatrixRef<Scalar> input,
                        RoutingGradient& gradient, Gradients& parameter_gradients, MatrixRef<Scalar> d_input) {
     router.backward(routing, input, gradient, parameter_gradients, d_input);
   }
 
+  /// Zero gradients shaped like the router's parameters.
   static Gradients make_gradients(const RouterT& router) { return router.make_gradients(); }
 
+  /// Throws std::invalid_argument unless `gradients` has the shapes of the router's parameters.
   static void check_gradients(const RouterT& router, Gradients& gradients, const char* function) {
     detail::require_shape(gradients.weight, router.input_dim(), router.num_experts(), function,
                           "gradients of router.weight");
@@ -111,12 +127,15 @@ struct RouterTraits {
                     gradients.bias.size(), " entries, the router ", expected.bias.size());
   }
 
+  /// Throws std::invalid_argument unless the router has the layer's d, E and k.
   static void check_router(const RouterT& router, Index input_dim, Index num_experts, Index k, const char* function) {
     detail::require(router.input_dim() == input_dim && router.num_experts() == num_experts && router.k() == k,
                     function, "the router has d=", router.input_dim(), ", E=", router.num_experts(), ", k=", router.k(),
                     " but the layer d=", input_dim, ", E=", num_experts, ", k=", k);
   }
 
+  /// Throws std::invalid_argument unless every shape of `routing` that backward indexes is that
+  /// of a batch of `tokens` tokens.
   static void check_routing(const RouterT& router, const Routing& routing, const Losses&, Index tokens,
                             const char* function) {
     const Index experts = router.num_experts(), k = router.k();
@@ -156,36 +175,47 @@ struct NoisyTopKGateGradients {
   }
 };
 
-/// MoELayer's view of the noisy top-k gate of Shazeer et al. 2017: its Routing, GateGradients
+/// MoELayer's view of the noisy top-k gate of Shazeer et al.\ 2017: its Routing, GateGradients
 /// and AuxiliaryLosses (CV² of Importance and Load, weighted by ForwardOptions::importance_weight
 /// and load_weight). The tensors keep their historical prefix "gate.".
 template <typename Scalar>
 struct RouterTraits<NoisyTopKGate<Scalar>> {
+  /// The gate.
   using Router = NoisyTopKGate<Scalar>;
+  /// What the gate's route() fills.
   using Routing = sparsemoe::Routing<Scalar>;
+  /// The upstream gradients of the gate's outputs.
   using RoutingGradient = GateGradients<Scalar>;
+  /// CV² of Importance and Load.
   using Losses = AuxiliaryLosses<Scalar>;
+  /// ∂L/∂W_g and ∂L/∂W_noise.
   using Gradients = NoisyTopKGateGradients<Scalar>;
+  /// Prefix of the gate's tensors in MoELayer::tensors(): "gate.gate_weight", "gate.noise_weight".
   static constexpr const char* prefix = "gate.";
 
+  /// gate.route(input, mode, step, routing).
   static void route(const Router& gate, ConstMatrixRef<Scalar> input, Mode mode, std::uint64_t step, Routing& routing) {
     gate.route(input, mode, step, routing);
   }
 
+  /// auxiliary_losses with ForwardOptions::importance_weight and load_weight.
   static void compute_losses(const Routing& routing, const ForwardOptions& options, Losses& losses) {
     auxiliary_losses(routing, static_cast<Scalar>(options.importance_weight), static_cast<Scalar>(options.load_weight),
                      losses);
   }
 
+  /// auxiliary_losses_backward: adds the gradient of losses.total() to `gradient`.
   static void losses_backward(const Routing& routing, const Losses& losses, RoutingGradient& gradient) {
     auxiliary_losses_backward(routing, losses, gradient);
   }
 
+  /// gate.backward: ADDS ∂L/∂W_g, ∂L/∂W_noise and ∂L/∂x.
   static void backward(const Router& gate, const Routing& routing, ConstMatrixRef<Scalar> input,
                        RoutingGradient& gradient, Gradients& parameter_gradients, MatrixRef<Scalar> d_input) {
     gate.backward(routing, input, gradient, parameter_gradients.gate_weight, parameter_gradients.noise_weight, d_input);
   }
 
+  /// Zero d×E gradients of W_g and W_noise.
   static Gradients make_gradients(const Router& gate) {
     Gradients gradients;
     gradients.gate_weight = Matrix<Scalar>::Zero(gate.input_dim(), gate.num_experts());
@@ -193,18 +223,22 @@ struct RouterTraits<NoisyTopKGate<Scalar>> {
     return gradients;
   }
 
+  /// Throws std::invalid_argument unless both gradients are d×E.
   static void check_gradients(const Router& gate, Gradients& gradients, const char* function) {
     detail::require_shape(gradients.gate_weight, gate.input_dim(), gate.num_experts(), function, "gradients.gate_weight");
     detail::require_shape(gradients.noise_weight, gate.input_dim(), gate.num_experts(), function,
                           "gradients.noise_weight");
   }
 
+  /// Throws std::invalid_argument unless W_g and W_noise are d×E and the gate's k is the layer's.
   static void check_router(const Router& gate, Index input_dim, Index num_experts, Index k, const char* function) {
     detail::require_shape(gate.gate_weight(), input_dim, num_experts, function, "the gate's gate_weight");
     detail::require_shape(gate.noise_weight(), input_dim, num_experts, function, "the gate's noise_weight");
     detail::require(gate.k() == k, function, "the gate has k=", gate.k(), ", the layer k=", k);
   }
 
+  /// Throws std::invalid_argument unless `routing` and `losses` have every shape backward indexes
+  /// for `tokens` tokens, every expert id is dispatched and the load statistics are consistent.
   static void check_routing(const Router& gate, const Routing& routing, const Losses& losses, Index tokens,
                             const char* function) {
     const Index experts = gate.num_experts(), k = gate.k();
@@ -238,6 +272,7 @@ struct RouterTraits<NoisyTopKGate<Scalar>> {
   }
 };
 
+/// @}
 }  // namespace sparsemoe
 
 #endif  // SPARSEMOE_LAYER_ROUTER_HPP

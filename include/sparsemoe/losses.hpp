@@ -14,9 +14,13 @@
 
 namespace sparsemoe {
 
+/// \addtogroup losses
+/// @{
+
 /// CV(v)² = Var(v) / (Mean(v)² + 1e-10) over the E entries of v, with the POPULATION variance
 /// (1/E)·Σ(v_i − mean)², as in the original TensorFlow code (unbiased-variance ports are E/(E−1)
 /// times larger). An empty v or E = 1 gives 0. O(E).
+/// \f[ \operatorname{CV}(v)^2 = \frac{\frac{1}{E}\sum_i (v_i - \bar v)^2}{\bar v^2 + 10^{-10}} \f]
 template <typename Derived>
 typename Derived::Scalar cv_squared(const Eigen::MatrixBase<Derived>& values) {
   using Scalar = typename Derived::Scalar;
@@ -160,6 +164,9 @@ Vector<Scalar> load(const Routing<Scalar>& routing) {
 /// The auxiliary losses of one batch: L_importance = w_importance·CV(Importance)²,
 /// L_load = w_load·CV(Load)².
 ///
+/// \f[ L_{\text{aux}} = w_{\text{importance}} \operatorname{CV}(\operatorname{Importance})^2
+///     + w_{\text{load}} \operatorname{CV}(\operatorname{Load})^2 \f]
+///
 /// Importance and Load are sums over the batch, and CV² divides their spread by their mean: on a
 /// nearly balanced batch it magnifies their rounding error by mean/|v_i − mean| (hundreds). So
 /// both are summed in double, and CV² and its gradient are formed from those sums in double,
@@ -174,8 +181,11 @@ struct AuxiliaryLosses {
   Scalar importance_weight = 0;          ///< w_importance
   Scalar load_weight = 0;                ///< w_load
 
+  /// L_importance = w_importance·CV(Importance)².
   Scalar importance_loss() const { return importance_weight * importance_cv_squared; }
+  /// L_load = w_load·CV(Load)².
   Scalar load_loss() const { return load_weight * load_cv_squared; }
+  /// L_aux = L_importance + L_load: what backward adds to the caller's loss.
   Scalar total() const { return importance_loss() + load_loss(); }
 };
 
@@ -274,6 +284,7 @@ void auxiliary_losses_backward(const Routing<Scalar>& routing, const AuxiliaryLo
   }
 }
 
+/// @}
 }  // namespace sparsemoe
 
 #endif  // SPARSEMOE_LOSSES_HPP

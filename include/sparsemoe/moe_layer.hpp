@@ -29,6 +29,9 @@
 
 namespace sparsemoe {
 
+/// \addtogroup layer
+/// @{
+
 /// What a forward keeps for backward (training mode, or ForwardOptions::keep_cache). Memory:
 /// T·d + T·k·p scalars (p = h, or 2h for SwiGLU); empty otherwise.
 template <typename Scalar>
@@ -163,11 +166,18 @@ struct ForwardResult {
   /// this result is destroyed, for that layer's next such call (nothing if the layer is gone).
   std::weak_ptr<detail::ScratchPool<detail::ResultStorage<Scalar>>> recycler;
 
+  /// An empty result, to pass to the forward overloads that write into one.
   ForwardResult() = default;
+  /** @{ */
+  /// Member-wise copies and moves; a copy also hands its buffers to the same layer's pool when
+  /// destroyed.
   ForwardResult(const ForwardResult&) = default;
   ForwardResult(ForwardResult&&) noexcept = default;
   ForwardResult& operator=(const ForwardResult&) = default;
   ForwardResult& operator=(ForwardResult&&) noexcept = default;
+  /** @} */
+  /// Gives the output and cache buffers to the pool of the layer that made this result through
+  /// MoELayer::forward(input, options), if that layer still exists; frees them otherwise.
   ~ForwardResult() {
     const auto pool = recycler.lock();
     if (!pool || (output.size() == 0 && cache.pre_activations.size() == 0)) return;
@@ -251,9 +261,11 @@ struct ForwardWorkspace {
   std::vector<Matrix<Scalar>> pre;           ///< per OpenMP thread, tile×p (evaluation mode)
   std::vector<detail::ExpertTile> tiles;     ///< this call's expert tiles
   std::vector<Index> expert_order;           ///< experts by descending size
+  /** @{ */
   /// Per expert, W1 and W2 packed for this call (only for experts with at least
   /// MoELayer::pack_rows_threshold rows, whose GEMMs then stream contiguous panels).
   std::vector<detail::PackedWeight<Scalar>> packed_w1, packed_w2;
+  /** @} */
   std::vector<char> packed_this_call;        ///< per expert: packed_w1/w2 hold its current weights
   Matrix<Scalar> split_pre;                  ///< T·k×p, small batches in evaluation mode
   Matrix<Scalar> split_hidden;               ///< T·k×h, small batches
@@ -383,6 +395,7 @@ class PackedExperts {
 /// weight and bias for the top-k routers), then each expert's.
 template <typename Scalar, typename ExpertT, typename RouterT = NoisyTopKGate<Scalar>>
 struct MoEGradients : RouterTraits<RouterT>::Gradients {
+  /// The router's parameter gradients, the base of this struct.
   using RouterGradientsType = typename RouterTraits<RouterT>::Gradients;
   std::vector<ExpertT> experts;  ///< ∂L/∂(W1, b1, W2, b2) of each expert, as expert-shaped tensors
   std::vector<ExpertT> shared_experts;  ///< ∂L/∂ the shared expert's tensors (none or one)
@@ -412,8 +425,10 @@ struct MoEGradients : RouterTraits<RouterT>::Gradients {
   }
 };
 
-/// Sparsely-gated mixture-of-experts layer over tokens of width d: a NoisyTopKGate picks k of E
-/// experts per token, and y = Σ_{i∈S(x)} g_i(x)·E_i(x).
+/// Sparsely-gated mixture-of-experts layer over tokens of width d: a router (the NoisyTopKGate
+/// by default) picks k of E experts per token, and y = Σ_{i∈S(x)} g_i(x)·E_i(x).
+///
+/// \f[ y = \sum_{i \in S(x)} g_i(x)\, E_i(x), \qquad E_i(x) = \operatorname{act}(x W_{1,i} + b_{1,i})\, W_{2,i} + b_{2,i} \f]
 ///
 /// Forward runs four named stages: route (gate logits, noise, top-k, softmax), group (a stable
 /// counting sort puts each expert's tokens into one contiguous block of rows), expert compute (two
@@ -435,6 +450,13 @@ struct MoEGradients : RouterTraits<RouterT>::Gradients {
 /// auto result = layer.forward(x);                 // evaluation mode
 /// std::cout << result.output.rows() << "\n";      // 32
 /// \endcode
+///
+/// \tparam Scalar_ float or double: parameters, inputs, outputs and gradients.
+/// \tparam ExpertT the expert type: Expert<Scalar_, Act> (the default, ReLU), SwiGluExpert<Scalar_>,
+///   or a type of yours that models the contract of expert.hpp.
+/// \tparam RouterT the router: NoisyTopKGate<Scalar_> (the default, with the CV² losses), one of the
+///   top-k routers of router.hpp (with the balance loss and the z-loss), or a type with a
+///   RouterTraits specialisation (layer_router.hpp).
 template <typename Scalar_, typename ExpertT = Expert<Scalar_, Relu>, typename RouterT = NoisyTopKGate<Scalar_>>
 class MoELayer {
   /// Shapes every expert's parameters must keep: p, and the sizes of b1 and b2 (0: no bias).
@@ -445,11 +467,15 @@ class MoELayer {
   };
 
  public:
+  /// float or double.
   using Scalar = Scalar_;
+  /// The expert type (Expert<Scalar, Act>, SwiGluExpert<Scalar>, or one of yours).
   using ExpertType = ExpertT;
+  /// The router type (NoisyTopKGate by default, or a top-k router of router.hpp).
   using RouterType = RouterT;
   /// How the layer talks to its router (layer_router.hpp).
   using Traits = RouterTraits<RouterT>;
+  /// The gradients of every parameter, as make_gradients() returns them.
   using Gradients = MoEGradients<Scalar, ExpertT, RouterT>;
   /// What forward returns: ForwardResult over the router's routing and loss records.
   using Result = ForwardResult<Scalar, typename Traits::Routing, typename Traits::Losses>;
@@ -473,6 +499,7 @@ class MoELayer {
   /// stream, and measured faster on 2 cores (bench/NOTES.md). Fixed by the problem, never by the
   /// thread count, so that results stay bitwise identical for any number of threads.
   static constexpr Index column_split_rows = 256;
+  /// See column_split_rows: the column split applies when at most this many experts have rows.
   static constexpr Index column_split_max_experts = 1;
   /// Columns of one tile of the column split (a multiple of the 64-column weight panels).
   static constexpr Index column_tile = 256;
@@ -487,7 +514,7 @@ class MoELayer {
                   "MoELayer(config) builds the default NoisyTopKGate; pass the router: MoELayer(config, router)");
   }
 
-  /// Builds the layer around `router` (e.g. a SoftmaxTopKRouter), which must have the config's d,
+  /// Builds the layer around `router` (for example a SoftmaxTopKRouter), which must have the config's d,
   /// E and k; experts as for MoELayer(config). config.noise_epsilon serves NoisyTopKGate only.
   /// Throws std::invalid_argument unless d, h, E ≥ 1, 1 ≤ k ≤ E and the router's sizes match.
   MoELayer(const MoEConfig& config, RouterT router)
@@ -583,19 +610,27 @@ class MoELayer {
 
   ~MoELayer() = default;
 
+  /// Token width d (input and output).
   Index input_dim() const { return input_dim_; }
+  /// Hidden width h of each expert.
   Index hidden_dim() const { return hidden_dim_; }
   /// Whether the layer has a shared expert (MoEConfig::shared_hidden_dim > 0).
   bool has_shared_expert() const { return !shared_experts_.empty(); }
   /// h_s, the shared expert's hidden width (0 without one).
   Index shared_hidden_dim() const { return shared_hidden_dim_; }
+  /** @{ */
   /// The shared expert (throws std::out_of_range without one).
   ExpertT& shared_expert() { return shared_experts_.at(0); }
   const ExpertT& shared_expert() const { return shared_experts_.at(0); }
+  /** @} */
+  /** @{ */
   /// w_shared (d), the shared expert's gate σ(x·w_shared); empty without the gate.
   Vector<Scalar>& shared_expert_gate() { return shared_gate_weight_; }
   const Vector<Scalar>& shared_expert_gate() const { return shared_gate_weight_; }
+  /** @} */
+  /// Number of experts E.
   Index num_experts() const { return num_experts_; }
+  /// Experts chosen per token.
   Index k() const { return k_; }
 
   /// The noise sample index that the next training-mode forward without ForwardOptions::step
@@ -619,8 +654,8 @@ class MoELayer {
   }
 
   /// Throws std::invalid_argument naming the first parameter tensor (as tensors() names it,
-  /// e.g. "expert3.w2") that holds a NaN or an infinity. O(E·d·h). pack_experts() runs it; run
-  /// it yourself after loading weights from elsewhere or after a suspicious optimizer step.
+  /// for example "expert3.w2") that holds a NaN or an infinity. O(E·d·h). pack_experts() runs
+  /// it; run it yourself after loading weights from elsewhere or after a suspicious optimizer step.
   void require_finite_parameters() const {
     const char* function = "sparsemoe::MoELayer::require_finite_parameters";
     const auto require_finite = [&](const auto& tensor, const std::string& name) {
@@ -647,13 +682,22 @@ class MoELayer {
     if (shared_gate_weight_.size() > 0) require_finite(shared_gate_weight_, "shared_expert_gate");
   }
 
-  /// The router (for the default NoisyTopKGate also called gate()).
+  /** @{ */
+  /// The router (keep its parameters' shapes: forward and backward check them).
   RouterT& router() { return router_; }
   const RouterT& router() const { return router_; }
+  /** @} */
+  /** @{ */
+  /// The router, under the name of the default NoisyTopKGate (W_g, W_noise, check_finite).
   RouterT& gate() { return router_; }
   const RouterT& gate() const { return router_; }
+  /** @} */
+  /** @{ */
+  /// Expert `index`, 0 ≤ index < E (std::out_of_range otherwise; keep its shapes: forward and
+  /// backward check them).
   ExpertT& expert(Index index) { return experts_.at(static_cast<std::size_t>(index)); }
   const ExpertT& expert(Index index) const { return experts_.at(static_cast<std::size_t>(index)); }
+  /** @} */
 
   /// Every parameter tensor: the router's under Traits::prefix (gate.gate_weight,
   /// gate.noise_weight for the default gate; router.weight, router.bias for top-k routers), then
@@ -688,6 +732,11 @@ class MoELayer {
   /// call, kept for the next call), and the returned result hands its output and cache buffers
   /// back to the layer when it is destroyed, so a loop over batches of one shape does not fault
   /// in fresh pages on every call; release_workspaces() frees what is pooled.
+  ///
+  /// \param input T×d, one token per row (T may be 0).
+  /// \param options the mode (training: noise and a cache), the noise step, and the loss weights.
+  /// \return the output (T×d), the routing, the dispatch plan, the losses and, in training mode
+  ///   or with options.keep_cache, the cache that backward needs.
   Result forward(ConstMatrixRef<Scalar> input, const ForwardOptions& options = {}) const {
     Result result;
     if (const auto storage = scratch_->result_storage.take_idle()) {
@@ -892,6 +941,11 @@ class MoELayer {
   /// another layer (or one that no longer exists), or if any of its parts, d_output, the
   /// gradients or the layer's parameters have shapes other than the forward's.
   /// Scratch memory comes from the layer's pool, as for forward(input, options).
+  ///
+  /// \param forward_result what this layer's forward returned, with its cache.
+  /// \param d_output ∂L/∂y of the caller's loss, T×d.
+  /// \param gradients where the parameter gradients are ADDED (make_gradients()).
+  /// \return ∂(L + losses.total())/∂x, T×d.
   Matrix<Scalar> backward(const Result& forward_result, ConstMatrixRef<Scalar> d_output,
                           Gradients& gradients) const {
     Matrix<Scalar> d_input;
@@ -1442,6 +1496,7 @@ class MoELayer {
   mutable std::atomic<std::uint64_t> training_step_{0};
 };
 
+/// @}
 }  // namespace sparsemoe
 
 #endif  // SPARSEMOE_MOE_LAYER_HPP

@@ -35,6 +35,9 @@
 
 namespace sparsemoe {
 
+/// \addtogroup optimizers
+/// @{
+
 namespace detail {
 
 /// The names and shapes of the parameter tensors an optimizer saw on its first step, so that
@@ -145,9 +148,12 @@ struct SgdOptions {
 ///
 /// State: one velocity tensor per parameter tensor when μ > 0 (none otherwise). Cost per step:
 /// O(N) for N parameters, a few flops each; nothing is allocated after the first step.
+///
+/// \tparam Scalar_ float or double: the scalar of the parameter and gradient views it steps.
 template <typename Scalar_>
 class Sgd {
  public:
+  /// float or double: the scalar of the parameters, gradients and state.
   using Scalar = Scalar_;
 
   /// Throws std::invalid_argument unless lr is finite and > 0, 0 ≤ μ < 1, λ is finite and ≥ 0,
@@ -310,9 +316,12 @@ struct AdamOptions {
 /// The constants 1 − β and the bias corrections 1 − βᵗ are computed in double. State: two
 /// tensors (m, v) per parameter tensor. Cost per step: O(N) for N parameters, about ten flops
 /// and one square root each; nothing is allocated after the first step.
+///
+/// \tparam Scalar_ float or double: the scalar of the parameter and gradient views it steps.
 template <typename Scalar_>
 class Adam {
  public:
+  /// float or double: the scalar of the parameters, gradients and state.
   using Scalar = Scalar_;
 
   /// Throws std::invalid_argument unless lr and ε are finite and > 0, 0 ≤ β1, β2 < 1 and λ is
@@ -454,6 +463,7 @@ class Adam {
   std::vector<Vector<Scalar>> second_moments_;
 };
 
+/// @}
 }  // namespace sparsemoe
 
 #endif  // SPARSEMOE_OPTIMIZERS_HPP

@@ -15,14 +15,17 @@
 
 namespace sparsemoe {
 
+/// \addtogroup optimizers
+/// @{
+
 /// A named rows×cols row-major tensor owned elsewhere (a matrix, or a vector as rows×1).
 /// Valid while its owner lives and is not resized.
 template <typename Scalar>
 struct TensorView {
-  std::string name;
-  Scalar* data = nullptr;
-  Index rows = 0;
-  Index cols = 0;
+  std::string name;        ///< such as "expert3.w2", unique within its list
+  Scalar* data = nullptr;  ///< first of rows·cols contiguous scalars, row-major
+  Index rows = 0;          ///< rows (a vector is rows×1)
+  Index cols = 0;          ///< columns
 
   /// rows·cols.
   Index size() const { return rows * cols; }
@@ -67,6 +70,8 @@ void fill_uniform(Scalar* values, Index count, Scalar bound, std::uint64_t seed,
 }
 
 }  // namespace detail
+
+/// @}
 }  // namespace sparsemoe
 
 #endif  // SPARSEMOE_PARAMETERS_HPP

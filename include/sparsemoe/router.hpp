@@ -72,6 +72,9 @@
 
 namespace sparsemoe {
 
+/// \addtogroup routers
+/// @{
+
 /// Per-call options of Router::route.
 struct RouteOptions {
   /// Training turns on a router's random parts (GShard's second-expert sampling, Switch's input
@@ -341,6 +344,8 @@ void linear_backward(const TopKRouting<Scalar>& routing, const ConstMatrixRef<Sc
 }
 
 }  // namespace detail
+
+/// @}
 }  // namespace sparsemoe
 
 #endif  // SPARSEMOE_ROUTER_HPP

@@ -17,6 +17,9 @@
 
 namespace sparsemoe {
 
+/// \addtogroup dispatch
+/// @{
+
 namespace detail {
 
 /// Strict ranking used by top-k: a larger value ranks first; NaN ranks below every number
@@ -156,9 +159,9 @@ struct RoutingStats {
 /// Such a slot has no row, contributes nothing to the output and gets no gradient through the
 /// expert path.
 struct DispatchPlan {
-  Index num_tokens = 0;
-  Index num_experts = 0;
-  Index k = 0;
+  Index num_tokens = 0;           ///< T
+  Index num_experts = 0;          ///< E
+  Index k = 0;                    ///< slots per token
   Index rows = 0;                 ///< dispatched slots: T·k − dropped_slots
   /// Slots without a row: not dispatched by the router (id −1) plus dropped by capacity
   /// (stats.router_dropped_slots + stats.capacity_dropped_slots).
@@ -403,6 +406,7 @@ DispatchPlan build_dispatch_plan(const IndexMatrix& expert_ids, const Eigen::Mat
   return plan;
 }
 
+/// @}
 }  // namespace sparsemoe
 
 #endif  // SPARSEMOE_ROUTING_HPP

@@ -16,6 +16,9 @@
 
 namespace sparsemoe {
 
+/// \addtogroup losses
+/// @{
+
 /// Mean squared error over ALL T·d entries (not per row, no ½):
 /// L = (1/(T·d))·Σ_{t,j} (p_tj − y_tj)².
 /// `prediction` and `target` are T×d with T·d ≥ 1. Throws std::invalid_argument on a shape
@@ -117,6 +120,7 @@ Matrix<typename Derived::Scalar> softmax_cross_entropy_gradient(const Eigen::Mat
   return gradient;
 }
 
+/// @}
 }  // namespace sparsemoe
 
 #endif  // SPARSEMOE_TRAINING_LOSSES_HPP

@@ -20,6 +20,9 @@
 
 namespace sparsemoe {
 
+/// \addtogroup routers
+/// @{
+
 /// What the experts of losing groups get as selection score in group-limited selection.
 enum class GroupMask {
   /// They are excluded: never chosen, as if masked to −∞ (DeepSeek-V3's reference code).
@@ -99,11 +102,16 @@ using SigmoidTopKRouterGradients = RouterGradients<Scalar>;
 /// Parameters: W_r d×E (row-major, zero-initialised) and, with use_bias, b_r (E). State without
 /// gradient: the selection bias β (E, zero-initialised), listed by state(). Cost of route:
 /// 2·T·d·E flops + O(T·E·k); of backward 4·T·d·E flops.
+///
+/// \tparam Scalar_ float or double: parameters, inputs and the routing record.
 template <typename Scalar_>
 class SigmoidTopKRouter {
  public:
+  /// float or double.
   using Scalar = Scalar_;
+  /// The options type the constructor takes.
   using Options = SigmoidTopKRouterOptions;
+  /// The parameter gradients, as make_gradients() returns them.
   using Gradients = RouterGradients<Scalar>;
 
   /// Builds a router; throws std::invalid_argument naming the offending value unless d ≥ 1,
@@ -140,16 +148,22 @@ class SigmoidTopKRouter {
   /// Whether group-limited selection is on (num_groups > 1).
   bool grouped() const { return options_.num_groups > 1; }
 
+  /** @{ */
   /// W_r, d×E: z = x·W_r.
   Matrix<Scalar>& weight() { return weight_; }
   const Matrix<Scalar>& weight() const { return weight_; }
+  /** @} */
+  /** @{ */
   /// b_r, E entries (empty without use_bias).
   Vector<Scalar>& bias() { return bias_; }
   const Vector<Scalar>& bias() const { return bias_; }
-  /// β, E entries: added to the scores for selection only; no gradient. Update it with
-  /// update_selection_bias(); keep its size E. Must be finite (route checks).
+  /** @} */
+  /** @{ */
+  /// β, E entries: added to the scores for selection only, without gradient (update it with
+  /// update_selection_bias(); keep its size E and its values finite, which route checks).
   Vector<Scalar>& selection_bias() { return selection_bias_; }
   const Vector<Scalar>& selection_bias() const { return selection_bias_; }
+  /** @} */
 
   /// Sets W_r to U(−1/√d, 1/√d) draws that depend only on `seed`, b_r to zero; β is unchanged.
   void initialize_uniform(std::uint64_t seed) {
@@ -375,6 +389,7 @@ void update_selection_bias(Vector<Scalar>& bias, const Eigen::MatrixBase<Loads>&
   }
 }
 
+/// @}
 }  // namespace sparsemoe
 
 #endif  // SPARSEMOE_ROUTER_SIGMOID_TOP_K_HPP

@@ -20,6 +20,9 @@
 
 namespace sparsemoe {
 
+/// \addtogroup routers
+/// @{
+
 /// Options of SoftmaxTopKRouter. The defaults are plain top-k of the softmax without
 /// renormalisation (Qwen2-MoE's and OLMoE's default).
 struct SoftmaxTopKRouterOptions {
@@ -70,11 +73,16 @@ using SoftmaxTopKRouterGradients = RouterGradients<Scalar>;
 ///
 /// Parameters: W_r d×E (row-major, zero-initialised; see initialize_uniform) and, with use_bias,
 /// b_r (E, zero-initialised). Cost of route: 2·T·d·E flops + O(T·E·k); of backward 4·T·d·E flops.
+///
+/// \tparam Scalar_ float or double: parameters, inputs and the routing record.
 template <typename Scalar_>
 class SoftmaxTopKRouter {
  public:
+  /// float or double.
   using Scalar = Scalar_;
+  /// The options type the constructor takes.
   using Options = SoftmaxTopKRouterOptions;
+  /// The parameter gradients, as make_gradients() returns them.
   using Gradients = RouterGradients<Scalar>;
 
   /// Builds a router; throws std::invalid_argument naming the offending value unless d ≥ 1,
@@ -103,12 +111,16 @@ class SoftmaxTopKRouter {
   /// Whether group-limited selection is on (num_groups > 1).
   bool grouped() const { return options_.num_groups > 1; }
 
+  /** @{ */
   /// W_r, d×E: z = x·W_r.
   Matrix<Scalar>& weight() { return weight_; }
   const Matrix<Scalar>& weight() const { return weight_; }
+  /** @} */
+  /** @{ */
   /// b_r, E entries (empty without use_bias).
   Vector<Scalar>& bias() { return bias_; }
   const Vector<Scalar>& bias() const { return bias_; }
+  /** @} */
 
   /// Sets W_r to U(−1/√d, 1/√d) draws that depend only on `seed`, and b_r to zero.
   void initialize_uniform(std::uint64_t seed) {
@@ -273,6 +285,7 @@ class SoftmaxTopKRouter {
   Vector<Scalar> bias_;
 };
 
+/// @}
 }  // namespace sparsemoe
 
 #endif  // SPARSEMOE_ROUTER_SOFTMAX_TOP_K_HPP

@@ -23,6 +23,9 @@
 
 namespace sparsemoe {
 
+/// \addtogroup routers
+/// @{
+
 namespace detail {
 
 /// The argument checks the softmax routers with random parts share.
@@ -70,11 +73,16 @@ using SwitchRouterGradients = RouterGradients<Scalar>;
 ///
 /// Parameters: W_r d×E (row-major, zero-initialised), b_r (E) with use_bias. Cost of route:
 /// 2·T·d·E flops + O(T·E) (+ T·d Philox draws with jitter); of backward 4·T·d·E flops.
+///
+/// \tparam Scalar_ float or double: parameters, inputs and the routing record.
 template <typename Scalar_>
 class SwitchRouter {
  public:
+  /// float or double.
   using Scalar = Scalar_;
+  /// The options type the constructor takes.
   using Options = SwitchRouterOptions;
+  /// The parameter gradients, as make_gradients() returns them.
   using Gradients = RouterGradients<Scalar>;
 
   /// Builds a router; throws std::invalid_argument naming the offending value unless
@@ -99,12 +107,16 @@ class SwitchRouter {
   /// The options the router was built with.
   const Options& options() const { return options_; }
 
+  /** @{ */
   /// W_r, d×E: z = x·W_r.
   Matrix<Scalar>& weight() { return weight_; }
   const Matrix<Scalar>& weight() const { return weight_; }
+  /** @} */
+  /** @{ */
   /// b_r, E entries (empty without use_bias).
   Vector<Scalar>& bias() { return bias_; }
   const Vector<Scalar>& bias() const { return bias_; }
+  /** @} */
 
   /// Sets W_r to U(−1/√d, 1/√d) draws that depend only on `seed`, and b_r to zero.
   void initialize_uniform(std::uint64_t seed) {
@@ -245,11 +257,16 @@ using GShardRouterGradients = RouterGradients<Scalar>;
 ///
 /// Parameters: W_r d×E (row-major, zero-initialised), b_r (E) with use_bias. Cost of route:
 /// 2·T·d·E flops + O(T·E) (+ T Philox draws in training); of backward 4·T·d·E flops.
+///
+/// \tparam Scalar_ float or double: parameters, inputs and the routing record.
 template <typename Scalar_>
 class GShardRouter {
  public:
+  /// float or double.
   using Scalar = Scalar_;
+  /// The options type the constructor takes.
   using Options = GShardRouterOptions;
+  /// The parameter gradients, as make_gradients() returns them.
   using Gradients = RouterGradients<Scalar>;
 
   /// Builds a router; throws std::invalid_argument naming the offending value unless d ≥ 1 and
@@ -272,12 +289,16 @@ class GShardRouter {
   /// The options the router was built with.
   const Options& options() const { return options_; }
 
+  /** @{ */
   /// W_r, d×E: z = x·W_r.
   Matrix<Scalar>& weight() { return weight_; }
   const Matrix<Scalar>& weight() const { return weight_; }
+  /** @} */
+  /** @{ */
   /// b_r, E entries (empty without use_bias).
   Vector<Scalar>& bias() { return bias_; }
   const Vector<Scalar>& bias() const { return bias_; }
+  /** @} */
 
   /// Sets W_r to U(−1/√d, 1/√d) draws that depend only on `seed`, and b_r to zero.
   void initialize_uniform(std::uint64_t seed) {
@@ -379,6 +400,7 @@ class GShardRouter {
   Vector<Scalar> bias_;
 };
 
+/// @}
 }  // namespace sparsemoe
 
 #endif  // SPARSEMOE_ROUTER_SWITCH_HPP
