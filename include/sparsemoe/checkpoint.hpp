@@ -4,14 +4,16 @@
 #define SPARSEMOE_CHECKPOINT_HPP
 
 /// \file checkpoint.hpp
-/// Lossless checkpoints of an MoELayer (and, optionally, of its Sgd or Adam optimizer) in a
-/// documented, checksummed binary format, written atomically.
+/// Lossless checkpoints of an MoELayer with any router (and, optionally, of its Sgd or Adam
+/// optimizer) in a documented, checksummed binary format, written atomically.
 ///
 /// This is the public entry point; the implementation lives in io/ (one purpose per file):
 /// io/checkpoint_error.hpp (CheckpointError), io/byte_codec.hpp (little-endian fields),
 /// io/file.hpp (POSIX reads and atomic writes), io/checkpoint_format.hpp (format constants,
-/// CheckpointInfo, parsing and validation), io/checkpoint_optimizer.hpp (optimizer sections) and
-/// io/checkpoint_layer.hpp (ExpertKind, the layer's tensors, validate-then-commit loading).
+/// CheckpointInfo, parsing and validation), io/checkpoint_optimizer.hpp (optimizer sections),
+/// io/checkpoint_router.hpp (router options and state) and io/checkpoint_layer.hpp (ExpertKind,
+/// the layer's tensors, validate-then-commit loading). A router's kind string and options come
+/// from RouterKind<RouterT> (router/router_kind.hpp), specialised in each router's header.
 ///
 /// Not part of the umbrella header sparsemoe.hpp, because it needs xxHash (`xxhash.h`, Debian
 /// package libxxhash-dev, used header-only through XXH_INLINE_ALL: nothing to link) and POSIX
@@ -30,36 +32,43 @@
 /// \endcode
 ///
 /// Guarantees:
-///  - Round trip is bitwise: every parameter and optimizer state scalar is stored as its raw IEEE
-///    bytes (NaN payloads and −0.0 included), and so are the noise ε and seed; after loading, the
-///    layer's forward/backward and the optimizer's next step give bitwise the results of the
-///    saved objects.
+///  - Round trip is bitwise: every parameter, router state and optimizer state scalar is stored as
+///    its raw IEEE bytes (NaN payloads and −0.0 included), and so are the router options (the
+///    noisy gate's ε and seed among them) and the layer's training step; after loading, the
+///    layer's forward/backward (training noise included) and the optimizer's next step give
+///    bitwise the results of the saved objects.
 ///  - Loading validates the whole file (size, magic, version, checksum, structure, scalar type,
-///    expert kind, shapes and tensor names against the target) before touching anything; on any
-///    failure the layer and the optimizer are left exactly as they were, and the CheckpointError
-///    says which check failed (CheckpointError::kind()).
+///    expert kind, router kind, shapes, router options and tensor names against the target)
+///    before touching anything; on any failure the layer and the optimizer are left exactly as
+///    they were, and the CheckpointError says which check failed (CheckpointError::kind()).
 ///  - Saving writes `path.tmp.<pid>.<n>` in the same directory, fsyncs it, renames it over `path`
 ///    and fsyncs the directory: a crash leaves the old checkpoint or the new one under `path`,
 ///    never a partial file. On failure the temporary file is removed and `path` is untouched.
 ///
-/// Format (version 1; all integers little-endian, offsets in bytes; see docs/checkpoint-format.md):
+/// Format (version 2; all integers little-endian, offsets in bytes; see docs/checkpoint-format.md,
+/// which also describes version 1):
 ///
 ///     off  size  field
 ///       0     8  magic "SPMOECKP"
-///       8     4  u32 format version = 1
+///       8     4  u32 format version = 2
 ///      12     8  u64 total file size N, checksum included
 ///      20     4  u32 scalar type code: 1 = IEEE-754 binary32 (float), 2 = binary64 (double)
 ///      24     4  u32 scalar size in bytes: 4 or 8
 ///      28        str expert kind: "expert:relu" | "expert:silu" | "expert:gelu_tanh" |
 ///                "expert:gelu_erf" | "swiglu" (ExpertKind<ExpertT>::name())
 ///                i64 d, i64 h, i64 E, i64 k
-///                f64 noise ε (the gate's Scalar value widened to double: exact), u64 noise seed
-///                u64 tensor count, then that many tensor records
+///                u64 training step (MoELayer::training_step())
+///                str router kind: "noisy_top_k" | "softmax_top_k" | "sigmoid_top_k" | "switch" |
+///                "gshard" (RouterKind<RouterT>::name())
+///                u64 router option count, then that many option records
+///                u64 parameter tensor count, then that many tensor records
+///                u64 router state tensor count, then that many tensor records
 ///                str optimizer kind: "none" | "sgd" | "adam", then its section (below)
 ///     N−8     8  u64 XXH3_64bits (seed 0) of bytes [0, N−8)
 ///
 ///     str            = u32 byte length, then the bytes (UTF-8, no terminator)
 ///     f64            = the 8 bytes of an IEEE-754 binary64
+///     option record  = str name, u32 type (1 integer, 2 unsigned, 3 real, 4 flag), u64 value bits
 ///     tensor record  = str name, i64 rows, i64 cols, rows·cols scalars (row-major, raw IEEE bytes)
 ///     "sgd" section  = i64 step count, f64 lr, f64 momentum, f64 weight decay, u32 nesterov (0|1),
 ///                      u64 state tensor count, records "sgd.velocity.<param>" (one per parameter
@@ -69,20 +78,26 @@
 ///                      then "adam.v.<param>" for every parameter (none when step count = 0)
 ///
 /// The parameter tensors are those of MoELayer::tensors(), in that order and with those names
-/// (gate.gate_weight, gate.noise_weight, expert0.w1, expert0.b1, …); state tensors have the
-/// shape of their parameter. The check order when reading is: magic, version, total size
-/// (truncated / trailing bytes), checksum, structure, then compatibility with the target.
+/// (gate.gate_weight, gate.noise_weight or router.weight, router.bias, then expert0.w1,
+/// expert0.b1, …); the router state tensors are the router's state() under "<prefix>state."
+/// (e.g. router.state.selection_bias); optimizer state tensors have the shape of their
+/// parameter. The check order when reading is: magic, version, total size (truncated / trailing
+/// bytes), checksum, structure, then compatibility with the target.
 ///
-/// What is restored: every parameter, the gate's noise ε and noise seed (so training noise
-/// continues as before), and the optimizer's hyper-parameters, step count and state. What must
-/// already match: Scalar, the expert type, d, h, E and k. What is kept from the target: the
-/// gate's check_finite() setting (a run-time option, not state).
+/// What is restored: every parameter and router state tensor, the layer's training step (so the
+/// next unpinned training forward draws the noise an uninterrupted run would), the noisy gate's
+/// noise ε and seed, and the optimizer's hyper-parameters, step count and state. What must
+/// already match: Scalar, the expert type, the router kind, d, h, E, k and every other router
+/// option (RouterKind::options: e.g. scale, num_groups, seed). What is kept from the target: the
+/// router's check_finite setting (a run-time option, not state). A version 1 file (always a
+/// noisy top-k gate) loads as before and leaves the layer's training_step() unchanged: it does
+/// not record one.
 ///
 /// Requirements: a little-endian host (checked at compile time) with IEEE-754 float and double,
 /// and POSIX. Memory: saving builds the whole file in memory (≈ the parameter and state bytes)
-/// plus a copy of one expert at a time; loading reads the whole file, plus the optimizer state
-/// before it is moved in. Time: O(file size), dominated by the copy, the XXH3 pass (several GB/s)
-/// and fsync.
+/// plus a copy of the router and of one expert at a time; loading reads the whole file, plus a
+/// copy of the router and the optimizer state before they are moved in. Time: O(file size),
+/// dominated by the copy, the XXH3 pass (several GB/s) and fsync.
 ///
 /// Thread safety: saving only reads the layer and optimizer (no other thread may modify them
 /// meanwhile); concurrent saves to the same path are safe (each uses its own temporary file; the
@@ -93,7 +108,9 @@
 #include "io/checkpoint_format.hpp"
 #include "io/checkpoint_layer.hpp"
 #include "io/checkpoint_optimizer.hpp"
+#include "io/checkpoint_router.hpp"
 #include "io/file.hpp"
+#include "router/router_kind.hpp"
 #include "moe_layer.hpp"
 #include "optimizers.hpp"
 
@@ -104,37 +121,39 @@ namespace sparsemoe {
 
 // ---- In memory ----------------------------------------------------------------------------------
 
-/// The checkpoint of `layer` as bytes (the file save_checkpoint writes). O(parameters); memory:
-/// the result plus a copy of one expert. Throws std::bad_alloc only.
-template <typename Scalar, typename ExpertT>
-std::string serialize_checkpoint(const MoELayer<Scalar, ExpertT>& layer) {
+/// The checkpoint of `layer` (any router) as bytes, in format version 2 (the file
+/// save_checkpoint writes). O(parameters); memory: the result plus a copy of the router and of one
+/// expert. Throws std::bad_alloc only.
+template <typename Scalar, typename ExpertT, typename RouterT>
+std::string serialize_checkpoint(const MoELayer<Scalar, ExpertT, RouterT>& layer) {
   return detail::serialize(layer, detail::NoOptimizer{}, "sparsemoe::serialize_checkpoint");
 }
 
 /// The checkpoint of `layer` and the state of `optimizer` (hyper-parameters, step count, one
 /// velocity per parameter tensor when momentum > 0). Throws std::invalid_argument if the
 /// optimizer's state does not fit the layer's tensors (it was stepped on other parameters).
-template <typename Scalar, typename ExpertT>
-std::string serialize_checkpoint(const MoELayer<Scalar, ExpertT>& layer, const Sgd<Scalar>& optimizer) {
+template <typename Scalar, typename ExpertT, typename RouterT>
+std::string serialize_checkpoint(const MoELayer<Scalar, ExpertT, RouterT>& layer, const Sgd<Scalar>& optimizer) {
   return detail::serialize(layer, optimizer, "sparsemoe::serialize_checkpoint");
 }
 
 /// The checkpoint of `layer` and the state of `optimizer` (hyper-parameters, step count, first
 /// and second moments). Throws std::invalid_argument if the optimizer's state does not fit the
 /// layer's tensors.
-template <typename Scalar, typename ExpertT>
-std::string serialize_checkpoint(const MoELayer<Scalar, ExpertT>& layer, const Adam<Scalar>& optimizer) {
+template <typename Scalar, typename ExpertT, typename RouterT>
+std::string serialize_checkpoint(const MoELayer<Scalar, ExpertT, RouterT>& layer, const Adam<Scalar>& optimizer) {
   return detail::serialize(layer, optimizer, "sparsemoe::serialize_checkpoint");
 }
 
-/// Loads the checkpoint in the `size` bytes at `data` into `layer`, which must have the file's
-/// Scalar, expert kind, d, h, E and k; its parameters, noise ε and noise seed are replaced. An
-/// optimizer section in the file is verified but ignored. A parameter that is NaN or infinite
-/// is rejected (non_finite_value) unless options.allow_non_finite. Throws CheckpointError (see
-/// CheckpointErrorKind) and then leaves `layer` unchanged; std::invalid_argument if `data` is
-/// null while `size` > 0. O(size).
-template <typename Scalar, typename ExpertT>
-void deserialize_checkpoint(const void* data, std::size_t size, MoELayer<Scalar, ExpertT>& layer,
+/// Loads the checkpoint in the `size` bytes at `data` into `layer` (any router), which must have
+/// the file's Scalar, expert kind, router kind, d, h, E, k and router options; its parameters,
+/// router state tensors and (version 2 files) training step are replaced, and for the
+/// NoisyTopKGate the noise ε and seed too. An optimizer section in the file is verified but
+/// ignored. A parameter or state value that is NaN or infinite is rejected (non_finite_value)
+/// unless options.allow_non_finite. Throws CheckpointError (see CheckpointErrorKind) and then
+/// leaves `layer` unchanged; std::invalid_argument if `data` is null while `size` > 0. O(size).
+template <typename Scalar, typename ExpertT, typename RouterT>
+void deserialize_checkpoint(const void* data, std::size_t size, MoELayer<Scalar, ExpertT, RouterT>& layer,
                             const CheckpointLoadOptions& options = {}) {
   detail::NoOptimizer none;
   detail::deserialize(data, size, layer, none, "sparsemoe::deserialize_checkpoint", options);
@@ -143,8 +162,8 @@ void deserialize_checkpoint(const void* data, std::size_t size, MoELayer<Scalar,
 /// Like deserialize_checkpoint(data, size, layer), and also restores `optimizer` from the file's
 /// Sgd section (CheckpointErrorKind::optimizer_mismatch if there is none). On any error neither
 /// the layer nor the optimizer changes.
-template <typename Scalar, typename ExpertT>
-void deserialize_checkpoint(const void* data, std::size_t size, MoELayer<Scalar, ExpertT>& layer,
+template <typename Scalar, typename ExpertT, typename RouterT>
+void deserialize_checkpoint(const void* data, std::size_t size, MoELayer<Scalar, ExpertT, RouterT>& layer,
                             Sgd<Scalar>& optimizer, const CheckpointLoadOptions& options = {}) {
   detail::deserialize(data, size, layer, optimizer, "sparsemoe::deserialize_checkpoint", options);
 }
@@ -152,8 +171,8 @@ void deserialize_checkpoint(const void* data, std::size_t size, MoELayer<Scalar,
 /// Like deserialize_checkpoint(data, size, layer), and also restores `optimizer` from the file's
 /// Adam section (CheckpointErrorKind::optimizer_mismatch if there is none). On any error neither
 /// the layer nor the optimizer changes.
-template <typename Scalar, typename ExpertT>
-void deserialize_checkpoint(const void* data, std::size_t size, MoELayer<Scalar, ExpertT>& layer,
+template <typename Scalar, typename ExpertT, typename RouterT>
+void deserialize_checkpoint(const void* data, std::size_t size, MoELayer<Scalar, ExpertT, RouterT>& layer,
                             Adam<Scalar>& optimizer, const CheckpointLoadOptions& options = {}) {
   detail::deserialize(data, size, layer, optimizer, "sparsemoe::deserialize_checkpoint", options);
 }
@@ -177,24 +196,24 @@ inline CheckpointInfo inspect_checkpoint(const void* data, std::size_t size) {
 /// replaced, not followed). Throws CheckpointError(io) with the failed step and errno text; the
 /// temporary file is then removed and `path` is untouched (unless only the final directory
 /// fsync failed, which the message says). O(parameters) plus the I/O.
-template <typename Scalar, typename ExpertT>
-void save_checkpoint(const std::string& path, const MoELayer<Scalar, ExpertT>& layer) {
+template <typename Scalar, typename ExpertT, typename RouterT>
+void save_checkpoint(const std::string& path, const MoELayer<Scalar, ExpertT, RouterT>& layer) {
   const char* function = "sparsemoe::save_checkpoint";
   detail::write_file_atomically(path, detail::serialize(layer, detail::NoOptimizer{}, function), function);
 }
 
 /// Saves `layer` and the state of `optimizer` to `path` atomically (see above). Throws
 /// std::invalid_argument, before writing anything, if the optimizer's state does not fit the layer.
-template <typename Scalar, typename ExpertT>
-void save_checkpoint(const std::string& path, const MoELayer<Scalar, ExpertT>& layer, const Sgd<Scalar>& optimizer) {
+template <typename Scalar, typename ExpertT, typename RouterT>
+void save_checkpoint(const std::string& path, const MoELayer<Scalar, ExpertT, RouterT>& layer, const Sgd<Scalar>& optimizer) {
   const char* function = "sparsemoe::save_checkpoint";
   detail::write_file_atomically(path, detail::serialize(layer, optimizer, function), function);
 }
 
 /// Saves `layer` and the state of `optimizer` to `path` atomically (see above). Throws
 /// std::invalid_argument, before writing anything, if the optimizer's state does not fit the layer.
-template <typename Scalar, typename ExpertT>
-void save_checkpoint(const std::string& path, const MoELayer<Scalar, ExpertT>& layer, const Adam<Scalar>& optimizer) {
+template <typename Scalar, typename ExpertT, typename RouterT>
+void save_checkpoint(const std::string& path, const MoELayer<Scalar, ExpertT, RouterT>& layer, const Adam<Scalar>& optimizer) {
   const char* function = "sparsemoe::save_checkpoint";
   detail::write_file_atomically(path, detail::serialize(layer, optimizer, function), function);
 }
@@ -202,8 +221,8 @@ void save_checkpoint(const std::string& path, const MoELayer<Scalar, ExpertT>& l
 /// Loads the checkpoint at `path` into `layer` (see deserialize_checkpoint): reads the whole
 /// file, validates everything, then copies in. Throws CheckpointError (io for a missing or
 /// unreadable file) and then leaves `layer` unchanged. O(file size).
-template <typename Scalar, typename ExpertT>
-void load_checkpoint(const std::string& path, MoELayer<Scalar, ExpertT>& layer, const CheckpointLoadOptions& options = {}) {
+template <typename Scalar, typename ExpertT, typename RouterT>
+void load_checkpoint(const std::string& path, MoELayer<Scalar, ExpertT, RouterT>& layer, const CheckpointLoadOptions& options = {}) {
   const char* function = "sparsemoe::load_checkpoint";
   const std::string bytes = detail::read_file(path, function);
   detail::NoOptimizer none;
@@ -212,8 +231,8 @@ void load_checkpoint(const std::string& path, MoELayer<Scalar, ExpertT>& layer, 
 
 /// Loads the checkpoint at `path` into `layer` and `optimizer` (Sgd section required). On any
 /// error neither changes.
-template <typename Scalar, typename ExpertT>
-void load_checkpoint(const std::string& path, MoELayer<Scalar, ExpertT>& layer, Sgd<Scalar>& optimizer,
+template <typename Scalar, typename ExpertT, typename RouterT>
+void load_checkpoint(const std::string& path, MoELayer<Scalar, ExpertT, RouterT>& layer, Sgd<Scalar>& optimizer,
                      const CheckpointLoadOptions& options = {}) {
   const char* function = "sparsemoe::load_checkpoint";
   const std::string bytes = detail::read_file(path, function);
@@ -222,8 +241,8 @@ void load_checkpoint(const std::string& path, MoELayer<Scalar, ExpertT>& layer, 
 
 /// Loads the checkpoint at `path` into `layer` and `optimizer` (Adam section required). On any
 /// error neither changes.
-template <typename Scalar, typename ExpertT>
-void load_checkpoint(const std::string& path, MoELayer<Scalar, ExpertT>& layer, Adam<Scalar>& optimizer,
+template <typename Scalar, typename ExpertT, typename RouterT>
+void load_checkpoint(const std::string& path, MoELayer<Scalar, ExpertT, RouterT>& layer, Adam<Scalar>& optimizer,
                      const CheckpointLoadOptions& options = {}) {
   const char* function = "sparsemoe::load_checkpoint";
   const std::string bytes = detail::read_file(path, function);

@@ -22,16 +22,18 @@ enum class CheckpointErrorKind {
   io,                   ///< opening, reading, writing, syncing or renaming a file failed (errno text)
   truncated,            ///< fewer bytes than a header, or than the header's total size
   bad_magic,            ///< the first 8 bytes are not "SPMOECKP": not a sparsemoe checkpoint
-  unsupported_version,  ///< a format version other than checkpoint_format_version
+  unsupported_version,  ///< a format version outside [checkpoint_min_format_version, checkpoint_format_version]
   trailing_bytes,       ///< more bytes than the header's total size
   checksum_mismatch,    ///< the stored XXH3-64 differs from the computed one: the bytes are corrupted
   malformed,            ///< the checksum matches but the content breaks the format (forged or buggy writer)
   wrong_scalar_type,    ///< the file's scalar type (float/double) is not the layer's
   wrong_expert_kind,    ///< the file's expert kind (e.g. "expert:silu") is not the layer's
   shape_mismatch,       ///< d, h, E, k or a tensor's shape differs from the layer's
-  tensor_mismatch,      ///< the tensor count or a tensor name differs from the layer's
+  tensor_mismatch,      ///< the count or a name of the parameter (or router state) tensors differs from the layer's
   optimizer_mismatch,   ///< the optimizer state asked for is not in the file (none, or another kind)
-  non_finite_value,     ///< a parameter tensor holds a NaN or an infinity (the message names the tensor)
+  non_finite_value,     ///< a parameter or router state tensor holds a NaN or an infinity (the message names it)
+  wrong_router_kind,    ///< the file's router kind (e.g. "softmax_top_k") is not the layer's (format version 2)
+  router_option_mismatch,  ///< a router option (e.g. scale, num_groups, seed) differs from the layer's router's
 };
 
 /// A stable lowercase name of `kind` ("checksum_mismatch", …), as used in the error messages.
@@ -50,6 +52,8 @@ inline const char* to_string(CheckpointErrorKind kind) {
     case CheckpointErrorKind::tensor_mismatch: return "tensor_mismatch";
     case CheckpointErrorKind::non_finite_value: return "non_finite_value";
     case CheckpointErrorKind::optimizer_mismatch: return "optimizer_mismatch";
+    case CheckpointErrorKind::wrong_router_kind: return "wrong_router_kind";
+    case CheckpointErrorKind::router_option_mismatch: return "router_option_mismatch";
   }
   return "unknown";
 }

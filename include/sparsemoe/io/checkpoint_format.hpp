@@ -13,6 +13,7 @@
 #include "../config.hpp"
 #include "../layer_options.hpp"
 #include "../optimizers.hpp"
+#include "../router/router_kind.hpp"
 #include "byte_codec.hpp"
 #include "checkpoint_error.hpp"
 
@@ -36,19 +37,24 @@
 
 namespace sparsemoe {
 
-/// The checkpoint format version this build writes, and the only one it reads.
-inline constexpr std::uint32_t checkpoint_format_version = 1;
+/// The checkpoint format version this build writes (2: router kind and options, router state
+/// tensors and the layer's training step; see checkpoint.hpp).
+inline constexpr std::uint32_t checkpoint_format_version = 2;
+/// The oldest format version this build reads. Version 1 files (noisy top-k gate only, no
+/// training step) load as before and leave the layer's training_step() unchanged.
+inline constexpr std::uint32_t checkpoint_min_format_version = 1;
 
 /// Settings of load_checkpoint and deserialize_checkpoint.
 struct CheckpointLoadOptions {
-  /// Accept parameter tensors that hold NaN or infinity (to look at a diverged run); by default
-  /// such a file is rejected with CheckpointErrorKind::non_finite_value, naming the tensor.
+  /// Accept parameter (and router state) tensors that hold NaN or infinity (to look at a
+  /// diverged run); by default such a file is rejected with
+  /// CheckpointErrorKind::non_finite_value, naming the tensor.
   bool allow_non_finite = false;
 };
 
 /// Name and shape of one tensor stored in a checkpoint.
 struct CheckpointTensorInfo {
-  std::string name;  ///< e.g. "expert0.w1", "adam.m.expert0.w1"
+  std::string name;  ///< e.g. "expert0.w1", "router.state.selection_bias", "adam.m.expert0.w1"
   Index rows = 0;    ///< rows (a vector is rows×1)
   Index cols = 0;    ///< columns
 };
@@ -57,7 +63,7 @@ struct CheckpointTensorInfo {
 /// integrity and structure checks (no target layer involved). Use config() to build a layer the
 /// file loads into.
 struct CheckpointInfo {
-  std::uint32_t format_version = 0;                     ///< checkpoint_format_version
+  std::uint32_t format_version = 0;                     ///< 1 or 2 (checkpoint_format_version)
   std::size_t size_bytes = 0;                           ///< total file size, checksum included
   std::uint64_t checksum = 0;                           ///< the stored (and verified) XXH3-64
   std::string scalar_type;                              ///< "float32" or "float64"
@@ -67,25 +73,50 @@ struct CheckpointInfo {
   Index hidden_dim = 0;                                 ///< h
   Index num_experts = 0;                                ///< E
   Index k = 0;                                          ///< k
-  double noise_epsilon = 0.0;                           ///< the gate's ε (exact)
-  std::uint64_t noise_seed = 0;                         ///< the gate's noise seed
+  /// Whether the file records the layer's training step (version 2 files do, version 1 files not).
+  bool has_training_step = false;
+  /// MoELayer::training_step() when saved (0 when !has_training_step).
+  std::uint64_t training_step = 0;
+  /// RouterKind<RouterT>::name() of the writer: "noisy_top_k" (every version 1 file),
+  /// "softmax_top_k", "sigmoid_top_k", "switch", "gshard", or a router of your own.
+  std::string router_kind;
+  /// RouterKind<RouterT>::options() of the writer's router, in file order (for a version 1 file:
+  /// noise_epsilon and noise_seed, as a version 2 file of the same gate stores them).
+  std::vector<RouterOption> router_options;
+  double noise_epsilon = 0.0;                           ///< noisy_top_k: the gate's ε (exact); else 0
+  std::uint64_t noise_seed = 0;                         ///< noisy_top_k: the gate's noise seed; else 0
   std::vector<CheckpointTensorInfo> tensors;            ///< parameter tensors, MoELayer::tensors() order
+  /// The router's state() tensors (no gradient, e.g. "router.state.selection_bias"); empty for
+  /// routers without state and in version 1 files.
+  std::vector<CheckpointTensorInfo> router_state_tensors;
   std::string optimizer = "none";                       ///< "none", "sgd" or "adam"
   std::int64_t optimizer_step_count = 0;                ///< steps the optimizer had taken
   SgdOptions sgd_options;                               ///< meaningful when optimizer == "sgd"
   AdamOptions adam_options;                             ///< meaningful when optimizer == "adam"
   std::vector<CheckpointTensorInfo> optimizer_tensors;  ///< state tensors, file order
 
-  /// A layer configuration with this file's d, h, E, k, ε and seed: `MoELayer<S, ExpertT>
-  /// layer(info.config())` of the right S and ExpertT accepts the file.
+  /// The router option called `name`, or nullptr. O(number of options).
+  const RouterOption* router_option(const std::string& name) const {
+    for (const RouterOption& option : router_options) {
+      if (option.name == name) return &option;
+    }
+    return nullptr;
+  }
+
+  /// A layer configuration with this file's d, h, E, k (and, for noisy_top_k, ε and seed):
+  /// `MoELayer<S, ExpertT> layer(info.config())` of the right S and ExpertT accepts a noisy_top_k
+  /// file; for another router kind, build the router with the options in router_options and
+  /// pass it: `MoELayer<S, ExpertT, RouterT> layer(info.config(), router)`.
   MoEConfig config() const {
     MoEConfig result;
     result.input_dim = input_dim;
     result.hidden_dim = hidden_dim;
     result.num_experts = num_experts;
     result.k = k;
-    result.noise_epsilon = noise_epsilon;
-    result.seed = noise_seed;
+    if (router_kind == "noisy_top_k") {
+      result.noise_epsilon = noise_epsilon;
+      result.seed = noise_seed;
+    }
     return result;
   }
 };
@@ -95,17 +126,35 @@ namespace detail {
 /// The 8 magic bytes every checkpoint starts with.
 inline constexpr char checkpoint_magic[8] = {'S', 'P', 'M', 'O', 'E', 'C', 'K', 'P'};
 inline constexpr std::size_t checkpoint_magic_size = 8;
-/// Offset of the u32 version, of the u64 total size, and the size of that fixed prefix.
+/// Offset of the u32 version, of the u64 total size, and the size of that fixed prefix (the same
+/// in every version).
 inline constexpr std::size_t checkpoint_version_offset = 8;
 inline constexpr std::size_t checkpoint_size_offset = 12;
 inline constexpr std::size_t checkpoint_prefix_size = 20;
 inline constexpr std::size_t checkpoint_checksum_size = 8;
-/// The smallest well-formed file: prefix, scalar code and size, an empty kind string, d, h, E, k,
-/// ε, seed, tensor count, "none" (4 + 4 bytes), checksum.
-inline constexpr std::size_t checkpoint_min_size = checkpoint_prefix_size + 8 + 4 + 6 * 8 + 8 + 8 + checkpoint_checksum_size;
-/// Limits on stored strings (a guard against absurd lengths, far above any real name).
+/// The smallest well-formed version 1 file: prefix, scalar code and size, an empty kind string,
+/// d, h, E, k, ε, seed, tensor count, "none" (4 + 4 bytes), checksum (104 bytes). No version is
+/// smaller.
+inline constexpr std::size_t checkpoint_v1_min_size =
+    checkpoint_prefix_size + 8 + 4 + 6 * 8 + 8 + 8 + checkpoint_checksum_size;
+/// The smallest well-formed version 2 file: prefix, scalar code and size, an empty expert kind,
+/// d, h, E, k, training step, an empty router kind, option count, tensor count, state count,
+/// "none", checksum (116 bytes).
+inline constexpr std::size_t checkpoint_min_size =
+    checkpoint_prefix_size + 8 + 4 + 5 * 8 + 4 + 3 * 8 + 8 + checkpoint_checksum_size;
+/// Limits on stored strings and counts (a guard against absurd lengths, far above any real one).
 inline constexpr std::size_t checkpoint_max_kind_length = 256;
 inline constexpr std::size_t checkpoint_max_name_length = 4096;
+inline constexpr std::size_t checkpoint_max_option_name_length = 256;
+inline constexpr std::uint64_t checkpoint_max_router_options = 256;
+/// The router kind of NoisyTopKGate (RouterKind<NoisyTopKGate<S>>::name()), which every version 1
+/// file implies.
+inline constexpr const char* noisy_top_k_kind = "noisy_top_k";
+
+/// The smallest well-formed file of format `version` (1 or 2).
+constexpr std::size_t checkpoint_min_size_of(std::uint32_t version) {
+  return version == 1 ? checkpoint_v1_min_size : checkpoint_min_size;
+}
 
 /// Scalar type code stored in a checkpoint: 1 = float (binary32), 2 = double (binary64).
 template <typename Scalar>
@@ -134,8 +183,9 @@ inline std::string hex64(std::uint64_t value) {
 /// tensor's payload starts in the buffer it was parsed from.
 struct ParsedCheckpoint {
   CheckpointInfo info;
-  std::vector<std::size_t> tensor_offsets;            ///< payload offset of info.tensors[i]
-  std::vector<std::size_t> optimizer_tensor_offsets;  ///< payload offset of info.optimizer_tensors[i]
+  std::vector<std::size_t> tensor_offsets;               ///< payload offset of info.tensors[i]
+  std::vector<std::size_t> router_state_tensor_offsets;  ///< payload offset of info.router_state_tensors[i]
+  std::vector<std::size_t> optimizer_tensor_offsets;     ///< payload offset of info.optimizer_tensors[i]
 };
 
 /// Whether `options` satisfy Sgd's constructor checks (lr finite > 0, 0 ≤ μ < 1, λ finite ≥ 0,
@@ -180,6 +230,66 @@ inline void read_tensor_record(CheckpointReader& reader, std::size_t scalar_size
   tensors.push_back(std::move(tensor));
 }
 
+/// Reads the version 2 router option list (u64 count, then per option: str name, u32 type code,
+/// u64 value bits) into `options`. Throws CheckpointError(malformed) for a count that cannot fit,
+/// an empty, over-long or repeated name, an unknown type code, or a flag other than 0 or 1.
+inline void read_router_options(CheckpointReader& reader, const std::string& context,
+                                std::vector<RouterOption>& options) {
+  using Kind = CheckpointErrorKind;
+  const std::uint64_t count = reader.u64("the router option count");
+  // Each option takes at least 4 + 1 + 4 + 8 = 17 bytes.
+  if (count > checkpoint_max_router_options || count > reader.remaining() / 17) {
+    checkpoint_fail(Kind::malformed, context, "the router option count ", count, " exceeds ",
+                    checkpoint_max_router_options, " or cannot fit in the ", reader.remaining(),
+                    " bytes left before the checksum");
+  }
+  options.reserve(static_cast<std::size_t>(count));
+  for (std::uint64_t i = 0; i < count; ++i) {
+    RouterOption option;
+    option.name = reader.str(checkpoint_max_option_name_length, "a router option name");
+    const std::size_t type_offset = reader.position();
+    const std::uint32_t type = reader.u32("a router option type");
+    option.bits = reader.u64("a router option value");
+    if (option.name.empty()) {
+      checkpoint_fail(Kind::malformed, context, "router option ", i, " has an empty name");
+    }
+    for (const RouterOption& earlier : options) {
+      if (earlier.name == option.name) {
+        checkpoint_fail(Kind::malformed, context, "router option '", option.name, "' appears twice");
+      }
+    }
+    if (type < static_cast<std::uint32_t>(RouterOptionType::integer) ||
+        type > static_cast<std::uint32_t>(RouterOptionType::flag)) {
+      checkpoint_fail(Kind::malformed, context, "router option '", option.name, "' at offset ", type_offset,
+                      " has type code ", type, ", expected 1 (integer), 2 (unsigned), 3 (real) or 4 (flag)");
+    }
+    option.type = static_cast<RouterOptionType>(type);
+    if (option.type == RouterOptionType::flag && option.bits > 1) {
+      checkpoint_fail(Kind::malformed, context, "router flag '", option.name, "' is ", option.bits,
+                      ", expected 0 or 1");
+    }
+    options.push_back(std::move(option));
+  }
+}
+
+/// The options of a noisy_top_k router are exactly noise_epsilon (a finite real > 0) and
+/// noise_seed (unsigned), in that order; copies them into info.noise_epsilon and info.noise_seed.
+/// Throws CheckpointError(malformed) otherwise (checked without a target: a load restores them).
+inline void check_noisy_top_k_options(CheckpointInfo& info, const std::string& context) {
+  using Kind = CheckpointErrorKind;
+  const std::vector<RouterOption>& options = info.router_options;
+  if (options.size() != 2 || options[0].name != "noise_epsilon" || options[0].type != RouterOptionType::real ||
+      options[1].name != "noise_seed" || options[1].type != RouterOptionType::unsigned_integer) {
+    checkpoint_fail(Kind::malformed, context, "a noisy_top_k router has the options noise_epsilon (real) and "
+                    "noise_seed (unsigned), got ", options.size(), " other options");
+  }
+  info.noise_epsilon = options[0].as_real();
+  info.noise_seed = options[1].bits;
+  if (!(std::isfinite(info.noise_epsilon) && info.noise_epsilon > 0.0)) {
+    checkpoint_fail(Kind::malformed, context, "expected a finite noise epsilon > 0, got ", info.noise_epsilon);
+  }
+}
+
 /// Checks the integrity (size, magic, version, total size, checksum) and the structure of the
 /// `size` bytes at `data`, without any target layer. `context` prefixes error messages
 /// ("<function>" or "<function>: '<path>'"). O(size): one XXH3 pass plus the field reads.
@@ -188,7 +298,7 @@ inline ParsedCheckpoint parse_checkpoint(const unsigned char* data, std::size_t 
   // 1. Magic (a short prefix of the magic is a truncated checkpoint, anything else is not one).
   if (size < checkpoint_magic_size) {
     if (size == 0 || std::memcmp(data, checkpoint_magic, size) == 0) {
-      checkpoint_fail(Kind::truncated, context, "got ", size, " bytes, expected at least ", checkpoint_min_size,
+      checkpoint_fail(Kind::truncated, context, "got ", size, " bytes, expected at least ", checkpoint_v1_min_size,
                       " (a checkpoint starts with the 8-byte magic \"SPMOECKP\")");
     }
     checkpoint_fail(Kind::bad_magic, context, "expected the magic \"SPMOECKP\", got a ", size,
@@ -206,23 +316,24 @@ inline ParsedCheckpoint parse_checkpoint(const unsigned char* data, std::size_t 
   }
   // 2. Version, before anything else, so that a later version may change all that follows.
   if (size < checkpoint_version_offset + 4) {
-    checkpoint_fail(Kind::truncated, context, "got ", size, " bytes, expected at least ", checkpoint_min_size,
+    checkpoint_fail(Kind::truncated, context, "got ", size, " bytes, expected at least ", checkpoint_v1_min_size,
                     " (the file ends inside the format version)");
   }
   const std::uint32_t version = load_u32(data + checkpoint_version_offset);
-  if (version != checkpoint_format_version) {
-    checkpoint_fail(Kind::unsupported_version, context, "expected format version ", checkpoint_format_version,
-                    ", got version ", version);
+  if (version < checkpoint_min_format_version || version > checkpoint_format_version) {
+    checkpoint_fail(Kind::unsupported_version, context, "expected format version ", checkpoint_min_format_version,
+                    " to ", checkpoint_format_version, ", got version ", version);
   }
+  const std::size_t min_size = checkpoint_min_size_of(version);
   // 3. Total size: truncation and trailing bytes are told apart from corruption.
   if (size < checkpoint_prefix_size) {
-    checkpoint_fail(Kind::truncated, context, "got ", size, " bytes, expected at least ", checkpoint_min_size,
+    checkpoint_fail(Kind::truncated, context, "got ", size, " bytes, expected at least ", min_size,
                     " (the file ends inside the total size field)");
   }
   const std::uint64_t total = load_u64(data + checkpoint_size_offset);
-  if (total < checkpoint_min_size) {
+  if (total < min_size) {
     checkpoint_fail(Kind::malformed, context, "the header's total size is ", total, " bytes, expected at least ",
-                    checkpoint_min_size);
+                    min_size, " for format version ", version);
   }
   if (static_cast<std::uint64_t>(size) < total) {
     checkpoint_fail(Kind::truncated, context, "expected ", total, " bytes (the header's total size), got ", size);
@@ -273,11 +384,18 @@ inline ParsedCheckpoint parse_checkpoint(const unsigned char* data, std::size_t 
   info.hidden_dim = static_cast<Index>(h);
   info.num_experts = static_cast<Index>(experts);
   info.k = static_cast<Index>(k);
-  info.noise_epsilon = reader.f64("the noise epsilon");
-  if (!(std::isfinite(info.noise_epsilon) && info.noise_epsilon > 0.0)) {
-    checkpoint_fail(Kind::malformed, context, "expected a finite noise epsilon > 0, got ", info.noise_epsilon);
+  if (version == 1) {
+    // Version 1: the noisy top-k gate's ε and seed, then the tensors; no training step.
+    info.router_kind = noisy_top_k_kind;
+    info.router_options.push_back(RouterOption::real("noise_epsilon", reader.f64("the noise epsilon")));
+    info.router_options.push_back(RouterOption::unsigned_integer("noise_seed", reader.u64("the noise seed")));
+  } else {
+    info.has_training_step = true;
+    info.training_step = reader.u64("the training step");
+    info.router_kind = reader.str(checkpoint_max_kind_length, "the router kind");
+    read_router_options(reader, context, info.router_options);
   }
-  info.noise_seed = reader.u64("the noise seed");
+  if (info.router_kind == noisy_top_k_kind) check_noisy_top_k_options(info, context);
   const std::uint64_t tensor_count = reader.u64("the tensor count");
   // Each record takes at least 20 bytes: the count cannot exceed what remains / 20.
   if (tensor_count > reader.remaining() / 20) {
@@ -288,6 +406,16 @@ inline ParsedCheckpoint parse_checkpoint(const unsigned char* data, std::size_t 
   parsed.tensor_offsets.reserve(static_cast<std::size_t>(tensor_count));
   for (std::uint64_t i = 0; i < tensor_count; ++i) {
     read_tensor_record(reader, scalar_size, context, info.tensors, parsed.tensor_offsets);
+  }
+  if (version >= 2) {
+    const std::uint64_t state_count = reader.u64("the router state tensor count");
+    if (state_count > reader.remaining() / 20) {
+      checkpoint_fail(Kind::malformed, context, "the router state tensor count ", state_count, " cannot fit in the ",
+                      reader.remaining(), " bytes left before the checksum");
+    }
+    for (std::uint64_t i = 0; i < state_count; ++i) {
+      read_tensor_record(reader, scalar_size, context, info.router_state_tensors, parsed.router_state_tensor_offsets);
+    }
   }
   // 6. Optimizer section.
   info.optimizer = reader.str(16, "the optimizer kind");
