@@ -1839,6 +1839,53 @@ TEST_F(CheckpointFiles, ConcurrentSavesToOnePathLeaveOneWholeCheckpoint) {
   EXPECT_EQ(entries(directory_), std::set<std::string>{"model.ckpt"});
 }
 
+// The example of docs/checkpoint-format.md is what the writer writes: size, fields, checksum.
+TEST(CheckpointFormat, DocumentedExampleIsWhatTheWriterWrites) {
+  FloatLayer layer(sparsemoe::MoEConfig{1, 1, 1, 1, 0.01, 7});
+  layer.gate().gate_weight()(0, 0) = 0.5f;
+  layer.gate().noise_weight()(0, 0) = -0.25f;
+  layer.expert(0).w1()(0, 0) = 1.0f;
+  layer.expert(0).b1()(0) = -0.0f;
+  layer.expert(0).w2()(0, 0) = 2.0f;
+  layer.expert(0).b2()(0) = 0.125f;
+  layer.set_training_step(3);
+  const std::string bytes = sparsemoe::serialize_checkpoint(layer);
+  ASSERT_EQ(bytes.size(), 410u);
+  EXPECT_EQ(get_u64(bytes, 402), 0x9903d45483fbfad0ull);  // "d0fa fb83 54d4 0399"
+  const Layout layout = walk(bytes);
+  EXPECT_EQ(layout.step_offset, 0x4bu);
+  EXPECT_EQ(layout.router_kind_offset, 0x53u);
+  EXPECT_EQ(layout.count_offset, 0xa1u);
+  EXPECT_EQ(layout.state_count_offset, 0x182u);
+  EXPECT_EQ(layout.optimizer_offset, 0x18au);
+  EXPECT_EQ(get_u32(bytes, 0x13a), 0x80000000u);  // b1 = -0.0f
+  // A noisy_top_k router must have exactly its two options (resealed forgeries are malformed).
+  std::string forged = bytes;
+  forged[layout.options[1].name_offset + 4] = 'N';  // "noise_seed" -> "Noise_seed"
+  reseal(forged);
+  std::string message = expect_error(CheckpointErrorKind::malformed, [&] {
+    sparsemoe::inspect_checkpoint(forged.data(), forged.size());
+  });
+  EXPECT_NE(message.find("got noise_epsilon (real), Noise_seed (unsigned)"), std::string::npos) << message;
+  forged = bytes;
+  put_u32(forged, layout.options[1].type_offset, 1);  // the seed as a signed integer
+  reseal(forged);
+  expect_error(CheckpointErrorKind::malformed, [&] { sparsemoe::inspect_checkpoint(forged.data(), forged.size()); });
+  forged = bytes;
+  put_u32(forged, layout.options[1].type_offset, 4);  // a flag of 7
+  reseal(forged);
+  message = expect_error(CheckpointErrorKind::malformed, [&] {
+    sparsemoe::inspect_checkpoint(forged.data(), forged.size());
+  });
+  EXPECT_NE(message.find("router flag 'noise_seed' is 7, expected 0 or 1"), std::string::npos) << message;
+  forged = bytes;
+  put_u64(forged, 12, 115);  // below the version 2 minimum
+  message = expect_error(CheckpointErrorKind::malformed, [&] {
+    sparsemoe::inspect_checkpoint(forged.data(), forged.size());
+  });
+  EXPECT_NE(message.find("expected at least 116 for format version 2"), std::string::npos) << message;
+}
+
 TEST(CheckpointArguments, OptimizerSteppedOnOtherParametersIsRejectedBeforeWriting) {
   FloatLayer layer = make_layer<FloatLayer>(70);
   sparsemoe::MoEConfig config = make_config(71);

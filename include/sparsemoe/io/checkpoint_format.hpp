@@ -230,6 +230,16 @@ inline void read_tensor_record(CheckpointReader& reader, std::size_t scalar_size
   tensors.push_back(std::move(tensor));
 }
 
+/// "name (type)" of each option, comma-separated (for error messages).
+inline std::string describe_router_options(const std::vector<RouterOption>& options) {
+  std::string text;
+  for (const RouterOption& option : options) {
+    if (!text.empty()) text += ", ";
+    text += option.name + " (" + to_string(option.type) + ")";
+  }
+  return text.empty() ? "none" : text;
+}
+
 /// Reads the version 2 router option list (u64 count, then per option: str name, u32 type code,
 /// u64 value bits) into `options`. Throws CheckpointError(malformed) for a count that cannot fit,
 /// an empty, over-long or repeated name, an unknown type code, or a flag other than 0 or 1.
@@ -280,8 +290,8 @@ inline void check_noisy_top_k_options(CheckpointInfo& info, const std::string& c
   const std::vector<RouterOption>& options = info.router_options;
   if (options.size() != 2 || options[0].name != "noise_epsilon" || options[0].type != RouterOptionType::real ||
       options[1].name != "noise_seed" || options[1].type != RouterOptionType::unsigned_integer) {
-    checkpoint_fail(Kind::malformed, context, "a noisy_top_k router has the options noise_epsilon (real) and "
-                    "noise_seed (unsigned), got ", options.size(), " other options");
+    checkpoint_fail(Kind::malformed, context, "a noisy_top_k router has the options noise_epsilon (real), "
+                    "noise_seed (unsigned), got ", describe_router_options(options));
   }
   info.noise_epsilon = options[0].as_real();
   info.noise_seed = options[1].bits;

@@ -70,16 +70,6 @@ inline std::string router_state_name(const char* prefix, const std::string& name
   return std::string(prefix) + "state." + name;
 }
 
-/// "name (type)" of each option, comma-separated (for error messages).
-inline std::string describe_router_options(const std::vector<RouterOption>& options) {
-  std::string text;
-  for (const RouterOption& option : options) {
-    if (!text.empty()) text += ", ";
-    text += option.name + " (" + to_string(option.type) + ")";
-  }
-  return text.empty() ? "none" : text;
-}
-
 /// Throws CheckpointError(router_option_mismatch) unless `file` and `layer` (the target router's
 /// RouterKind::options) list the same options, with the same names and types in the same order,
 /// and, when `compare_values`, bitwise the same values. The message names the first option that
