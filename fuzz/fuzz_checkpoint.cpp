@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
 // Copyright (c) 2026 The sparsemoe authors
 //
-// libFuzzer harness for the checkpoint reader (issue 4, items 5 and 7).
+// libFuzzer harness for the checkpoint reader (issue 4, items 5 and 7; format version 2 and
+// version 1 files: issue 11).
 //
 // Input: one control byte, then the bytes handed to the reader (as a file's content).
 //   control bits 0-1: entry point: 0 = deserialize_checkpoint(layer), 1 = (layer, Sgd),
@@ -10,25 +11,36 @@
 //                     the real XXH3-64 into the last 8 bytes (when there are at least 28 bytes), so
 //                     that mutations get past the integrity checks into the structure parser and
 //                     the compatibility checks
-//   control bits 3-4: target layer: 0 = float / Expert<Relu>, 1 = double / Expert<Silu>,
-//                     2 = float / SwiGluExpert, 3 = double / Expert<GeluErf>;
-//                     all d = 2, h = 2, E = 3, k = 2, with their optimizer stepped once (so that
-//                     there is state to protect)
+//   control bits 3-5: target layer, d = 2, h = 2: 0 = float / Expert<Relu>, 1 = double /
+//                     Expert<Silu>, 2 = float / SwiGluExpert, 3 = double / Expert<GeluErf>, all
+//                     with the noisy top-k gate, E = 3, k = 2; 4 = float / Expert<Relu> with a
+//                     SoftmaxTopKRouter (groups, bias, scale), 5 = double / Expert<Silu> with a
+//                     SigmoidTopKRouter (groups, selection bias state), 6 = float / SwiGluExpert
+//                     with a SwitchRouter (jitter, seed), 7 = double / Expert<GeluErf> with a
+//                     GShardRouter (seed), all E = 4; each with its Sgd and Adam stepped once (so
+//                     that there is state to protect) and a non-zero training step
 //
 // Invariants, checked with __builtin_trap():
 //   * the reader throws nothing but sparsemoe::CheckpointError, with a known kind and a message
 //     that starts with the function's name;
-//   * whenever it throws, the target layer and the target optimizer are bitwise unchanged;
+//   * whenever it throws, the target layer (parameters, router state and options, training step)
+//     and the target optimizer are bitwise unchanged;
 //   * whenever it succeeds, inspect_checkpoint accepts the same bytes, and saving the loaded layer
-//     (with the optimizer, when one was loaded) gives back exactly the input bytes (writer and
-//     reader agree: a lossless, canonical format), and for a layer-only load of a file with
-//     optimizer state, the layer's tensors equal the file's;
-//   * inspect_checkpoint, when it succeeds, reports d, h, E ≥ 1, 1 ≤ k ≤ E, a finite ε > 0 and a
-//     size equal to the input's.
+//     (with the optimizer, when one was loaded) gives back exactly the input bytes for a version 2
+//     file (writer and reader agree: a lossless, canonical format) and exactly the input upgraded
+//     to version 2 for a version 1 file (same tensors and optimizer section; the training step is
+//     the layer's, which a v1 file leaves unchanged); a layer-only load of a file with optimizer
+//     state gives the layer that a load with that optimizer gives;
+//   * inspect_checkpoint, when it succeeds, reports version 1 or 2, d, h, E ≥ 1, 1 ≤ k ≤ E, a
+//     training step exactly for version 2, a finite ε > 0 for a noisy_top_k router, and a size
+//     equal to the input's.
 // Plus no sanitizer report (ASan, UBSan) and no leak.
 //
-// Seeds (fuzz/corpus/fuzz_checkpoint/): valid checkpoints of each target with and without
-// optimizer state, and corrupted ones. Regenerate them with
+// Seeds (fuzz/corpus/fuzz_checkpoint/): version 2 checkpoints of each target with and without
+// optimizer state, version 1 checkpoints of the noisy-gate targets (v1_*, encoded by the seed
+// writer's downgrade), corrupted ones, and v1_legacy_*: the seeds the version 1 writer itself
+// wrote before format version 2 (kept as they were; the writer below does not produce them).
+// Regenerate the others with
 //   clang++ -std=c++17 -DSPARSEMOE_FUZZ_WRITE_SEEDS -Iinclude -isystem /usr/include/eigen3 \
 //     fuzz/fuzz_checkpoint.cpp -o /tmp/seeds && /tmp/seeds fuzz/corpus/fuzz_checkpoint
 #include <sparsemoe/sparsemoe.hpp>
@@ -41,6 +53,7 @@
 #include <cstring>
 #include <exception>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #ifdef SPARSEMOE_FUZZ_WRITE_SEEDS
@@ -61,22 +74,38 @@ namespace {
 using sparsemoe::CheckpointError;
 using sparsemoe::CheckpointErrorKind;
 
-/// Every byte of a layer's state (tensors, ε, seed, check_finite).
+template <typename Layer>
+constexpr bool noisy_gate = std::is_same<typename Layer::RouterType, sparsemoe::NoisyTopKGate<typename Layer::Scalar>>::value;
+
+/// Every byte of a layer's state: tensors, router state and options (the noisy gate's ε and seed
+/// among them), the router's check_finite, the training step.
 template <typename Layer>
 std::string layer_bytes(Layer& layer) {
   using Scalar = typename Layer::Scalar;
   std::string out;
-  for (const auto& view : layer.tensors()) {
-    out += view.name;
-    out.append(reinterpret_cast<const char*>(&view.rows), sizeof view.rows);
-    out.append(reinterpret_cast<const char*>(&view.cols), sizeof view.cols);
-    out.append(reinterpret_cast<const char*>(view.data), static_cast<std::size_t>(view.size()) * sizeof(Scalar));
+  const auto append = [&](const std::vector<sparsemoe::TensorView<Scalar>>& views) {
+    for (const auto& view : views) {
+      out += view.name;
+      out.append(reinterpret_cast<const char*>(&view.rows), sizeof view.rows);
+      out.append(reinterpret_cast<const char*>(&view.cols), sizeof view.cols);
+      out.append(reinterpret_cast<const char*>(view.data), static_cast<std::size_t>(view.size()) * sizeof(Scalar));
+    }
+  };
+  append(layer.tensors());
+  bool check_finite = false;
+  if constexpr (noisy_gate<Layer>) {
+    check_finite = layer.gate().check_finite();
+  } else {
+    append(layer.router().state());
+    check_finite = layer.router().options().check_finite;
   }
-  const Scalar epsilon = layer.gate().noise_epsilon();
-  const std::uint64_t seed = layer.gate().noise_seed();
-  out.append(reinterpret_cast<const char*>(&epsilon), sizeof epsilon);
-  out.append(reinterpret_cast<const char*>(&seed), sizeof seed);
-  out += layer.gate().check_finite() ? "1" : "0";
+  for (const auto& option : sparsemoe::RouterKind<typename Layer::RouterType>::options(layer.router())) {
+    out += option.name;
+    out.append(reinterpret_cast<const char*>(&option.bits), sizeof option.bits);
+  }
+  const std::uint64_t step = layer.training_step();
+  out.append(reinterpret_cast<const char*>(&step), sizeof step);
+  out += check_finite ? "1" : "0";
   return out;
 }
 
@@ -112,7 +141,8 @@ std::string optimizer_bytes(const sparsemoe::Adam<Scalar>& adam) {
   return out;
 }
 
-/// One training step, so that the optimizer has state.
+/// One training step with unpinned noise (the layer's step advances), so that the optimizer has
+/// state.
 template <typename Layer, typename Optimizer>
 void step_once(Layer& layer, Optimizer& optimizer) {
   using Scalar = typename Layer::Scalar;
@@ -126,6 +156,41 @@ void step_once(Layer& layer, Optimizer& optimizer) {
   optimizer.step(layer.tensors(), gradients.tensors());
 }
 
+/// The target layer of each kind, from `seed`.
+template <typename Layer>
+Layer make_layer(std::uint64_t seed) {
+  using Scalar = typename Layer::Scalar;
+  using RouterT = typename Layer::RouterType;
+  if constexpr (noisy_gate<Layer>) {
+    Layer layer(sparsemoe::MoEConfig{2, 2, 3, 2, 0.05, seed});
+    layer.gate().initialize_uniform(seed + 1);
+    return layer;
+  } else {
+    typename RouterT::Options options;
+    if constexpr (std::is_same<RouterT, sparsemoe::SoftmaxTopKRouter<Scalar>>::value) {
+      options.normalize_top_k = true;
+      options.scale = 1.5;
+      options.use_bias = true;
+      options.num_groups = 2;
+    } else if constexpr (std::is_same<RouterT, sparsemoe::SigmoidTopKRouter<Scalar>>::value) {
+      options.scale = 2.5;
+      options.num_groups = 2;
+      options.top_groups = 2;
+    } else if constexpr (std::is_same<RouterT, sparsemoe::SwitchRouter<Scalar>>::value) {
+      options.jitter_epsilon = 0.01;
+      options.seed = 77;  // an option: the seeds' writer and the target must agree on it
+    } else {
+      options.seed = 78;
+    }
+    RouterT router(2, 4, options);
+    router.initialize_uniform(seed + 1);
+    if constexpr (std::is_same<RouterT, sparsemoe::SigmoidTopKRouter<Scalar>>::value) {
+      for (sparsemoe::Index e = 0; e < 4; ++e) router.selection_bias()[e] = static_cast<Scalar>(0.01 * double(e));
+    }
+    return Layer(sparsemoe::MoEConfig{2, 2, 4, router.k(), 0.01, seed}, router);
+  }
+}
+
 /// A target layer with an Sgd and an Adam that have state, and pristine copies to reset to.
 template <typename Layer>
 struct Target {
@@ -134,11 +199,10 @@ struct Target {
   sparsemoe::Sgd<Scalar> sgd;
   sparsemoe::Adam<Scalar> adam;
 
-  explicit Target(std::uint64_t seed)
-      : layer(sparsemoe::MoEConfig{2, 2, 3, 2, 0.05, seed}), sgd(sparsemoe::SgdOptions{0.1, 0.9, true, 0.01}) {
-    layer.gate().initialize_uniform(seed + 1);
+  explicit Target(std::uint64_t seed) : layer(make_layer<Layer>(seed)), sgd(sparsemoe::SgdOptions{0.1, 0.9, true, 0.01}) {
     step_once(layer, sgd);
     step_once(layer, adam);
+    layer.set_training_step(layer.training_step() + seed);
   }
 };
 
@@ -150,25 +214,67 @@ Target<Layer>& pristine(std::uint64_t seed) {
 
 /// Checks an error thrown by the reader.
 void check_error(const CheckpointError& error, const char* function) {
-  FUZZ_CHECK(error.kind() >= CheckpointErrorKind::io && error.kind() <= CheckpointErrorKind::non_finite_value);
+  FUZZ_CHECK(error.kind() >= CheckpointErrorKind::io && error.kind() <= CheckpointErrorKind::router_option_mismatch);
   FUZZ_CHECK(std::strncmp(error.what(), function, std::strlen(function)) == 0);
 }
 
-/// Whether the layer's tensors are those the checkpoint `bytes` holds (layer-only load of a file
-/// with optimizer state): compares the reserialized layer's tensor section with the input's.
-template <typename Layer>
-void check_layer_matches(const Layer& layer, const std::string& bytes) {
-  const std::string saved = sparsemoe::serialize_checkpoint(layer);
-  const sparsemoe::CheckpointInfo file = sparsemoe::inspect_checkpoint(bytes.data(), bytes.size());
-  const sparsemoe::CheckpointInfo ours = sparsemoe::inspect_checkpoint(saved.data(), saved.size());
-  FUZZ_CHECK(file.tensors.size() == ours.tensors.size());
-  FUZZ_CHECK(file.noise_seed == ours.noise_seed && file.noise_epsilon == ours.noise_epsilon);
-  // Up to the optimizer kind, the files are identical except for the total size field.
-  const std::size_t header = 20;
-  const std::size_t content = saved.size() - 8 - 8;  // without "none" (4 + 4 bytes) and the checksum
-  FUZZ_CHECK(bytes.size() >= content);
-  FUZZ_CHECK(std::memcmp(saved.data(), bytes.data(), 12) == 0);
-  FUZZ_CHECK(std::memcmp(saved.data() + header, bytes.data() + header, content - header) == 0);
+void put_u32(std::string& out, std::uint32_t value) {
+  for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>(value >> (8 * i) & 0xFF));
+}
+void put_u64(std::string& out, std::uint64_t value) {
+  for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>(value >> (8 * i) & 0xFF));
+}
+std::uint64_t get_u64(const std::string& bytes, std::size_t offset) {
+  std::uint64_t value = 0;
+  for (int i = 7; i >= 0; --i) value = value << 8 | static_cast<unsigned char>(bytes[offset + static_cast<std::size_t>(i)]);
+  return value;
+}
+
+/// Writes the real total size and checksum into `bytes` (when it is long enough).
+void reseal(std::string& bytes) {
+  if (bytes.size() < 28) return;
+  const std::uint64_t size = bytes.size();
+  for (std::size_t i = 0; i < 8; ++i) bytes[12 + i] = static_cast<char>(size >> (8 * i) & 0xFF);
+  const std::uint64_t checksum = XXH3_64bits(bytes.data(), bytes.size() - 8);
+  for (std::size_t i = 0; i < 8; ++i) bytes[bytes.size() - 8 + i] = static_cast<char>(checksum >> (8 * i) & 0xFF);
+}
+
+/// The version 2 file of the state an accepted version 1 file `v1` (described by `info`) loads:
+/// its header fields, then training step `step`, router kind "noisy_top_k" and the options
+/// noise_epsilon and noise_seed, its tensor section, no router state, its optimizer section (or
+/// "none" unless `keep_optimizer`), a new checksum.
+std::string upgrade_version_1(const std::string& v1, const sparsemoe::CheckpointInfo& info, std::uint64_t step,
+                              bool keep_optimizer) {
+  const std::size_t header_end = 28 + 4 + info.expert_kind.size() + 32;  // through k
+  std::size_t tensors_end = header_end + 16 + 8;
+  for (const auto& tensor : info.tensors) {
+    tensors_end += 4 + tensor.name.size() + 16 + static_cast<std::size_t>(tensor.rows * tensor.cols) * info.scalar_size;
+  }
+  std::string v2 = v1.substr(0, header_end);
+  v2[8] = 2;
+  put_u64(v2, step);
+  put_u32(v2, 11);
+  v2 += "noisy_top_k";
+  put_u64(v2, 2);
+  put_u32(v2, 13);
+  v2 += "noise_epsilon";
+  put_u32(v2, 3);
+  put_u64(v2, get_u64(v1, header_end));
+  put_u32(v2, 10);
+  v2 += "noise_seed";
+  put_u32(v2, 2);
+  put_u64(v2, get_u64(v1, header_end + 8));
+  v2 += v1.substr(header_end + 16, tensors_end - header_end - 16);
+  put_u64(v2, 0);  // no router state
+  if (keep_optimizer) {
+    v2 += v1.substr(tensors_end, v1.size() - 8 - tensors_end);
+  } else {
+    put_u32(v2, 4);
+    v2 += "none";
+  }
+  v2 += std::string(8, '\0');
+  reseal(v2);
+  return v2;
 }
 
 template <typename Layer>
@@ -180,6 +286,7 @@ void run(const std::string& bytes, int entry, std::uint64_t seed) {
   const std::string layer_before = layer_bytes(layer);
   const std::string sgd_before = optimizer_bytes(sgd);
   const std::string adam_before = optimizer_bytes(adam);
+  const std::uint64_t step_before = layer.training_step();
   const char* function = "sparsemoe::deserialize_checkpoint";
   try {
     if (entry == 0) {
@@ -198,20 +305,36 @@ void run(const std::string& bytes, int entry, std::uint64_t seed) {
   } catch (...) {
     FUZZ_CHECK(!"the reader threw something other than CheckpointError");
   }
-  // Accepted: the same bytes must come back out, and inspect must agree.
+  // Accepted: inspect must agree, and the same bytes (a version 1 file: its upgrade) come back out.
   const sparsemoe::CheckpointInfo info = sparsemoe::inspect_checkpoint(bytes.data(), bytes.size());
   FUZZ_CHECK(info.size_bytes == bytes.size());
+  FUZZ_CHECK(layer.training_step() == (info.has_training_step ? info.training_step : step_before));
+  const bool version_1 = info.format_version == 1;
   if (entry == 1) {
-    FUZZ_CHECK(sparsemoe::serialize_checkpoint(layer, sgd) == bytes);
+    const std::string saved = sparsemoe::serialize_checkpoint(layer, sgd);
+    FUZZ_CHECK(saved == (version_1 ? upgrade_version_1(bytes, info, step_before, true) : bytes));
     FUZZ_CHECK(optimizer_bytes(adam) == adam_before);
   } else if (entry == 2) {
-    FUZZ_CHECK(sparsemoe::serialize_checkpoint(layer, adam) == bytes);
+    const std::string saved = sparsemoe::serialize_checkpoint(layer, adam);
+    FUZZ_CHECK(saved == (version_1 ? upgrade_version_1(bytes, info, step_before, true) : bytes));
     FUZZ_CHECK(optimizer_bytes(sgd) == sgd_before);
   } else {
-    if (info.optimizer == "none") {
-      FUZZ_CHECK(sparsemoe::serialize_checkpoint(layer) == bytes);
+    const std::string saved = sparsemoe::serialize_checkpoint(layer);
+    if (version_1) {
+      FUZZ_CHECK(saved == upgrade_version_1(bytes, info, step_before, false));
+    } else if (info.optimizer == "none") {
+      FUZZ_CHECK(saved == bytes);
     } else {
-      check_layer_matches(layer, bytes);
+      // The layer-only load gives the layer that a load with the file's optimizer gives.
+      Layer with_optimizer = clean.layer;
+      auto scratch_sgd = clean.sgd;
+      auto scratch_adam = clean.adam;
+      if (info.optimizer == "sgd") {
+        sparsemoe::deserialize_checkpoint(bytes.data(), bytes.size(), with_optimizer, scratch_sgd);
+      } else {
+        sparsemoe::deserialize_checkpoint(bytes.data(), bytes.size(), with_optimizer, scratch_adam);
+      }
+      FUZZ_CHECK(layer_bytes(with_optimizer) == layer_bytes(layer));
     }
     FUZZ_CHECK(optimizer_bytes(sgd) == sgd_before);
     FUZZ_CHECK(optimizer_bytes(adam) == adam_before);
@@ -222,9 +345,16 @@ void run_inspect(const std::string& bytes) {
   try {
     const sparsemoe::CheckpointInfo info = sparsemoe::inspect_checkpoint(bytes.data(), bytes.size());
     FUZZ_CHECK(info.size_bytes == bytes.size());
+    FUZZ_CHECK(info.format_version == 1 || info.format_version == 2);
+    FUZZ_CHECK(info.has_training_step == (info.format_version == 2));
+    FUZZ_CHECK(info.format_version == 2 || (info.router_kind == "noisy_top_k" && info.router_state_tensors.empty()));
     FUZZ_CHECK(info.input_dim >= 1 && info.hidden_dim >= 1 && info.num_experts >= 1);
     FUZZ_CHECK(info.k >= 1 && info.k <= info.num_experts);
-    FUZZ_CHECK(info.noise_epsilon > 0.0 && info.noise_epsilon < HUGE_VAL);
+    if (info.router_kind == "noisy_top_k") FUZZ_CHECK(info.noise_epsilon > 0.0 && info.noise_epsilon < HUGE_VAL);
+    for (const auto& option : info.router_options) {
+      FUZZ_CHECK(!option.name.empty());
+      FUZZ_CHECK(option.type != sparsemoe::RouterOptionType::flag || option.bits <= 1);
+    }
     FUZZ_CHECK(info.scalar_size == 4 || info.scalar_size == 8);
   } catch (const CheckpointError& error) {
     check_error(error, "sparsemoe::inspect_checkpoint");
@@ -233,19 +363,17 @@ void run_inspect(const std::string& bytes) {
   }
 }
 
-/// Writes the real total size and checksum into `bytes` (when it is long enough).
-void reseal(std::string& bytes) {
-  if (bytes.size() < 28) return;
-  const std::uint64_t size = bytes.size();
-  for (std::size_t i = 0; i < 8; ++i) bytes[12 + i] = static_cast<char>(size >> (8 * i) & 0xFF);
-  const std::uint64_t checksum = XXH3_64bits(bytes.data(), bytes.size() - 8);
-  for (std::size_t i = 0; i < 8; ++i) bytes[bytes.size() - 8 + i] = static_cast<char>(checksum >> (8 * i) & 0xFF);
-}
-
 using FloatRelu = sparsemoe::MoELayer<float, sparsemoe::Expert<float, sparsemoe::Relu>>;
 using DoubleSilu = sparsemoe::MoELayer<double, sparsemoe::Expert<double, sparsemoe::Silu>>;
 using FloatSwiGlu = sparsemoe::MoELayer<float, sparsemoe::SwiGluExpert<float>>;
 using DoubleGeluErf = sparsemoe::MoELayer<double, sparsemoe::Expert<double, sparsemoe::GeluErf>>;
+using FloatReluSoftmax =
+    sparsemoe::MoELayer<float, sparsemoe::Expert<float, sparsemoe::Relu>, sparsemoe::SoftmaxTopKRouter<float>>;
+using DoubleSiluSigmoid =
+    sparsemoe::MoELayer<double, sparsemoe::Expert<double, sparsemoe::Silu>, sparsemoe::SigmoidTopKRouter<double>>;
+using FloatSwiGluSwitch = sparsemoe::MoELayer<float, sparsemoe::SwiGluExpert<float>, sparsemoe::SwitchRouter<float>>;
+using DoubleGeluErfGShard =
+    sparsemoe::MoELayer<double, sparsemoe::Expert<double, sparsemoe::GeluErf>, sparsemoe::GShardRouter<double>>;
 
 }  // namespace
 
@@ -259,24 +387,51 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     run_inspect(bytes);
     return 0;
   }
-  switch ((control >> 3) & 3u) {
+  switch ((control >> 3) & 7u) {
     case 0: run<FloatRelu>(bytes, entry, 11); break;
     case 1: run<DoubleSilu>(bytes, entry, 12); break;
     case 2: run<FloatSwiGlu>(bytes, entry, 13); break;
-    default: run<DoubleGeluErf>(bytes, entry, 14); break;
+    case 3: run<DoubleGeluErf>(bytes, entry, 14); break;
+    case 4: run<FloatReluSoftmax>(bytes, entry, 15); break;
+    case 5: run<DoubleSiluSigmoid>(bytes, entry, 16); break;
+    case 6: run<FloatSwiGluSwitch>(bytes, entry, 17); break;
+    default: run<DoubleGeluErfGShard>(bytes, entry, 18); break;
   }
   return 0;
 }
 
 #ifdef SPARSEMOE_FUZZ_WRITE_SEEDS
 // Seed writer (see the header comment): for each target, a checkpoint of a differently seeded
-// layer of the same shape, alone and with Sgd / Adam state, and a few corrupted variants.
+// layer of the same shape, alone and with Sgd / Adam state; for the noisy-gate targets the same
+// in version 1 (v1_*); and a few corrupted variants.
 namespace {
 
 void write_seed(const std::string& directory, const std::string& name, unsigned control, const std::string& bytes) {
   std::ofstream out(directory + "/" + name, std::ios::binary);
   out.put(static_cast<char>(control));
   out << bytes;
+}
+
+/// The version 1 encoding of a version 2 noisy-gate checkpoint (what the last v1 writer wrote).
+std::string downgrade_to_version_1(const std::string& v2) {
+  const sparsemoe::CheckpointInfo info = sparsemoe::inspect_checkpoint(v2.data(), v2.size());
+  const std::size_t header_end = 28 + 4 + info.expert_kind.size() + 32;
+  std::size_t offset = header_end + 8 + 4 + info.router_kind.size() + 8;
+  for (const auto& option : info.router_options) offset += 4 + option.name.size() + 4 + 8;
+  const std::size_t tensors_begin = offset;
+  offset += 8;
+  for (const auto& tensor : info.tensors) {
+    offset += 4 + tensor.name.size() + 16 + static_cast<std::size_t>(tensor.rows * tensor.cols) * info.scalar_size;
+  }
+  std::string v1 = v2.substr(0, header_end);
+  v1[8] = 1;
+  put_u64(v1, info.router_options[0].bits);  // ε
+  put_u64(v1, info.router_options[1].bits);  // seed
+  v1 += v2.substr(tensors_begin, offset - tensors_begin);
+  v1 += v2.substr(offset + 8, v2.size() - 8 - offset - 8);  // after the (empty) state section
+  v1 += std::string(8, '\0');
+  reseal(v1);
+  return v1;
 }
 
 template <typename Layer>
@@ -289,9 +444,22 @@ void write_seeds(const std::string& directory, const std::string& name, unsigned
   write_seed(directory, name + "_layer", t | 0u, layer_only);
   write_seed(directory, name + "_sgd", t | 1u, with_sgd);
   write_seed(directory, name + "_adam", t | 2u, with_adam);
+  if constexpr (noisy_gate<Layer>) {
+    write_seed(directory, "v1_" + name + "_layer", t | 0u, downgrade_to_version_1(layer_only));
+    write_seed(directory, "v1_" + name + "_sgd", t | 1u, downgrade_to_version_1(with_sgd));
+    write_seed(directory, "v1_" + name + "_adam", t | 2u, downgrade_to_version_1(with_adam));
+  }
+  if (target == 5) {  // the sigmoid router's state, into a layer-only load and resealed with a flip
+    write_seed(directory, name + "_adam_into_layer_only", t | 0u, with_adam);
+    std::string flipped = with_sgd;
+    flipped[flipped.size() / 3] = static_cast<char>(flipped[flipped.size() / 3] ^ 0x04);
+    write_seed(directory, name + "_sgd_flipped_resealed", t | 1u | 4u, flipped);
+    write_seed(directory, name + "_into_float_relu_softmax", (4u << 3) | 0u, layer_only);
+  }
   if (target != 0) return;
   write_seed(directory, name + "_adam_into_layer_only", t | 0u, with_adam);
   write_seed(directory, name + "_inspect", t | 3u, with_sgd);
+  write_seed(directory, "v1_" + name + "_inspect", t | 3u, downgrade_to_version_1(with_sgd));
   // Corrupted variants (float / Relu only, to keep the corpus small).
   std::string flipped = with_adam;
   flipped[flipped.size() / 2] = static_cast<char>(flipped[flipped.size() / 2] ^ 0x20);
@@ -300,10 +468,11 @@ void write_seeds(const std::string& directory, const std::string& name, unsigned
   write_seed(directory, name + "_truncated", t | 0u, layer_only.substr(0, layer_only.size() / 3));
   write_seed(directory, name + "_trailing", t | 0u, layer_only + std::string(5, '\0'));
   std::string version = layer_only;
-  version[8] = 2;
-  write_seed(directory, name + "_version2", t | 0u, version);
+  version[8] = 3;
+  write_seed(directory, name + "_version3", t | 0u, version);
   write_seed(directory, name + "_sgd_into_adam", t | 2u, with_sgd);
   write_seed(directory, name + "_into_double_silu", (1u << 3) | 0u, layer_only);
+  write_seed(directory, name + "_into_float_relu_softmax", (4u << 3) | 0u, layer_only);
 }
 
 }  // namespace
@@ -318,6 +487,10 @@ int main(int argc, char** argv) {
   write_seeds<DoubleSilu>(directory, "double_silu", 1);
   write_seeds<FloatSwiGlu>(directory, "float_swiglu", 2);
   write_seeds<DoubleGeluErf>(directory, "double_gelu_erf", 3);
+  write_seeds<FloatReluSoftmax>(directory, "float_relu_softmax", 4);
+  write_seeds<DoubleSiluSigmoid>(directory, "double_silu_sigmoid", 5);
+  write_seeds<FloatSwiGluSwitch>(directory, "float_swiglu_switch", 6);
+  write_seeds<DoubleGeluErfGShard>(directory, "double_gelu_erf_gshard", 7);
   return 0;
 }
 #endif

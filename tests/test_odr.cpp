@@ -7,6 +7,9 @@
 // defined twice and the link fails. Add to odr_second_tu_touch() anything that
 // needs instantiating in the second TU (e.g. a MoELayer<float> forward pass).
 #include <sparsemoe/sparsemoe.hpp>
+#ifdef SPARSEMOE_ODR_CHECKPOINT
+#include <sparsemoe/checkpoint.hpp>
+#endif
 
 #include <gtest/gtest.h>
 
@@ -14,6 +17,9 @@
 
 std::string odr_second_tu_version();
 double odr_second_tu_forward_sum();
+#ifdef SPARSEMOE_ODR_CHECKPOINT
+std::string odr_second_tu_checkpoint();
+#endif
 
 TEST(Odr, TwoTranslationUnitsLinkAndAgree) {
   EXPECT_EQ(sparsemoe::version_string(), odr_second_tu_version());
@@ -31,3 +37,14 @@ TEST(Odr, TwoTranslationUnitsLinkAndAgree) {
   EXPECT_NE(here, 0.0);
   EXPECT_EQ(here, odr_second_tu_forward_sum());
 }
+
+#ifdef SPARSEMOE_ODR_CHECKPOINT
+// checkpoint.hpp and its io/ headers hold many non-template functions: both TUs call them.
+TEST(Odr, CheckpointHeadersLinkFromTwoTranslationUnits) {
+  const std::string bytes = odr_second_tu_checkpoint();
+  const sparsemoe::CheckpointInfo info = sparsemoe::inspect_checkpoint(bytes.data(), bytes.size());
+  EXPECT_EQ(info.input_dim, 6);
+  EXPECT_EQ(info.size_bytes, bytes.size());
+  EXPECT_STREQ(sparsemoe::to_string(sparsemoe::CheckpointErrorKind::io), "io");
+}
+#endif

@@ -7,6 +7,9 @@
 // defined twice and the link fails. Add to odr_second_tu_touch() anything that
 // needs instantiating in the second TU (e.g. a MoELayer<float> forward pass).
 #include <sparsemoe/sparsemoe.hpp>
+#ifdef SPARSEMOE_ODR_CHECKPOINT
+#include <sparsemoe/checkpoint.hpp>
+#endif
 
 #include <string>
 
@@ -27,3 +30,17 @@ double odr_second_tu_forward_sum() {
   options.mode = sparsemoe::Mode::training;
   return layer.forward(input, options).output.sum();
 }
+
+#ifdef SPARSEMOE_ODR_CHECKPOINT
+std::string odr_second_tu_checkpoint() {
+  sparsemoe::MoEConfig config;
+  config.input_dim = 6;
+  config.hidden_dim = 10;
+  config.num_experts = 3;
+  config.k = 2;
+  const sparsemoe::MoELayer<double> layer(config);
+  const std::string bytes = sparsemoe::serialize_checkpoint(layer);
+  static_cast<void>(sparsemoe::inspect_checkpoint(bytes.data(), bytes.size()));
+  return bytes;
+}
+#endif

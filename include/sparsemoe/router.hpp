@@ -46,9 +46,10 @@
 /// `tensors()` lists what an optimizer updates (the weight W_r, d×E, and, when the router has
 /// one, the bias b_r, E×1). `state()` lists tensors that a checkpoint must keep for an exact
 /// resume but that no optimizer touches: DeepSeek-V3's selection bias (E×1), updated by
-/// update_selection_bias(). A checkpoint writer would store `state()` after `tensors()`, with its
-/// names under a prefix of their own (for example "router.state.selection_bias"), and a reader
-/// would fill them back through the same views.
+/// update_selection_bias(). checkpoint.hpp stores `state()` after the layer's parameter tensors,
+/// under "router.state." (e.g. "router.state.selection_bias"), and fills them back through the
+/// same views; it also stores the router's kind and options, through the RouterKind
+/// specialisation next to each router (router/router_kind.hpp).
 ///
 /// \section router_ties Ties and non-finite values
 ///

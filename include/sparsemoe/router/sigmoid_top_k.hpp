@@ -12,6 +12,7 @@
 #include "../parameters.hpp"
 #include "../router.hpp"
 #include "../routing.hpp"
+#include "router_kind.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -347,6 +348,24 @@ class SigmoidTopKRouter {
   Matrix<Scalar> weight_;
   Vector<Scalar> bias_;
   Vector<Scalar> selection_bias_;
+};
+
+/// Checkpoint identity of SigmoidTopKRouter: kind "sigmoid_top_k"; options normalize_top_k,
+/// normalize_epsilon, normalize_floor, scale, use_bias, num_groups, top_groups and group_mask
+/// (integer: 0 = exclude, 1 = zero). k is the layer's (checkpoint header); check_finite changes
+/// no result and is not recorded. The selection bias is state (state()), stored as a tensor.
+template <typename Scalar>
+struct RouterKind<SigmoidTopKRouter<Scalar>> {
+  static std::string name() { return "sigmoid_top_k"; }
+  static std::vector<RouterOption> options(const SigmoidTopKRouter<Scalar>& router) {
+    const SigmoidTopKRouterOptions& o = router.options();
+    return {RouterOption::flag("normalize_top_k", o.normalize_top_k),
+            RouterOption::real("normalize_epsilon", o.normalize_epsilon),
+            RouterOption::real("normalize_floor", o.normalize_floor), RouterOption::real("scale", o.scale),
+            RouterOption::flag("use_bias", o.use_bias), RouterOption::integer("num_groups", o.num_groups),
+            RouterOption::integer("top_groups", o.top_groups),
+            RouterOption::integer("group_mask", o.group_mask == GroupMask::exclude ? 0 : 1)};
+  }
 };
 
 /// The auxiliary-loss-free balancing update of DeepSeek-V3, applied after each training step:

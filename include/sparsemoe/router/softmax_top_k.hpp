@@ -12,6 +12,7 @@
 #include "../parameters.hpp"
 #include "../router.hpp"
 #include "../routing.hpp"
+#include "router_kind.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -283,6 +284,21 @@ class SoftmaxTopKRouter {
   Scalar scale_;
   Matrix<Scalar> weight_;
   Vector<Scalar> bias_;
+};
+
+/// Checkpoint identity of SoftmaxTopKRouter: kind "softmax_top_k"; options normalize_top_k,
+/// scale, softmax_over_selected, use_bias, num_groups, top_groups (k is the layer's, in the
+/// checkpoint header; check_finite changes no result and is not recorded).
+template <typename Scalar>
+struct RouterKind<SoftmaxTopKRouter<Scalar>> {
+  static std::string name() { return "softmax_top_k"; }
+  static std::vector<RouterOption> options(const SoftmaxTopKRouter<Scalar>& router) {
+    const SoftmaxTopKRouterOptions& o = router.options();
+    return {RouterOption::flag("normalize_top_k", o.normalize_top_k), RouterOption::real("scale", o.scale),
+            RouterOption::flag("softmax_over_selected", o.softmax_over_selected),
+            RouterOption::flag("use_bias", o.use_bias), RouterOption::integer("num_groups", o.num_groups),
+            RouterOption::integer("top_groups", o.top_groups)};
+  }
 };
 
 /// @}

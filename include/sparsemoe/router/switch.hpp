@@ -15,6 +15,7 @@
 #include "../parameters.hpp"
 #include "../router.hpp"
 #include "../routing.hpp"
+#include "router_kind.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -221,6 +222,18 @@ class SwitchRouter {
   Vector<Scalar> bias_;
 };
 
+/// Checkpoint identity of SwitchRouter: kind "switch"; options jitter_epsilon, seed and
+/// use_bias (k is always 1; check_finite changes no result and is not recorded).
+template <typename Scalar>
+struct RouterKind<SwitchRouter<Scalar>> {
+  static std::string name() { return "switch"; }
+  static std::vector<RouterOption> options(const SwitchRouter<Scalar>& router) {
+    const SwitchRouterOptions& o = router.options();
+    return {RouterOption::real("jitter_epsilon", o.jitter_epsilon), RouterOption::unsigned_integer("seed", o.seed),
+            RouterOption::flag("use_bias", o.use_bias)};
+  }
+};
+
 /// Options of GShardRouter.
 struct GShardRouterOptions {
   /// In training, dispatch the second expert only with probability min(1, 2·g₂) (GShard's
@@ -398,6 +411,18 @@ class GShardRouter {
   Options options_;
   Matrix<Scalar> weight_;
   Vector<Scalar> bias_;
+};
+
+/// Checkpoint identity of GShardRouter: kind "gshard"; options random_second_expert, seed and
+/// use_bias (k is always 2; check_finite changes no result and is not recorded).
+template <typename Scalar>
+struct RouterKind<GShardRouter<Scalar>> {
+  static std::string name() { return "gshard"; }
+  static std::vector<RouterOption> options(const GShardRouter<Scalar>& router) {
+    const GShardRouterOptions& o = router.options();
+    return {RouterOption::flag("random_second_expert", o.random_second_expert),
+            RouterOption::unsigned_integer("seed", o.seed), RouterOption::flag("use_bias", o.use_bias)};
+  }
 };
 
 /// @}
