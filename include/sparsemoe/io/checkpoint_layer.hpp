@@ -44,18 +44,21 @@ template <typename ExpertT>
 struct ExpertKind {
   static_assert(sizeof(ExpertT) == 0,
                 "sparsemoe::ExpertKind is not specialised for this expert type: specialise it to checkpoint it");
+  /// The kind name a checkpoint stores.
   static std::string name() { return {}; }
 };
 
 /// "expert:" + Activation::name.
 template <typename Scalar, typename Activation>
 struct ExpertKind<Expert<Scalar, Activation>> {
+  /// The kind name a checkpoint stores.
   static std::string name() { return std::string("expert:") + Activation::name; }
 };
 
 /// "swiglu".
 template <typename Scalar>
 struct ExpertKind<SwiGluExpert<Scalar>> {
+  /// The kind name a checkpoint stores.
   static std::string name() { return "swiglu"; }
 };
 

@@ -41,7 +41,9 @@ namespace sparsemoe {
 /// Unlike the other routers' options, a load restores these two from the file.
 template <typename Scalar>
 struct RouterKind<NoisyTopKGate<Scalar>> {
+  /// The kind name a checkpoint stores.
   static std::string name() { return detail::noisy_top_k_kind; }
+  /// The options that change the router's results, as a checkpoint stores and compares them.
   static std::vector<RouterOption> options(const NoisyTopKGate<Scalar>& gate) {
     return {RouterOption::real("noise_epsilon", static_cast<double>(gate.noise_epsilon())),
             RouterOption::unsigned_integer("noise_seed", gate.noise_seed())};

@@ -119,7 +119,9 @@ template <typename RouterT>
 struct RouterKind {
   static_assert(sizeof(RouterT) == 0,
                 "sparsemoe::RouterKind is not specialised for this router type: specialise it to checkpoint it");
+  /// The kind name a checkpoint stores.
   static std::string name() { return {}; }
+  /// The options that change the router's results, as a checkpoint stores and compares them.
   static std::vector<RouterOption> options(const RouterT&) { return {}; }
 };
 

@@ -356,7 +356,9 @@ class SigmoidTopKRouter {
 /// no result and is not recorded. The selection bias is state (state()), stored as a tensor.
 template <typename Scalar>
 struct RouterKind<SigmoidTopKRouter<Scalar>> {
+  /// The kind name a checkpoint stores.
   static std::string name() { return "sigmoid_top_k"; }
+  /// The options that change the router's results, as a checkpoint stores and compares them.
   static std::vector<RouterOption> options(const SigmoidTopKRouter<Scalar>& router) {
     const SigmoidTopKRouterOptions& o = router.options();
     return {RouterOption::flag("normalize_top_k", o.normalize_top_k),

@@ -291,7 +291,9 @@ class SoftmaxTopKRouter {
 /// checkpoint header; check_finite changes no result and is not recorded).
 template <typename Scalar>
 struct RouterKind<SoftmaxTopKRouter<Scalar>> {
+  /// The kind name a checkpoint stores.
   static std::string name() { return "softmax_top_k"; }
+  /// The options that change the router's results, as a checkpoint stores and compares them.
   static std::vector<RouterOption> options(const SoftmaxTopKRouter<Scalar>& router) {
     const SoftmaxTopKRouterOptions& o = router.options();
     return {RouterOption::flag("normalize_top_k", o.normalize_top_k), RouterOption::real("scale", o.scale),

@@ -226,7 +226,9 @@ class SwitchRouter {
 /// use_bias (k is always 1; check_finite changes no result and is not recorded).
 template <typename Scalar>
 struct RouterKind<SwitchRouter<Scalar>> {
+  /// The kind name a checkpoint stores.
   static std::string name() { return "switch"; }
+  /// The options that change the router's results, as a checkpoint stores and compares them.
   static std::vector<RouterOption> options(const SwitchRouter<Scalar>& router) {
     const SwitchRouterOptions& o = router.options();
     return {RouterOption::real("jitter_epsilon", o.jitter_epsilon), RouterOption::unsigned_integer("seed", o.seed),
@@ -417,7 +419,9 @@ class GShardRouter {
 /// use_bias (k is always 2; check_finite changes no result and is not recorded).
 template <typename Scalar>
 struct RouterKind<GShardRouter<Scalar>> {
+  /// The kind name a checkpoint stores.
   static std::string name() { return "gshard"; }
+  /// The options that change the router's results, as a checkpoint stores and compares them.
   static std::vector<RouterOption> options(const GShardRouter<Scalar>& router) {
     const GShardRouterOptions& o = router.options();
     return {RouterOption::flag("random_second_expert", o.random_second_expert),
