@@ -408,7 +408,7 @@ TYPED_TEST(ExpertTest, InitializeUniformIsAFunctionOfTheSeed) {
   // Different tensors are not copies of one stream: W1's first row differs from b1 (or, for
   // SwiGLU, W_gate's first row from W_up's).
   if constexpr (Traits<ExpertT>::is_swiglu) {
-    EXPECT_FALSE(first.gate_weight().row(0) == first.up_weight().row(0));
+    EXPECT_FALSE(first.gate_projection().row(0) == first.up_projection().row(0));
   } else {
     EXPECT_FALSE(first.w1().row(0).transpose() == first.b1());
   }
@@ -421,12 +421,12 @@ TEST(SwiGluExpert, GateAndUpAreTheHalvesOfW1) {
   expert.initialize_uniform(3);
   for (Index i = 0; i < 5; ++i) {
     for (Index j = 0; j < 7; ++j) {
-      EXPECT_EQ(expert.gate_weight()(i, j), expert.w1()(i, j));
-      EXPECT_EQ(expert.up_weight()(i, j), expert.w1()(i, 7 + j));
+      EXPECT_EQ(expert.gate_projection()(i, j), expert.w1()(i, j));
+      EXPECT_EQ(expert.up_projection()(i, j), expert.w1()(i, 7 + j));
     }
   }
-  expert.gate_weight()(1, 2) = 9.0;
-  expert.up_weight()(3, 4) = -9.0;
+  expert.gate_projection()(1, 2) = 9.0;
+  expert.up_projection()(3, 4) = -9.0;
   EXPECT_EQ(expert.w1()(1, 2), 9.0);
   EXPECT_EQ(expert.w1()(3, 11), -9.0);
 }

@@ -1,13 +1,13 @@
 // SPDX-License-Identifier: MIT
 // Copyright (c) 2026 The sparsemoe authors
 //
-// Unit tests of routing.hpp:
+// Unit tests of dispatch.hpp:
 //   * detail::select_top against a full std::sort of (value descending, NaN last, index ascending)
 //     on random arrays with duplicates, ±inf and NaN;
 //   * build_dispatch_plan against a naive reference (for each expert, scan tokens ascending),
 //     with the invariants of the plan (offsets are prefix sums, row_of_slot inverts
 //     (token_of_row, slot_of_row), tokens ascending inside each expert) and its error checks.
-#include <sparsemoe/routing.hpp>
+#include <sparsemoe/dispatch.hpp>
 
 #include "reference_gate.hpp"
 

@@ -180,10 +180,11 @@ class SwiGluExpert {
   const Vector<Scalar>& b2() const { return no_bias_; }
   /** @} */
 
-  /// W_gate (d×h), the first half of w1().
-  auto gate_weight() { return w1_.leftCols(hidden_dim()); }
+  /// W_gate (d×h), the first half of w1(): the gate projection of SwiGLU (not the router, whose
+  /// weight the layer calls gate_weight for the noisy gate).
+  auto gate_projection() { return w1_.leftCols(hidden_dim()); }
   /// W_up (d×h), the second half of w1().
-  auto up_weight() { return w1_.rightCols(hidden_dim()); }
+  auto up_projection() { return w1_.rightCols(hidden_dim()); }
 
   /// U(−1/√d, 1/√d) for W_gate and W_up, U(−1/√h, 1/√h) for W_down, as a function of `seed` only.
   void initialize_uniform(std::uint64_t seed) {
@@ -259,8 +260,13 @@ void expert_forward(const ExpertT& expert, ConstMatrixRef<typename ExpertT::Scal
   if (expert.b2().size() > 0) output.rowwise() += expert.b2().transpose();
 }
 
-/// E(x) for every row of a rows×d block, as a new rows×d matrix (allocates its workspace; the
-/// layer calls the workspace overload above). Throws std::invalid_argument on a width mismatch.
+/// E(x) for every row of a rows×d block, as a new rows×d matrix (allocates its workspace).
+/// Throws std::invalid_argument on a width mismatch.
+///
+/// A reference path for one expert: MoELayer does not call either overload. The layer runs the
+/// same math through its own tiled kernels (bias and an element-wise activation fused into each
+/// GEMM output tile, weights packed into panels for experts with many rows, column tiles for
+/// small batches), so its results equal these up to floating-point rounding.
 template <typename ExpertT>
 Matrix<typename ExpertT::Scalar> expert_forward(const ExpertT& expert,
                                                 ConstMatrixRef<typename ExpertT::Scalar> input) {

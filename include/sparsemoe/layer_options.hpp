@@ -8,7 +8,7 @@
 
 #include "balance_losses.hpp"
 #include "config.hpp"
-#include "routing.hpp"
+#include "dispatch.hpp"
 
 #include <cstdint>
 #include <optional>
@@ -64,7 +64,7 @@ struct ForwardOptions {
   /// contributes 0 to the output and gets no gradient through the expert path, while the
   /// router's record (ids, gates, auxiliary losses) stays as the router made it. Applies in both
   /// modes: leave it unset in evaluation calls for dropless inference. Drop counts are in
-  /// result.plan.stats. See CapacityOptions (routing.hpp) for the semantics and what other
+  /// result.plan.stats. See CapacityOptions (dispatch.hpp) for the semantics and what other
   /// stacks do. Throws std::invalid_argument (in forward) for a factor ≤ 0 or not finite.
   std::optional<CapacityOptions> capacity;
 };

@@ -16,7 +16,7 @@
 #include "layer_router.hpp"
 #include "losses.hpp"
 #include "parameters.hpp"
-#include "routing.hpp"
+#include "dispatch.hpp"
 
 #include <algorithm>
 #include <atomic>

@@ -63,7 +63,7 @@
 #include "detail/parallel.hpp"
 #include "detail/philox.hpp"
 #include "parameters.hpp"
-#include "routing.hpp"
+#include "dispatch.hpp"
 
 #include <algorithm>
 #include <cmath>

@@ -19,7 +19,7 @@
 #include "router/sigmoid_top_k.hpp"
 #include "router/softmax_top_k.hpp"
 #include "router/switch.hpp"
-#include "routing.hpp"
+#include "dispatch.hpp"
 #include "training_losses.hpp"
 
 #endif  // SPARSEMOE_SPARSEMOE_HPP

@@ -11,7 +11,7 @@
 #include "../detail/parallel.hpp"
 #include "../parameters.hpp"
 #include "../router.hpp"
-#include "../routing.hpp"
+#include "../dispatch.hpp"
 #include "router_kind.hpp"
 
 #include <algorithm>
