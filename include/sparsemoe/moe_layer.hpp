@@ -658,28 +658,11 @@ class MoELayer {
   /// it; run it yourself after loading weights from elsewhere or after a suspicious optimizer step.
   void require_finite_parameters() const {
     const char* function = "sparsemoe::MoELayer::require_finite_parameters";
-    const auto require_finite = [&](const auto& tensor, const std::string& name) {
-      detail::require(tensor.allFinite(), function, "parameter ", name, " holds a non-finite value");
-    };
-    for (const TensorView<Scalar>& view : const_cast<RouterT&>(router_).tensors()) {  // views only read here
+    // tensors() is non-const only because its views are writable; they are only read here.
+    for (const TensorView<Scalar>& view : const_cast<MoELayer&>(*this).tensors()) {
       detail::require(Eigen::Map<const Vector<Scalar>>(view.data, view.size()).allFinite(), function, "parameter ",
-                      Traits::prefix, view.name, " holds a non-finite value");
+                      view.name, " holds a non-finite value");
     }
-    for (std::size_t e = 0; e < experts_.size(); ++e) {
-      const std::string prefix = "expert" + std::to_string(e) + ".";
-      const ExpertT& expert = experts_[e];
-      require_finite(expert.w1(), prefix + "w1");
-      if (expert.b1().size() > 0) require_finite(expert.b1(), prefix + "b1");
-      require_finite(expert.w2(), prefix + "w2");
-      if (expert.b2().size() > 0) require_finite(expert.b2(), prefix + "b2");
-    }
-    for (const ExpertT& shared : shared_experts_) {
-      require_finite(shared.w1(), "shared_expert.w1");
-      if (shared.b1().size() > 0) require_finite(shared.b1(), "shared_expert.b1");
-      require_finite(shared.w2(), "shared_expert.w2");
-      if (shared.b2().size() > 0) require_finite(shared.b2(), "shared_expert.b2");
-    }
-    if (shared_gate_weight_.size() > 0) require_finite(shared_gate_weight_, "shared_expert_gate");
   }
 
   /** @{ */
