@@ -5,7 +5,8 @@
 #   MODE=router    train --router ROUTER for 5 tiny steps with capacity factor 1: exit 0, the
 #                  summary line, and a routing log (--routing-csv) of 5 rows that never exceed C
 #                  (ROUTER=default: no --router, which must be noisy-top-k)
-#   MODE=unknown   train --router nonsense: exit 2 and the list of valid routers on stderr
+#   MODE=unknown   train --router nonsense: exit 2 and the list of valid routers on stderr; and
+#                  --help has a line for each router
 #   MODE=compare   scripts/compare-routers --train TRAIN on tiny sizes: a header and one row per
 #                  router
 #   MODE=plot      train --router sigmoid-bias --routing-csv, then scripts/plot-routing: a PNG
@@ -81,6 +82,10 @@ elseif(MODE STREQUAL "unknown")
   run_checked(2 "${TRAIN}" --router nonsense ${_tiny} --quiet)
   string(REPLACE ";" ", " _list "${_routers}")
   require_match("${errors}" "unknown router 'nonsense'; valid routers: ${_list}" "stderr")
+  run_checked(0 "${TRAIN}" --help)  # --help describes every router
+  foreach(_router IN LISTS _routers)
+    require_match("${output}" "\n +${_router} +[a-z]" "--help's line of ${_router}")
+  endforeach()
 elseif(MODE STREQUAL "compare")
   run_checked(0 bash "${SOURCE_DIR}/scripts/compare-routers" --train "${TRAIN}" ${_tiny})
   require_match("${output}" "^\\| router \\| k \\| training MSE \\| held-out MSE \\| load CV² \\| max/mean rows \\| dropped % \\| ms/step \\|\n"
