@@ -13,6 +13,9 @@ Prints one tab-separated line per row: config, phase, threads, best seconds, GFL
 
     /usr/bin/python3 bench/pytorch_moe.py [--configs A,B,C] [--threads 2] [--repeats 5] [--min-time 0.3]
 
+--threads is torch's intra-op thread count (torch.set_num_threads); OpenBLAS takes its own from
+OPENBLAS_NUM_THREADS (scripts/compare-pytorch sets both).
+
 Needs Debian's python3-torch (apt-get install python3-torch libopenblas0-pthread). Debian's torch
 runs its CPU GEMMs through the system BLAS: the pthread OpenBLAS is the fastest one packaged.
 """
@@ -41,10 +44,15 @@ class MoE(torch.nn.Module):
         super().__init__()
         self.k = k
         self.gate = torch.nn.Linear(d, experts, bias=False)
-        self.w1 = torch.nn.Parameter(torch.empty(experts, d, h).uniform_(-d ** -0.5, d ** -0.5))
-        self.b1 = torch.nn.Parameter(torch.zeros(experts, h))
-        self.w2 = torch.nn.Parameter(torch.empty(experts, h, d).uniform_(-h ** -0.5, h ** -0.5))
-        self.b2 = torch.nn.Parameter(torch.zeros(experts, d))
+        # One parameter per expert and matrix, as Hugging Face's per-expert modules hold them: slicing
+        # one stacked E×d×h parameter would make autograd write a full E×d×h gradient per expert.
+        def parameters(shape, bound):
+            return torch.nn.ParameterList(
+                torch.nn.Parameter(torch.empty(shape).uniform_(-bound, bound)) for _ in range(experts))
+        self.w1 = parameters((d, h), d ** -0.5)
+        self.b1 = parameters((h,), 0.0)
+        self.w2 = parameters((h, d), h ** -0.5)
+        self.b2 = parameters((d,), 0.0)
 
     def forward(self, x):
         probabilities = torch.softmax(self.gate(x), dim=-1)
@@ -53,7 +61,7 @@ class MoE(torch.nn.Module):
         flat_ids = ids.reshape(-1)
         order = torch.argsort(flat_ids, stable=True)
         tokens = order // self.k
-        counts = torch.bincount(flat_ids, minlength=self.w1.shape[0]).tolist()
+        counts = torch.bincount(flat_ids, minlength=len(self.w1)).tolist()
         grouped = x.index_select(0, tokens)
         outputs = []
         first = 0
