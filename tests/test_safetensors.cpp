@@ -15,6 +15,8 @@
 //     is rejected.
 #include <sparsemoe/io/safetensors.hpp>
 
+#include "safetensors_test_writer.hpp"
+
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
@@ -35,66 +37,13 @@
 namespace {
 
 namespace fs = std::filesystem;
+using namespace safetensors_test;
 using sparsemoe::ModelFileError;
 using sparsemoe::ModelFileErrorKind;
 using sparsemoe::SafetensorsDtype;
 using sparsemoe::SafetensorsFile;
 using sparsemoe::SafetensorsModel;
 using sparsemoe::SafetensorsWriter;
-
-// --- The test's own writer ---------------------------------------------------------------------
-
-struct RawTensor {
-  std::string name;
-  std::string dtype;
-  std::vector<std::uint64_t> shape;
-  std::string bytes;
-};
-
-std::string u64_le(std::uint64_t value) {
-  std::string out;
-  for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>((value >> (8 * i)) & 0xFF));
-  return out;
-}
-
-/// A file from a header text and a data buffer, as the format lays them out.
-std::string file_from(const std::string& header, const std::string& data) {
-  return u64_le(header.size()) + header + data;
-}
-
-std::string shape_json(const std::vector<std::uint64_t>& shape) {
-  std::string text = "[";
-  for (std::size_t i = 0; i < shape.size(); ++i) text += (i ? "," : "") + std::to_string(shape[i]);
-  return text + "]";
-}
-
-/// Tensors stored in the given order, one after the other; the header written by hand.
-std::string make_file(const std::vector<RawTensor>& tensors, const std::string& metadata = "") {
-  std::string header = "{";
-  std::string data;
-  bool first = true;
-  if (!metadata.empty()) {
-    header += "\"__metadata__\":" + metadata;
-    first = false;
-  }
-  for (const RawTensor& tensor : tensors) {
-    const std::uint64_t begin = data.size();
-    data += tensor.bytes;
-    header += std::string(first ? "" : ",") + "\"" + tensor.name + "\":{\"dtype\":\"" + tensor.dtype +
-              "\",\"shape\":" + shape_json(tensor.shape) + ",\"data_offsets\":[" + std::to_string(begin) + "," +
-              std::to_string(data.size()) + "]}";
-    first = false;
-  }
-  header += "}";
-  return file_from(header, data);
-}
-
-template <typename T>
-std::string raw_bytes(const std::vector<T>& values) {
-  std::string out(values.size() * sizeof(T), '\0');
-  if (!values.empty()) std::memcpy(&out[0], values.data(), out.size());
-  return out;
-}
 
 // --- Independent decoders and rounding ----------------------------------------------------------
 
@@ -156,26 +105,6 @@ ModelFileErrorKind error_kind(Function&& function) {
 
 ModelFileErrorKind parse_error(const std::string& bytes) {
   return error_kind([&] { SafetensorsFile::from_bytes(bytes); });
-}
-
-class TempDir {
- public:
-  TempDir() {
-    path_ = fs::temp_directory_path() / ("sparsemoe_safetensors_" + std::to_string(::getpid()) + "_" +
-                                         std::to_string(counter_++));
-    fs::create_directories(path_);
-  }
-  ~TempDir() { fs::remove_all(path_); }
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  fs::path path_;
-  static inline int counter_ = 0;
-};
-
-void write_bytes(const std::string& path, const std::string& bytes) {
-  std::ofstream out(path, std::ios::binary);
-  out << bytes;
 }
 
 // --- Reading -------------------------------------------------------------------------------------
