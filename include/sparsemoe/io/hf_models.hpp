@@ -110,7 +110,10 @@ class HfConfigReader {
       return 0;
     }
     const nlohmann::json& value = config_.at(key);
-    if (!value.is_number_integer() || value.get<std::int64_t>() < 0) bad(key, "a non-negative integer");
+    // Sizes past 2^31 are no model's, and keep products like n_shared_experts·h from overflowing.
+    if (!value.is_number_integer() || value.get<std::int64_t>() < 0 || value.get<std::int64_t>() > 0x7FFFFFFF) {
+      bad(key, "an integer in [0, 2^31)");
+    }
     return static_cast<Index>(value.get<std::int64_t>());
   }
   Index integer_or(const char* key, Index fallback) {

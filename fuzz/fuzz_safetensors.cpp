@@ -1,0 +1,216 @@
+// SPDX-License-Identifier: MIT
+// Copyright (c) 2026 The sparsemoe authors
+//
+// libFuzzer harness for the model-file readers (issue 12): the safetensors header parser and
+// checker (SafetensorsFile::from_bytes) and the config.json reader of the Hugging Face families
+// (hf_moe_block_spec).
+//
+// Input: one control byte, then the bytes handed to the reader.
+//   control bit 0: 0 = the bytes are a safetensors file; 1 = they are a config.json, and bits 1-7
+//                  are the layer index asked for.
+//
+// Invariants, checked with __builtin_trap():
+//   * the readers throw nothing but sparsemoe::ModelFileError, with a known kind and a message
+//     that starts with the function's name;
+//   * an accepted file has its header within the input, and tensors whose byte ranges are
+//     shape × element size, tile the data buffer exactly (sorted, contiguous, to its end);
+//     every tensor converts to double (F64, F32, F16, BF16) or fails with unsupported_dtype (the
+//     other dtypes) only; writing the converted tensors back with SafetensorsWriter in their own
+//     dtype gives a file the reader accepts, with the same names, shapes, metadata and values
+//     (NaN for NaN);
+//   * an accepted config gives sizes ≥ 1, 1 ≤ k ≤ E, groups that divide E, the block prefix of
+//     the layer, and (for small sizes) a router and an MoELayer built from it without an error.
+// Plus no sanitizer report (ASan, UBSan) and no leak.
+//
+// Seeds (fuzz/corpus/fuzz_safetensors/): small files of each dtype with metadata, and one
+// config.json of each family. Regenerate them with
+//   clang++ -std=c++17 -DSPARSEMOE_FUZZ_WRITE_SEEDS -Iinclude -isystem /usr/include/eigen3 \
+//     fuzz/fuzz_safetensors.cpp -o /tmp/seeds && /tmp/seeds fuzz/corpus/fuzz_safetensors
+#include <sparsemoe/io/hf_models.hpp>
+#include <sparsemoe/io/safetensors.hpp>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#ifdef SPARSEMOE_FUZZ_WRITE_SEEDS
+#include <fstream>
+#endif
+
+#define FUZZ_CHECK(condition)                                                                        \
+  do {                                                                                               \
+    if (!(condition)) {                                                                              \
+      std::fprintf(stderr, "fuzz_safetensors: invariant failed: %s (%s:%d)\n", #condition, __FILE__, \
+                   __LINE__);                                                                        \
+      __builtin_trap();                                                                              \
+    }                                                                                                \
+  } while (false)
+
+namespace {
+
+using sparsemoe::Index;
+using sparsemoe::ModelFileError;
+using sparsemoe::ModelFileErrorKind;
+using sparsemoe::SafetensorsDtype;
+using sparsemoe::SafetensorsFile;
+
+bool known_kind(ModelFileErrorKind kind) { return std::string(to_string(kind)) != "unknown"; }
+
+bool starts_with(const char* text, const char* prefix) { return std::strncmp(text, prefix, std::strlen(prefix)) == 0; }
+
+bool same_values(const std::vector<double>& a, const std::vector<double>& b) {
+  if (a.size() != b.size()) return false;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    if (!(a[i] == b[i] || (std::isnan(a[i]) && std::isnan(b[i])))) return false;
+  }
+  return true;
+}
+
+bool converts(SafetensorsDtype dtype) {
+  return dtype == SafetensorsDtype::f64 || dtype == SafetensorsDtype::f32 || dtype == SafetensorsDtype::f16 ||
+         dtype == SafetensorsDtype::bf16;
+}
+
+void fuzz_file(const std::string& bytes) {
+  std::vector<SafetensorsFile> parsed;
+  try {
+    parsed.push_back(SafetensorsFile::from_bytes(bytes));
+  } catch (const ModelFileError& error) {
+    FUZZ_CHECK(known_kind(error.kind()));
+    FUZZ_CHECK(starts_with(error.what(), "sparsemoe::SafetensorsFile::from_bytes"));
+    return;
+  }
+  const SafetensorsFile& file = parsed.front();
+  FUZZ_CHECK(8 + file.header_size() <= bytes.size());
+  const std::uint64_t buffer = bytes.size() - 8 - file.header_size();
+  std::uint64_t covered = 0;
+  for (const auto& tensor : file.tensors()) {
+    FUZZ_CHECK(tensor.begin == covered);
+    FUZZ_CHECK(tensor.end - tensor.begin == tensor.num_elements() * sparsemoe::element_size(tensor.dtype));
+    FUZZ_CHECK(file.contains(tensor.name));
+    covered = tensor.end;
+  }
+  FUZZ_CHECK(covered == buffer);
+
+  sparsemoe::SafetensorsWriter writer;
+  std::vector<std::vector<double>> values(file.tensors().size());
+  for (std::size_t i = 0; i < file.tensors().size(); ++i) {
+    const auto& tensor = file.tensors()[i];
+    try {
+      values[i] = file.values<double>(tensor.name);
+      FUZZ_CHECK(converts(tensor.dtype));
+      FUZZ_CHECK(values[i].size() == tensor.num_elements());
+    } catch (const ModelFileError& error) {
+      FUZZ_CHECK(error.kind() == ModelFileErrorKind::unsupported_dtype && !converts(tensor.dtype));
+      continue;
+    }
+    if (!tensor.name.empty()) {
+      writer.add(tensor.name, tensor.shape, values[i].data(), values[i].size(), tensor.dtype);
+    }
+  }
+  for (const auto& item : file.metadata()) writer.set_metadata(item.first, item.second);
+  const SafetensorsFile again = SafetensorsFile::from_bytes(writer.bytes());
+  FUZZ_CHECK(again.metadata() == file.metadata());
+  FUZZ_CHECK(again.tensors().size() == writer.size());
+  for (std::size_t i = 0; i < file.tensors().size(); ++i) {
+    const auto& tensor = file.tensors()[i];
+    if (tensor.name.empty() || !converts(tensor.dtype)) continue;
+    FUZZ_CHECK(again.info(tensor.name).shape == tensor.shape);
+    FUZZ_CHECK(again.info(tensor.name).dtype == tensor.dtype);
+    FUZZ_CHECK(same_values(again.values<double>(tensor.name), values[i]));
+  }
+}
+
+void fuzz_config(const std::string& bytes, Index layer) {
+  const nlohmann::json config = nlohmann::json::parse(bytes, nullptr, /*allow_exceptions=*/false);
+  if (config.is_discarded()) return;
+  sparsemoe::HfMoEBlockSpec spec;
+  try {
+    spec = sparsemoe::hf_moe_block_spec(config, layer);
+  } catch (const ModelFileError& error) {
+    FUZZ_CHECK(known_kind(error.kind()));
+    FUZZ_CHECK(starts_with(error.what(), "sparsemoe::hf_moe_block_spec"));
+    return;
+  }
+  const sparsemoe::MoEConfig& sizes = spec.config;
+  FUZZ_CHECK(sizes.input_dim >= 1 && sizes.hidden_dim >= 1 && sizes.num_experts >= 1);
+  FUZZ_CHECK(sizes.k >= 1 && sizes.k <= sizes.num_experts);
+  FUZZ_CHECK(spec.prefix.rfind("model.layers." + std::to_string(layer) + ".", 0) == 0);
+  const Index groups = spec.sigmoid_router ? spec.sigmoid.num_groups : spec.softmax.num_groups;
+  FUZZ_CHECK(groups >= 1 && sizes.num_experts % groups == 0);
+  const double weights = static_cast<double>(sizes.input_dim) * static_cast<double>(sizes.num_experts) *
+                         static_cast<double>(sizes.hidden_dim + sizes.shared_hidden_dim + 1);
+  if (weights > 1e5) return;  // building it would only test the allocator
+  if (spec.sigmoid_router) {
+    sparsemoe::HfSigmoidMoELayer<float> built(
+        sizes, sparsemoe::SigmoidTopKRouter<float>(sizes.input_dim, sizes.num_experts, spec.sigmoid));
+    FUZZ_CHECK(built.k() == sizes.k);
+  } else {
+    sparsemoe::HfSoftmaxMoELayer<float> built(
+        sizes, sparsemoe::SoftmaxTopKRouter<float>(sizes.input_dim, sizes.num_experts, spec.softmax));
+    FUZZ_CHECK(built.k() == sizes.k);
+  }
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  if (size == 0) return 0;
+  const std::string bytes(reinterpret_cast<const char*>(data + 1), size - 1);
+  if ((data[0] & 1) == 0) {
+    fuzz_file(bytes);
+  } else {
+    fuzz_config(bytes, static_cast<Index>(data[0] >> 1));
+  }
+  return 0;
+}
+
+#ifdef SPARSEMOE_FUZZ_WRITE_SEEDS
+// The seeds: files of every writable dtype and configs of every family (see the file comment).
+int main(int argc, char** argv) {
+  if (argc != 2) {
+    std::fprintf(stderr, "usage: %s <seed directory>\n", argv[0]);
+    return 2;
+  }
+  const std::string directory = argv[1];
+  const auto save = [&](const std::string& name, char control, const std::string& bytes) {
+    std::ofstream(directory + "/" + name, std::ios::binary) << control << bytes;
+  };
+  const std::vector<float> values = {1.5f, -2.0f, 0.0f, 1e-6f, 65504.0f, -0.5f};
+  for (const SafetensorsDtype dtype :
+       {SafetensorsDtype::f64, SafetensorsDtype::f32, SafetensorsDtype::f16, SafetensorsDtype::bf16}) {
+    sparsemoe::SafetensorsWriter writer;
+    writer.set_metadata("format", "pt");
+    writer.add("model.layers.0.mlp.gate.weight", {2, 3}, values.data(), values.size(), dtype);
+    writer.add("bias", {2}, values.data(), 2, dtype);
+    writer.add("empty", {0, 3}, values.data(), 0, dtype);
+    save(std::string("file_") + to_string(dtype), '\0', writer.bytes());
+  }
+  sparsemoe::SafetensorsWriter mixed;
+  mixed.add("a", {3}, values.data(), 3, SafetensorsDtype::f32);
+  mixed.add("b", {3}, values.data(), 3, SafetensorsDtype::bf16);
+  save("file_mixed", '\0', mixed.bytes());
+  const std::string integer = "{\"ids\":{\"dtype\":\"I64\",\"shape\":[1],\"data_offsets\":[0,8]}}";
+  std::string length;
+  for (int i = 0; i < 8; ++i) length.push_back(static_cast<char>((integer.size() >> (8 * i)) & 0xFF));
+  save("file_i64", '\0', length + integer + std::string(8, '\x01'));
+
+  const char* configs[] = {
+      R"({"model_type":"mixtral","hidden_size":4,"intermediate_size":3,"num_local_experts":4,"num_experts_per_tok":2,"num_hidden_layers":2})",
+      R"({"model_type":"qwen2_moe","hidden_size":4,"moe_intermediate_size":3,"shared_expert_intermediate_size":5,"num_experts":4,"num_experts_per_tok":2,"norm_topk_prob":false,"decoder_sparse_step":1,"mlp_only_layers":[]})",
+      R"({"model_type":"qwen3_moe","hidden_size":4,"moe_intermediate_size":3,"num_experts":8,"num_experts_per_tok":2,"norm_topk_prob":true})",
+      R"({"model_type":"olmoe","hidden_size":4,"intermediate_size":3,"num_experts":8,"num_experts_per_tok":3,"norm_topk_prob":false})",
+      R"({"model_type":"deepseek_v2","hidden_size":4,"moe_intermediate_size":3,"n_routed_experts":8,"num_experts_per_tok":3,"n_group":4,"topk_group":2,"routed_scaling_factor":1.5,"norm_topk_prob":false,"n_shared_experts":2,"first_k_dense_replace":1,"topk_method":"group_limited_greedy"})",
+      R"({"model_type":"deepseek_v3","hidden_size":4,"moe_intermediate_size":3,"n_routed_experts":8,"num_experts_per_tok":3,"n_group":4,"topk_group":2,"routed_scaling_factor":2.5,"norm_topk_prob":true,"n_shared_experts":1,"first_k_dense_replace":1,"moe_layer_freq":1,"scoring_func":"sigmoid","topk_method":"noaux_tc"})",
+  };
+  int number = 0;
+  for (const char* config : configs) {
+    save("config_" + std::to_string(number++), static_cast<char>(1 | (1 << 1)), config);  // layer 1
+  }
+  return 0;
+}
+#endif
