@@ -102,7 +102,11 @@ inline const char* hf_context() { return "sparsemoe::hf_moe_block_spec"; }
 /// Reads config.json's keys for one family, collecting the names of missing required keys.
 class HfConfigReader {
  public:
-  explicit HfConfigReader(const nlohmann::json& config) : config_(config) {}
+  /// Reads keys of `config`; errors name `context` (the function) and `source` (where the keys
+  /// come from, e.g. "config.json").
+  explicit HfConfigReader(const nlohmann::json& config, const char* context = hf_context(),
+                          const char* source = "config.json")
+      : config_(config), context_(context), source_(source) {}
 
   Index integer(const char* key) {
     if (!config_.contains(key)) {
@@ -160,24 +164,50 @@ class HfConfigReader {
     if (missing_.empty()) return;
     std::string names;
     for (const std::string& key : missing_) names += (names.empty() ? "" : ", ") + key;
-    model_file_fail(ModelFileErrorKind::missing_config_key, hf_context(), "config.json of model_type '", family,
-                    "' lacks ", missing_.size(), " key(s) the MoE block needs: ", names);
+    model_file_fail(ModelFileErrorKind::missing_config_key, context_, source_, " of '", family, "' lacks ",
+                    missing_.size(), " key(s) the MoE block needs: ", names);
   }
 
   [[noreturn]] void bad(const char* key, const char* expected) const {
-    model_file_fail(ModelFileErrorKind::malformed_config, hf_context(), "config.json key '", key, "' must be ",
-                    expected, ", got ", config_.at(key).dump());
+    model_file_fail(ModelFileErrorKind::malformed_config, context_, source_, " key '", key, "' must be ", expected,
+                    ", got ", config_.contains(key) ? config_.at(key).dump() : std::string("nothing"));
   }
 
  private:
   void missing(const char* key) { missing_.emplace_back(key); }
 
   const nlohmann::json& config_;
+  const char* context_;
+  const char* source_;
   std::vector<std::string> missing_;
 };
 
-[[noreturn]] inline void not_moe_layer(Index layer, const std::string& why) {
-  model_file_fail(ModelFileErrorKind::not_moe_layer, hf_context(), "layer ", layer, " ", why);
+/// Checks the sizes and groups of `spec` (ModelFileError(malformed_config) naming them) and sets
+/// the softmax router's k and renormalisation (the sigmoid router's are set by the caller).
+inline void finish_block_spec(HfMoEBlockSpec& spec, bool normalize, const char* context) {
+  const MoEConfig& sizes = spec.config;
+  if (sizes.input_dim < 1 || sizes.hidden_dim < 1 || sizes.num_experts < 1 || sizes.k < 1 ||
+      sizes.k > sizes.num_experts || (sizes.shared_expert_gate && sizes.shared_hidden_dim < 1)) {
+    model_file_fail(ModelFileErrorKind::malformed_config, context, "the sizes do not make an MoE block: d = ",
+                    sizes.input_dim, ", expert width h = ", sizes.hidden_dim, ", E = ", sizes.num_experts, ", k = ",
+                    sizes.k, ", shared width h_s = ", sizes.shared_hidden_dim, " (need d, h, E >= 1, 1 <= k <= E, and "
+                    "h_s >= 1 for a gated shared expert)");
+  }
+  if (!spec.sigmoid_router) {
+    spec.softmax.k = sizes.k;
+    spec.softmax.normalize_top_k = normalize;
+  }
+  const Index groups = spec.sigmoid_router ? spec.sigmoid.num_groups : spec.softmax.num_groups;
+  const Index top_groups = spec.sigmoid_router ? spec.sigmoid.top_groups : spec.softmax.top_groups;
+  if (groups < 1 || sizes.num_experts % groups != 0 || top_groups < 1 || top_groups > groups ||
+      sizes.k > top_groups * (sizes.num_experts / groups)) {
+    model_file_fail(ModelFileErrorKind::malformed_config, context, groups, " expert groups with ", top_groups,
+                    " kept do not fit ", sizes.num_experts, " experts and k = ", sizes.k);
+  }
+}
+
+[[noreturn]] inline void not_moe_layer(Index layer, const std::string& why, const char* context = hf_context()) {
+  model_file_fail(ModelFileErrorKind::not_moe_layer, context, "layer ", layer, " ", why);
 }
 
 /// Names of the expert tensors of one family (gate, up, down projections).
@@ -328,28 +358,7 @@ inline HfMoEBlockSpec hf_moe_block_spec(const nlohmann::json& config, Index laye
   keys.require_complete(model_type);
   if (layers >= 0 && layer >= layers) detail::not_moe_layer(layer, "is past the last layer (num_hidden_layers = " +
                                                                        std::to_string(layers) + ")");
-  if (sizes.input_dim < 1) keys.bad("hidden_size", "an integer >= 1");
-  if (sizes.hidden_dim < 1) keys.bad(spec.family == HfFamily::mixtral || spec.family == HfFamily::olmoe
-                                         ? "intermediate_size" : "moe_intermediate_size", "an integer >= 1");
-  if (sizes.num_experts < 1) {
-    model_file_fail(ModelFileErrorKind::malformed_config, context, "the model has ", sizes.num_experts,
-                    " routed experts; at least 1 is needed");
-  }
-  if (sizes.k < 1 || sizes.k > sizes.num_experts) keys.bad("num_experts_per_tok", "between 1 and the expert count");
-  if (spec.family == HfFamily::qwen2_moe && sizes.shared_hidden_dim < 1) {
-    keys.bad("shared_expert_intermediate_size", "an integer >= 1");
-  }
-  if (!spec.sigmoid_router) {
-    spec.softmax.k = sizes.k;
-    spec.softmax.normalize_top_k = normalize;
-  }
-  const Index groups = spec.sigmoid_router ? spec.sigmoid.num_groups : spec.softmax.num_groups;
-  const Index top_groups = spec.sigmoid_router ? spec.sigmoid.top_groups : spec.softmax.top_groups;
-  if (groups < 1 || sizes.num_experts % groups != 0 || top_groups < 1 || top_groups > groups ||
-      sizes.k > top_groups * (sizes.num_experts / groups)) {
-    model_file_fail(ModelFileErrorKind::malformed_config, context, "n_group = ", groups, " and topk_group = ",
-                    top_groups, " do not fit ", sizes.num_experts, " experts and num_experts_per_tok = ", sizes.k);
-  }
+  detail::finish_block_spec(spec, normalize, context);
   spec.prefix = "model.layers." + std::to_string(layer) +
                 (spec.family == HfFamily::mixtral ? ".block_sparse_moe." : ".mlp.");
   return spec;
@@ -362,13 +371,71 @@ inline nlohmann::json read_hf_config(const std::string& path) {
   struct stat status {};
   if (::stat(path.c_str(), &status) == 0 && S_ISDIR(status.st_mode)) file = path + "/config.json";
   const std::string context = detail::file_context("sparsemoe::read_hf_config", file);
-  const auto bytes = detail::SafetensorsBytes::map(file, context);
+  const auto bytes = detail::MappedBytes::map(file, context);
   const char* text = reinterpret_cast<const char*>(bytes->data());
   std::string duplicate;
   nlohmann::json json = detail::parse_json_checked(text, text + bytes->size(), duplicate);
   if (json.is_discarded()) detail::model_file_fail(ModelFileErrorKind::malformed_config, context, "not valid JSON");
   return json;
 }
+
+namespace detail {
+
+/// Checks at compile time that `Layer` is an HfSoftmaxMoELayer or HfSigmoidMoELayer, and at run
+/// time that its router is the one `spec`'s family needs (ModelFileError(router_mismatch)).
+template <typename Layer>
+void require_block_layer(const HfMoEBlockSpec& spec, const char* context) {
+  using Scalar = typename Layer::Scalar;
+  using RouterT = typename Layer::RouterType;
+  static_assert(std::is_same<typename Layer::ExpertType, SwiGluExpert<Scalar>>::value,
+                "MoE blocks of model files have SwiGLU experts: use HfSoftmaxMoELayer or HfSigmoidMoELayer");
+  constexpr bool sigmoid = std::is_same<RouterT, SigmoidTopKRouter<Scalar>>::value;
+  static_assert(sigmoid || std::is_same<RouterT, SoftmaxTopKRouter<Scalar>>::value,
+                "the layer needs a SoftmaxTopKRouter or a SigmoidTopKRouter");
+  if (spec.sigmoid_router != sigmoid) {
+    model_file_fail(ModelFileErrorKind::router_mismatch, context, "model family '", to_string(spec.family),
+                    "' routes with a ", spec.sigmoid_router ? "sigmoid" : "softmax", " top-k router; load it into ",
+                    spec.sigmoid_router ? "HfSigmoidMoELayer" : "HfSoftmaxMoELayer");
+  }
+}
+
+/// Throws ModelFileError(missing_tensor) listing (the first 8 of) the `names` that `model` lacks.
+template <typename Model>
+void require_tensors(const Model& model, const std::vector<std::string>& names, const HfMoEBlockSpec& spec,
+                     const char* context) {
+  std::string missing;
+  std::size_t missing_count = 0;
+  for (const std::string& name : names) {
+    if (model.contains(name)) continue;
+    if (++missing_count <= 8) missing += (missing.empty() ? "" : ", ") + name;
+  }
+  if (missing_count > 0) {
+    model_file_fail(ModelFileErrorKind::missing_tensor, context, "the ", to_string(spec.family), " MoE block of layer ",
+                    spec.layer, " needs ", missing_count, " tensor(s) the file(s) lack: ", missing,
+                    missing_count > 8 ? ", …" : "");
+  }
+}
+
+/// The router of `spec` with weight W_r = `weight` (d×E) and, for the sigmoid router, the
+/// selection bias `selection_bias` (E).
+template <typename RouterT>
+RouterT make_block_router(const HfMoEBlockSpec& spec, Matrix<typename RouterT::Scalar> weight,
+                          const Vector<typename RouterT::Scalar>& selection_bias) {
+  using Scalar = typename RouterT::Scalar;
+  if constexpr (std::is_same<RouterT, SigmoidTopKRouter<Scalar>>::value) {
+    RouterT router(spec.config.input_dim, spec.config.num_experts, spec.sigmoid);
+    router.weight() = std::move(weight);
+    router.selection_bias() = selection_bias;
+    return router;
+  } else {
+    static_cast<void>(selection_bias);
+    RouterT router(spec.config.input_dim, spec.config.num_experts, spec.softmax);
+    router.weight() = std::move(weight);
+    return router;
+  }
+}
+
+}  // namespace detail
 
 /// Builds the MoE block of `spec` (from hf_moe_block_spec) out of `model`'s tensors, converted
 /// to Scalar and transposed from [out, in] (see the file comment). `Layer` is
@@ -381,69 +448,42 @@ template <typename Layer>
 Layer load_hf_moe_block(const SafetensorsModel& model, const HfMoEBlockSpec& spec) {
   using Scalar = typename Layer::Scalar;
   using RouterT = typename Layer::RouterType;
-  static_assert(std::is_same<typename Layer::ExpertType, SwiGluExpert<Scalar>>::value,
-                "load_hf_moe_block builds SwiGLU experts: use HfSoftmaxMoELayer or HfSigmoidMoELayer");
-  constexpr bool sigmoid = std::is_same<RouterT, SigmoidTopKRouter<Scalar>>::value;
-  static_assert(sigmoid || std::is_same<RouterT, SoftmaxTopKRouter<Scalar>>::value,
-                "load_hf_moe_block's layer needs a SoftmaxTopKRouter or a SigmoidTopKRouter");
   const char* context = "sparsemoe::load_hf_moe_block";
-  if (spec.sigmoid_router != sigmoid) {
-    detail::model_file_fail(ModelFileErrorKind::router_mismatch, context, "model family '", to_string(spec.family),
-                            "' routes with a ", spec.sigmoid_router ? "sigmoid" : "softmax",
-                            " top-k router; load it into ", spec.sigmoid_router ? "HfSigmoidMoELayer" : "HfSoftmaxMoELayer");
-  }
+  detail::require_block_layer<Layer>(spec, context);
   const MoEConfig& sizes = spec.config;
   const Index d = sizes.input_dim;
-  const Index h = sizes.hidden_dim;
   const detail::HfExpertNames names = detail::hf_expert_names(spec.family);
+  const detail::HfExpertNames shared_names{"gate_proj", "up_proj", "down_proj"};
   const std::string shared = spec.prefix + detail::hf_shared_module(spec.family) + ".";
+  const std::string bias = spec.prefix + "gate.e_score_correction_bias";
 
   std::vector<std::string> required{spec.prefix + "gate.weight"};
-  if (sigmoid) required.push_back(spec.prefix + "gate.e_score_correction_bias");
+  if (spec.sigmoid_router) required.push_back(bias);
   for (Index e = 0; e < sizes.num_experts; ++e) {
     const std::string expert = spec.prefix + "experts." + std::to_string(e) + ".";
     for (const char* name : {names.gate, names.up, names.down}) required.push_back(expert + name + ".weight");
   }
   if (sizes.shared_hidden_dim > 0) {
-    for (const char* name : {"gate_proj", "up_proj", "down_proj"}) required.push_back(shared + name + ".weight");
+    for (const char* name : {shared_names.gate, shared_names.up, shared_names.down}) {
+      required.push_back(shared + name + ".weight");
+    }
   }
   if (sizes.shared_expert_gate) required.push_back(spec.prefix + "shared_expert_gate.weight");
-  std::string missing;
-  std::size_t missing_count = 0;
-  for (const std::string& name : required) {
-    if (model.contains(name)) continue;
-    if (++missing_count <= 8) missing += (missing.empty() ? "" : ", ") + name;
-  }
-  if (missing_count > 0) {
-    detail::model_file_fail(ModelFileErrorKind::missing_tensor, context, "the ", to_string(spec.family), " MoE block of layer ",
-                            spec.layer, " needs ", missing_count, " tensor(s) the model lacks: ", missing,
-                            missing_count > 8 ? ", …" : "");
-  }
+  detail::require_tensors(model, required, spec, context);
 
-  RouterT router = [&] {
-    if constexpr (sigmoid) {
-      SigmoidTopKRouter<Scalar> built(d, sizes.num_experts, spec.sigmoid);
-      built.selection_bias() = model.vector<Scalar>(spec.prefix + "gate.e_score_correction_bias", sizes.num_experts);
-      built.weight() = model.matrix<Scalar>(spec.prefix + "gate.weight", sizes.num_experts, d).transpose();
-      return built;
-    } else {
-      SoftmaxTopKRouter<Scalar> built(d, sizes.num_experts, spec.softmax);
-      built.weight() = model.matrix<Scalar>(spec.prefix + "gate.weight", sizes.num_experts, d).transpose();
-      return built;
-    }
-  }();
-  Layer layer(sizes, std::move(router));
-  const auto fill = [&](SwiGluExpert<Scalar>& expert, const std::string& prefix, Index width, const detail::HfExpertNames& n) {
+  Layer layer(sizes, detail::make_block_router<RouterT>(
+                         spec, model.matrix<Scalar>(spec.prefix + "gate.weight", sizes.num_experts, d).transpose(),
+                         spec.sigmoid_router ? model.vector<Scalar>(bias, sizes.num_experts) : Vector<Scalar>()));
+  const auto fill = [&](SwiGluExpert<Scalar>& expert, const std::string& prefix, Index width,
+                        const detail::HfExpertNames& n) {
     expert.gate_projection() = model.matrix<Scalar>(prefix + n.gate + ".weight", width, d).transpose();
     expert.up_projection() = model.matrix<Scalar>(prefix + n.up + ".weight", width, d).transpose();
     expert.w2() = model.matrix<Scalar>(prefix + n.down + ".weight", d, width).transpose();
   };
   for (Index e = 0; e < sizes.num_experts; ++e) {
-    fill(layer.expert(e), spec.prefix + "experts." + std::to_string(e) + ".", h, names);
+    fill(layer.expert(e), spec.prefix + "experts." + std::to_string(e) + ".", sizes.hidden_dim, names);
   }
-  if (sizes.shared_hidden_dim > 0) {
-    fill(layer.shared_expert(), shared, sizes.shared_hidden_dim, {"gate_proj", "up_proj", "down_proj"});
-  }
+  if (sizes.shared_hidden_dim > 0) fill(layer.shared_expert(), shared, sizes.shared_hidden_dim, shared_names);
   if (sizes.shared_expert_gate) {
     layer.shared_expert_gate() = model.matrix<Scalar>(spec.prefix + "shared_expert_gate.weight", 1, d).transpose();
   }

@@ -4,7 +4,7 @@
 #define SPARSEMOE_IO_MODEL_FILE_ERROR_HPP
 
 /// \file model_file_error.hpp
-/// The errors of the model-file code (safetensors.hpp, hf_models.hpp): ModelFileErrorKind (which
+/// The errors of the model-file code (safetensors.hpp, hf_models.hpp, gguf.hpp): ModelFileErrorKind (which
 /// check failed), ModelFileError (the exception, with kind()), and detail::model_file_fail, which
 /// every part of that code throws through. The same design as checkpoint_error.hpp.
 
@@ -40,6 +40,9 @@ enum class ModelFileErrorKind {
   unknown_architecture, ///< config.json's model_type is not a supported MoE family
   not_moe_layer,        ///< the layer asked for is a dense layer of the model, or past its last layer
   router_mismatch,      ///< the family's router is not the layer type's router (softmax vs sigmoid)
+  bad_magic,            ///< a GGUF file does not start with "GGUF"
+  unsupported_version,  ///< a GGUF version other than 2 or 3
+  misaligned_tensor,    ///< a GGUF tensor's offset is not a multiple of the file's alignment
 };
 
 /// A stable lowercase name of `kind` ("size_mismatch", …), as used in the error messages.
@@ -63,6 +66,9 @@ inline const char* to_string(ModelFileErrorKind kind) {
     case ModelFileErrorKind::unknown_architecture: return "unknown_architecture";
     case ModelFileErrorKind::not_moe_layer: return "not_moe_layer";
     case ModelFileErrorKind::router_mismatch: return "router_mismatch";
+    case ModelFileErrorKind::bad_magic: return "bad_magic";
+    case ModelFileErrorKind::unsupported_version: return "unsupported_version";
+    case ModelFileErrorKind::misaligned_tensor: return "misaligned_tensor";
   }
   return "unknown";
 }

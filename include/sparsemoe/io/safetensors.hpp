@@ -153,24 +153,24 @@ inline std::string shape_text(const std::vector<std::uint64_t>& shape) {
   return text + "]";
 }
 
-/// The bytes a SafetensorsFile reads: a read-only memory map of a file, or an owned buffer.
-class SafetensorsBytes {
+/// The bytes a model file is read from: a read-only memory map of a file, or an owned buffer.
+class MappedBytes {
  public:
-  SafetensorsBytes() = default;
-  SafetensorsBytes(const SafetensorsBytes&) = delete;
-  SafetensorsBytes& operator=(const SafetensorsBytes&) = delete;
-  ~SafetensorsBytes() {
+  MappedBytes() = default;
+  MappedBytes(const MappedBytes&) = delete;
+  MappedBytes& operator=(const MappedBytes&) = delete;
+  ~MappedBytes() {
     if (mapped_ != nullptr) ::munmap(mapped_, size_);
   }
 
   /// Maps the regular file at `path` read-only (a file of 0 bytes is held as an empty buffer).
   /// Throws ModelFileError(io) naming the step, the path and errno.
-  static std::shared_ptr<const SafetensorsBytes> map(const std::string& path, const std::string& context) {
+  static std::shared_ptr<const MappedBytes> map(const std::string& path, const std::string& context) {
     std::size_t size = 0;
     const int fd = open_regular_file(path, size, [&](const std::string& reason) {
       model_file_fail(ModelFileErrorKind::io, context, reason);
     });
-    auto bytes = std::make_shared<SafetensorsBytes>();
+    auto bytes = std::make_shared<MappedBytes>();
     bytes->size_ = size;
     if (bytes->size_ > 0) {
       void* address = ::mmap(nullptr, bytes->size_, PROT_READ, MAP_PRIVATE, fd, 0);
@@ -187,8 +187,8 @@ class SafetensorsBytes {
   }
 
   /// Holds `content` (for files made in memory, tests and fuzzing).
-  static std::shared_ptr<const SafetensorsBytes> own(std::string content) {
-    auto bytes = std::make_shared<SafetensorsBytes>();
+  static std::shared_ptr<const MappedBytes> own(std::string content) {
+    auto bytes = std::make_shared<MappedBytes>();
     bytes->owned_ = std::move(content);
     bytes->size_ = bytes->owned_.size();
     bytes->data_ = reinterpret_cast<const unsigned char*>(bytes->owned_.data());
@@ -277,13 +277,13 @@ class SafetensorsFile {
   /// the tensor and the values. Cost: O(header) plus the mapping.
   static SafetensorsFile open(const std::string& path) {
     const std::string context = detail::file_context("sparsemoe::SafetensorsFile::open", path);
-    return SafetensorsFile(path, detail::SafetensorsBytes::map(path, context), context);
+    return SafetensorsFile(path, detail::MappedBytes::map(path, context), context);
   }
 
   /// The same checks over `content`, the bytes of a file (named `name` in messages).
   static SafetensorsFile from_bytes(std::string content, const std::string& name = "<memory>") {
     const std::string context = detail::file_context("sparsemoe::SafetensorsFile::from_bytes", name);
-    return SafetensorsFile(name, detail::SafetensorsBytes::own(std::move(content)), context);
+    return SafetensorsFile(name, detail::MappedBytes::own(std::move(content)), context);
   }
 
   /// The path (or name) the file was opened from.
@@ -344,7 +344,7 @@ class SafetensorsFile {
   }
 
  private:
-  SafetensorsFile(std::string path, std::shared_ptr<const detail::SafetensorsBytes> bytes, const std::string& context)
+  SafetensorsFile(std::string path, std::shared_ptr<const detail::MappedBytes> bytes, const std::string& context)
       : path_(std::move(path)), bytes_(std::move(bytes)) {
     parse(context);
   }
@@ -516,7 +516,7 @@ class SafetensorsFile {
   }
 
   std::string path_;
-  std::shared_ptr<const detail::SafetensorsBytes> bytes_;
+  std::shared_ptr<const detail::MappedBytes> bytes_;
   std::uint64_t header_size_ = 0;
   std::vector<SafetensorsTensorInfo> tensors_;
   std::map<std::string, std::size_t> index_;
@@ -600,7 +600,7 @@ class SafetensorsModel {
  private:
   static SafetensorsModel open_index(const std::string& path) {
     const std::string context = detail::file_context("sparsemoe::SafetensorsModel::open", path);
-    const auto bytes = detail::SafetensorsBytes::map(path, context);
+    const auto bytes = detail::MappedBytes::map(path, context);
     const char* text = reinterpret_cast<const char*>(bytes->data());
     std::string duplicate;
     const nlohmann::json json = detail::parse_json_checked(text, text + bytes->size(), duplicate);
