@@ -11,6 +11,7 @@
 #include <sparsemoe/checkpoint.hpp>
 #endif
 #ifdef SPARSEMOE_ODR_MODEL_FILES
+#include <sparsemoe/io/gguf.hpp>
 #include <sparsemoe/io/hf_models.hpp>
 #endif
 
@@ -66,5 +67,7 @@ TEST(Odr, ModelFileHeadersLinkFromTwoTranslationUnits) {
   EXPECT_STREQ(sparsemoe::to_string(sparsemoe::ModelFileErrorKind::io), "io");
   EXPECT_STREQ(sparsemoe::to_string(sparsemoe::SafetensorsDtype::bf16), "BF16");
   EXPECT_EQ(*sparsemoe::parse_hf_family("olmoe"), sparsemoe::HfFamily::olmoe);
+  EXPECT_STREQ(sparsemoe::to_string(sparsemoe::GgmlType::q8_0), "Q8_0");
+  EXPECT_THROW(sparsemoe::GgufFile::from_bytes("GGUF"), sparsemoe::ModelFileError);
 }
 #endif

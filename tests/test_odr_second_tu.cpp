@@ -11,6 +11,7 @@
 #include <sparsemoe/checkpoint.hpp>
 #endif
 #ifdef SPARSEMOE_ODR_MODEL_FILES
+#include <sparsemoe/io/gguf.hpp>
 #include <sparsemoe/io/hf_models.hpp>
 #endif
 
@@ -62,6 +63,8 @@ std::string odr_second_tu_safetensors() {
   sparsemoe::export_hf_moe_block(layer, sparsemoe::HfFamily::olmoe, 0, writer, sparsemoe::SafetensorsDtype::bf16);
   static_cast<void>(sparsemoe::hf_moe_block_spec(sparsemoe::hf_moe_config(layer, sparsemoe::HfFamily::olmoe), 0));
   static_cast<void>(sparsemoe::parse_safetensors_dtype("F16"));
+  static_cast<void>(sparsemoe::ggml_block_layout(8));
+  static_cast<void>(sparsemoe::to_string(sparsemoe::GgmlType::bf16));
   return writer.bytes();
 }
 #endif

@@ -2,12 +2,13 @@
 // Copyright (c) 2026 The sparsemoe authors
 //
 // libFuzzer harness for the model-file readers (issue 12): the safetensors header parser and
-// checker (SafetensorsFile::from_bytes) and the config.json reader of the Hugging Face families
-// (hf_moe_block_spec).
+// checker (SafetensorsFile::from_bytes), the config.json reader of the Hugging Face families
+// (hf_moe_block_spec), and the GGUF reader with its MoE block loader (GgufFile::from_bytes,
+// gguf_moe_block_spec, load_gguf_moe_block).
 //
 // Input: one control byte, then the bytes handed to the reader.
-//   control bit 0: 0 = the bytes are a safetensors file; 1 = they are a config.json, and bits 1-7
-//                  are the layer index asked for.
+//   control bits 0-1: 0 or 3 = the bytes are a safetensors file; 1 = a config.json; 2 = a GGUF
+//                     file. Bits 2-7: the layer index asked for (config.json and GGUF).
 //
 // Invariants, checked with __builtin_trap():
 //   * the readers throw nothing but sparsemoe::ModelFileError, with a known kind and a message
@@ -19,13 +20,17 @@
 //     dtype gives a file the reader accepts, with the same names, shapes, metadata and values
 //     (NaN for NaN);
 //   * an accepted config gives sizes ≥ 1, 1 ≤ k ≤ E, groups that divide E, the block prefix of
-//     the layer, and (for small sizes) a router and an MoELayer built from it without an error.
+//     the layer, and (for small sizes) a router and an MoELayer built from it without an error;
+//   * an accepted GGUF file has aligned, in-range, non-overlapping tensors that convert to double
+//     or fail with unsupported_dtype only; its MoE block spec and (for small sizes) the block
+//     itself load or fail with a ModelFileError only.
 // Plus no sanitizer report (ASan, UBSan) and no leak.
 //
-// Seeds (fuzz/corpus/fuzz_safetensors/): small files of each dtype with metadata, and one
-// config.json of each family. Regenerate them with
+// Seeds (fuzz/corpus/fuzz_model_files/): small files of each dtype with metadata, one config.json
+// of each family, and a GGUF MoE block. Regenerate them with
 //   clang++ -std=c++17 -DSPARSEMOE_FUZZ_WRITE_SEEDS -Iinclude -isystem /usr/include/eigen3 \
-//     fuzz/fuzz_safetensors.cpp -o /tmp/seeds && /tmp/seeds fuzz/corpus/fuzz_safetensors
+//     fuzz/fuzz_model_files.cpp -o /tmp/seeds && /tmp/seeds fuzz/corpus/fuzz_model_files
+#include <sparsemoe/io/gguf.hpp>
 #include <sparsemoe/io/hf_models.hpp>
 #include <sparsemoe/io/safetensors.hpp>
 
@@ -44,7 +49,7 @@
 #define FUZZ_CHECK(condition)                                                                        \
   do {                                                                                               \
     if (!(condition)) {                                                                              \
-      std::fprintf(stderr, "fuzz_safetensors: invariant failed: %s (%s:%d)\n", #condition, __FILE__, \
+      std::fprintf(stderr, "fuzz_model_files: invariant failed: %s (%s:%d)\n", #condition, __FILE__, \
                    __LINE__);                                                                        \
       __builtin_trap();                                                                              \
     }                                                                                                \
@@ -125,6 +130,12 @@ void fuzz_file(const std::string& bytes) {
   }
 }
 
+/// Small enough to build: the block's parameter count stays under 10^5.
+bool small(const sparsemoe::MoEConfig& sizes) {
+  return static_cast<double>(sizes.input_dim) * static_cast<double>(sizes.num_experts) *
+             static_cast<double>(sizes.hidden_dim + sizes.shared_hidden_dim + 1) <= 1e5;
+}
+
 void fuzz_config(const std::string& bytes, Index layer) {
   const nlohmann::json config = nlohmann::json::parse(bytes, nullptr, /*allow_exceptions=*/false);
   if (config.is_discarded()) return;
@@ -142,9 +153,7 @@ void fuzz_config(const std::string& bytes, Index layer) {
   FUZZ_CHECK(spec.prefix.rfind("model.layers." + std::to_string(layer) + ".", 0) == 0);
   const Index groups = spec.sigmoid_router ? spec.sigmoid.num_groups : spec.softmax.num_groups;
   FUZZ_CHECK(groups >= 1 && sizes.num_experts % groups == 0);
-  const double weights = static_cast<double>(sizes.input_dim) * static_cast<double>(sizes.num_experts) *
-                         static_cast<double>(sizes.hidden_dim + sizes.shared_hidden_dim + 1);
-  if (weights > 1e5) return;  // building it would only test the allocator
+  if (!small(sizes)) return;  // building it would only test the allocator
   if (spec.sigmoid_router) {
     sparsemoe::HfSigmoidMoELayer<float> built(
         sizes, sparsemoe::SigmoidTopKRouter<float>(sizes.input_dim, sizes.num_experts, spec.sigmoid));
@@ -156,15 +165,50 @@ void fuzz_config(const std::string& bytes, Index layer) {
   }
 }
 
+void fuzz_gguf(const std::string& bytes, Index layer) {
+  std::vector<sparsemoe::GgufFile> parsed;
+  try {
+    parsed.push_back(sparsemoe::GgufFile::from_bytes(bytes));
+  } catch (const ModelFileError& error) {
+    FUZZ_CHECK(known_kind(error.kind()));
+    FUZZ_CHECK(starts_with(error.what(), "sparsemoe::GgufFile::from_bytes"));
+    return;
+  }
+  const sparsemoe::GgufFile& file = parsed.front();
+  FUZZ_CHECK(file.version() == 2 || file.version() == 3);
+  for (const auto& tensor : file.tensors()) {
+    FUZZ_CHECK(tensor.offset % file.alignment() == 0 && tensor.ne.size() <= 4);
+    try {
+      FUZZ_CHECK(file.values<double>(tensor.name).size() == tensor.num_elements());
+    } catch (const ModelFileError& error) {
+      FUZZ_CHECK(error.kind() == ModelFileErrorKind::unsupported_dtype);
+    }
+  }
+  sparsemoe::HfMoEBlockSpec spec;
+  try {
+    spec = sparsemoe::gguf_moe_block_spec(file, layer);
+    if (!small(spec.config)) return;
+    if (spec.sigmoid_router) {
+      FUZZ_CHECK(sparsemoe::load_gguf_moe_block<sparsemoe::HfSigmoidMoELayer<float>>(file, spec).k() == spec.config.k);
+    } else {
+      FUZZ_CHECK(sparsemoe::load_gguf_moe_block<sparsemoe::HfSoftmaxMoELayer<double>>(file, spec).k() == spec.config.k);
+    }
+  } catch (const ModelFileError& error) {
+    FUZZ_CHECK(known_kind(error.kind()));
+    FUZZ_CHECK(starts_with(error.what(), "sparsemoe::"));
+  }
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   if (size == 0) return 0;
   const std::string bytes(reinterpret_cast<const char*>(data + 1), size - 1);
-  if ((data[0] & 1) == 0) {
-    fuzz_file(bytes);
-  } else {
-    fuzz_config(bytes, static_cast<Index>(data[0] >> 1));
+  const Index layer = static_cast<Index>(data[0] >> 2);
+  switch (data[0] & 3) {
+    case 1: fuzz_config(bytes, layer); break;
+    case 2: fuzz_gguf(bytes, layer); break;
+    default: fuzz_file(bytes); break;
   }
   return 0;
 }
@@ -209,8 +253,53 @@ int main(int argc, char** argv) {
   };
   int number = 0;
   for (const char* config : configs) {
-    save("config_" + std::to_string(number++), static_cast<char>(1 | (1 << 1)), config);  // layer 1
+    save("config_" + std::to_string(number++), static_cast<char>(1 | (1 << 2)), config);  // layer 1
   }
+  // A GGUF qwen2moe block of layer 1 (d = 32, h = 32, E = 4, k = 2), experts in Q8_0.
+  const auto le = [](std::uint64_t value, int bytes) {
+    std::string out;
+    for (int i = 0; i < bytes; ++i) out.push_back(static_cast<char>((value >> (8 * i)) & 0xFF));
+    return out;
+  };
+  const auto text = [&](const std::string& value) { return le(value.size(), 8) + value; };
+  struct Entry {
+    std::string name;
+    std::vector<std::uint64_t> ne;
+    std::uint32_t type;
+  };
+  const std::vector<Entry> entries = {{"blk.1.ffn_gate_inp.weight", {32, 4}, 0},  {"blk.1.ffn_gate_exps.weight", {32, 32, 4}, 8},
+                                      {"blk.1.ffn_up_exps.weight", {32, 32, 4}, 8}, {"blk.1.ffn_down_exps.weight", {32, 32, 4}, 8},
+                                      {"blk.1.ffn_gate_shexp.weight", {32, 8}, 1},  {"blk.1.ffn_up_shexp.weight", {32, 8}, 1},
+                                      {"blk.1.ffn_down_shexp.weight", {8, 32}, 30}, {"blk.1.ffn_gate_inp_shexp.weight", {32}, 0}};
+  std::string gguf = "GGUF" + le(3, 4) + le(entries.size(), 8) + le(7, 8);
+  gguf += text("general.architecture") + le(8, 4) + text("qwen2moe");
+  for (const auto& key : {"embedding_length", "expert_feed_forward_length", "expert_count", "expert_used_count",
+                          "expert_shared_feed_forward_length", "block_count"}) {
+    const std::string name = key;
+    const std::uint64_t value = name == "expert_count" ? 4 : name == "expert_used_count" ? 2
+                                : name == "expert_shared_feed_forward_length" ? 8 : name == "block_count" ? 2 : 32;
+    gguf += text("qwen2moe." + name) + le(4, 4) + le(value, 4);
+  }
+  std::string data;
+  for (const Entry& entry : entries) {
+    std::uint64_t elements = 1;
+    for (const std::uint64_t extent : entry.ne) elements *= extent;
+    gguf += text(entry.name) + le(entry.ne.size(), 4);
+    for (const std::uint64_t extent : entry.ne) gguf += le(extent, 8);
+    gguf += le(entry.type, 4) + le(data.size(), 8);
+    if (entry.type == 8) {
+      for (std::uint64_t block = 0; block < elements / 32; ++block) {
+        data += le(0x2000, 2);  // scale 2^-7
+        for (int j = 0; j < 32; ++j) data.push_back(static_cast<char>((block * 7 + static_cast<std::uint64_t>(j) * 13) % 255 - 127));
+      }
+    } else {
+      const std::size_t bytes = entry.type == 0 ? 4 : 2;
+      for (std::uint64_t i = 0; i < elements; ++i) data += le(entry.type == 0 ? 0x3C000000u + (i % 97) * 4099 : 0x3000u + i % 61, static_cast<int>(bytes));
+    }
+    data.append((32 - data.size() % 32) % 32, '\0');
+  }
+  gguf.append((32 - gguf.size() % 32) % 32, '\0');
+  save("gguf_qwen2moe", static_cast<char>(2 | (1 << 2)), gguf + data);
   return 0;
 }
 #endif
