@@ -148,6 +148,46 @@ TEST(HfModels, SpecCarriesTheRouterOptions) {
   EXPECT_EQ(sparsemoe::hf_moe_block_spec(greedy.config, 1).softmax.num_groups, 1);
 }
 
+TEST(HfModels, DeepSeekV3Fp8WeightsWithBlockScales) {
+  // d = 130: the [h, d] projections have two 128-column scale blocks, the [d, h] down projections
+  // two 128-row ones. Stored bytes avoid the NaN patterns; scales are powers of two, so the
+  // products are exact in float and the reference sees exactly the dequantised weights.
+  const Family f = make_family("deepseek_v3", 1, 130, 4);
+  RawWeights w = random_weights(f, 13);
+  std::mt19937 random(8);
+  std::vector<RawTensor> tensors;
+  std::vector<std::string> plain = tensor_names(f);
+  for (Index e = 0; e < f.experts; ++e) {
+    for (const std::string& projection : {f.gate, f.up, f.down}) {
+      const std::string name = f.prefix + "experts." + std::to_string(e) + "." + projection + ".weight";
+      plain.erase(std::find(plain.begin(), plain.end(), name));
+      const std::vector<std::uint64_t> shape = w.shapes.at(name);
+      const std::uint64_t scale_rows = (shape[0] + 127) / 128, scale_cols = (shape[1] + 127) / 128;
+      std::vector<float> scales(scale_rows * scale_cols);
+      for (float& scale : scales) scale = std::ldexp(1.0f, std::uniform_int_distribution<int>(-6, -2)(random));
+      std::vector<std::uint8_t> bytes(w.values.at(name).size());
+      for (std::size_t i = 0; i < bytes.size(); ++i) {
+        std::uint8_t byte;
+        do {
+          byte = static_cast<std::uint8_t>(std::uniform_int_distribution<int>(0, 255)(random));
+        } while ((byte & 0x7F) == 0x7F);
+        bytes[i] = byte;
+        const std::size_t row = i / shape[1], col = i % shape[1];
+        const int exponent = (byte >> 3) & 15, mantissa = byte & 7;
+        const float magnitude = exponent == 0 ? std::ldexp(static_cast<float>(mantissa), -9)
+                                              : std::ldexp(1.0f + static_cast<float>(mantissa) / 8.0f, exponent - 7);
+        w.values.at(name)[i] = ((byte & 0x80) ? -magnitude : magnitude) * scales[row / 128 * scale_cols + col / 128];
+      }
+      tensors.push_back({name, "F8_E4M3", shape, raw_bytes(bytes)});
+      tensors.push_back({name + "_scale_inv", "F32", {scale_rows, scale_cols}, raw_bytes(scales)});
+    }
+  }
+  for (RawTensor& tensor : w.tensors(plain, false)) tensors.push_back(tensor);
+  const SafetensorsModel model({SafetensorsFile::from_bytes(make_file(tensors))});
+  expect_matches_reference(f, w, sparsemoe::load_hf_moe_block<sparsemoe::HfSigmoidMoELayer<double>>(model, f.config, 1),
+                           1e-12);
+}
+
 // --- Round trip ----------------------------------------------------------------------------------
 
 template <typename Layer>

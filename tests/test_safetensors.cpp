@@ -161,6 +161,50 @@ TEST(SafetensorsRead, HalfFormatsOverEveryBitPattern) {
   }
 }
 
+/// F8_E4M3 ("fn": bias 7, no infinities, S.1111.111 NaN) and F8_E5M2 (bias 15, IEEE-like) from
+/// their definitions.
+double decode_f8(std::uint8_t bits, int exponent_bits) {
+  const int mantissa_bits = 7 - exponent_bits;
+  const int bias = (1 << (exponent_bits - 1)) - 1;
+  const int exponent = (bits >> mantissa_bits) & ((1 << exponent_bits) - 1);
+  const int mantissa = bits & ((1 << mantissa_bits) - 1);
+  const double scale = 1 << mantissa_bits;
+  double value;
+  if (exponent_bits == 4 && exponent == 15 && mantissa == 7) return std::nan("");
+  if (exponent_bits == 5 && exponent == 31) {
+    if (mantissa != 0) return std::nan("");
+    value = std::numeric_limits<double>::infinity();
+  } else if (exponent == 0) {
+    value = std::ldexp(mantissa / scale, 1 - bias);
+  } else {
+    value = std::ldexp(1.0 + mantissa / scale, exponent - bias);
+  }
+  return (bits & 0x80) ? -value : value;
+}
+
+TEST(SafetensorsRead, EightBitFloatsOverEveryBitPattern) {
+  std::vector<std::uint8_t> patterns(256);
+  for (int i = 0; i < 256; ++i) patterns[static_cast<std::size_t>(i)] = static_cast<std::uint8_t>(i);
+  const SafetensorsFile file = SafetensorsFile::from_bytes(
+      make_file({{"e4m3", "F8_E4M3", {256}, raw_bytes(patterns)}, {"e5m2", "F8_E5M2", {16, 16}, raw_bytes(patterns)}}));
+  const std::vector<double> e4m3 = file.values<double>("e4m3");
+  const std::vector<float> e5m2 = file.values<float>("e5m2");
+  for (std::size_t i = 0; i < 256; ++i) {
+    const double want4 = decode_f8(patterns[i], 4), want5 = decode_f8(patterns[i], 5);
+    if (std::isnan(want4)) {
+      EXPECT_TRUE(std::isnan(e4m3[i])) << i;
+    } else {
+      EXPECT_EQ(e4m3[i], want4) << "E4M3 pattern " << i;
+    }
+    if (std::isnan(want5)) {
+      EXPECT_TRUE(std::isnan(e5m2[i])) << i;
+    } else {
+      EXPECT_EQ(static_cast<double>(e5m2[i]), want5) << "E5M2 pattern " << i;
+    }
+  }
+  EXPECT_EQ(e4m3[0x7E], 448.0);
+}
+
 TEST(SafetensorsRead, MemoryMappedFileEqualsBytes) {
   TempDir dir;
   std::mt19937 random(5);

@@ -5,7 +5,8 @@
 
 /// \file half.hpp
 /// Conversions between IEEE-754 binary32 and the 16-bit formats of model files: binary16 (F16)
-/// and bfloat16 (BF16), as raw bit patterns. Widening is exact (every 16-bit value, subnormals,
+/// and bfloat16 (BF16), as raw bit patterns; and the widening of the 8-bit float formats
+/// F8_E4M3 (the "fn" variant: no infinities) and F8_E5M2. Widening is exact (every 16-bit value, subnormals,
 /// infinities and NaN payloads included, maps to the float with the same value); narrowing rounds
 /// to nearest, ties to even, overflows to infinity and keeps NaNs NaN (quiet).
 
@@ -54,6 +55,25 @@ inline float float_from_f16(std::uint16_t half) {
   if (exponent == 31) return float_from_bits(sign | 0x7F800000u | (mantissa << 13));
   return float_from_bits(sign | ((exponent + 112u) << 23) | (mantissa << 13));
 }
+
+/// F8_E4M3 → float (exact): 4 exponent bits with bias 7, 3 mantissa bits, subnormals m·2^−9,
+/// no infinities, S.1111.111 is NaN; the largest value is 448.
+inline float float_from_f8_e4m3(std::uint8_t bits) {
+  const int exponent = (bits >> 3) & 15;
+  const int mantissa = bits & 7;
+  float magnitude = 0;
+  if (exponent == 15 && mantissa == 7) {
+    magnitude = float_from_bits(0x7FC00000u);
+  } else if (exponent == 0) {
+    magnitude = std::ldexp(static_cast<float>(mantissa), -9);
+  } else {
+    magnitude = std::ldexp(static_cast<float>(8 + mantissa), exponent - 10);
+  }
+  return (bits & 0x80u) != 0 ? -magnitude : magnitude;
+}
+
+/// F8_E5M2 → float (exact): the upper byte of a binary16.
+inline float float_from_f8_e5m2(std::uint8_t bits) { return float_from_f16(static_cast<std::uint16_t>(bits << 8)); }
 
 /// float → binary16, rounding to nearest even; magnitudes from 65520 on become ±∞, NaN stays NaN.
 inline std::uint16_t f16_from_float(float value) {

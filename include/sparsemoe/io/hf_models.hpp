@@ -435,14 +435,32 @@ RouterT make_block_router(const HfMoEBlockSpec& spec, Matrix<typename RouterT::S
   }
 }
 
+/// The [rows, cols] weight `name` of `model` as a matrix, multiplied by its block scales when the
+/// model has `name` + "_scale_inv" (DeepSeek-V3's FP8 checkpoints: one F32 scale per 128×128 block,
+/// shape [⌈rows/128⌉, ⌈cols/128⌉]; w = stored value × scale).
+template <typename Scalar>
+Matrix<Scalar> read_linear_weight(const SafetensorsModel& model, const std::string& name, Index rows, Index cols) {
+  Matrix<Scalar> weight = model.matrix<Scalar>(name, rows, cols);
+  const std::string scale_name = name + "_scale_inv";
+  if (!model.contains(scale_name)) return weight;
+  constexpr Index block = 128;
+  const Matrix<Scalar> scale = model.matrix<Scalar>(scale_name, (rows + block - 1) / block, (cols + block - 1) / block);
+  for (Index row = 0; row < rows; ++row) {
+    for (Index col = 0; col < cols; ++col) weight(row, col) *= scale(row / block, col / block);
+  }
+  return weight;
+}
+
 }  // namespace detail
 
 /// Builds the MoE block of `spec` (from hf_moe_block_spec) out of `model`'s tensors, converted
 /// to Scalar and transposed from [out, in] (see the file comment). `Layer` is
 /// HfSoftmaxMoELayer<Scalar> or, for DeepSeek-V3, HfSigmoidMoELayer<Scalar>. Every tensor is
 /// checked to exist (all missing names listed at once) and to have its [out, in] shape before
-/// the layer is returned; nothing is changed on error. Throws ModelFileError: router_mismatch
-/// (the family needs the other router), missing_tensor, shape_mismatch, unsupported_dtype.
+/// the layer is returned; nothing is changed on error. FP8 weights (F8_E4M3) with a
+/// `<name>_scale_inv` tensor, as DeepSeek-V3 ships them, are multiplied by their 128×128 block
+/// scales. Throws ModelFileError: router_mismatch (the family needs the other router),
+/// missing_tensor, shape_mismatch (of a weight or of its scales), unsupported_dtype.
 /// Cost: one pass over the block's weights (3·E·d·h + d·E values, plus the shared expert).
 template <typename Layer>
 Layer load_hf_moe_block(const SafetensorsModel& model, const HfMoEBlockSpec& spec) {
@@ -472,13 +490,14 @@ Layer load_hf_moe_block(const SafetensorsModel& model, const HfMoEBlockSpec& spe
   detail::require_tensors(model, required, spec, context);
 
   Layer layer(sizes, detail::make_block_router<RouterT>(
-                         spec, model.matrix<Scalar>(spec.prefix + "gate.weight", sizes.num_experts, d).transpose(),
+                         spec, detail::read_linear_weight<Scalar>(model, spec.prefix + "gate.weight", sizes.num_experts, d)
+                                   .transpose(),
                          spec.sigmoid_router ? model.vector<Scalar>(bias, sizes.num_experts) : Vector<Scalar>()));
   const auto fill = [&](SwiGluExpert<Scalar>& expert, const std::string& prefix, Index width,
                         const detail::HfExpertNames& n) {
-    expert.gate_projection() = model.matrix<Scalar>(prefix + n.gate + ".weight", width, d).transpose();
-    expert.up_projection() = model.matrix<Scalar>(prefix + n.up + ".weight", width, d).transpose();
-    expert.w2() = model.matrix<Scalar>(prefix + n.down + ".weight", d, width).transpose();
+    expert.gate_projection() = detail::read_linear_weight<Scalar>(model, prefix + n.gate + ".weight", width, d).transpose();
+    expert.up_projection() = detail::read_linear_weight<Scalar>(model, prefix + n.up + ".weight", width, d).transpose();
+    expert.w2() = detail::read_linear_weight<Scalar>(model, prefix + n.down + ".weight", d, width).transpose();
   };
   for (Index e = 0; e < sizes.num_experts; ++e) {
     fill(layer.expert(e), spec.prefix + "experts." + std::to_string(e) + ".", sizes.hidden_dim, names);

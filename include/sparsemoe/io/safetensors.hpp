@@ -71,8 +71,8 @@ enum class SafetensorsDtype {
   f64,      ///< "F64" (read and written)
   i64,      ///< "I64"
   u64,      ///< "U64"
-  f8_e4m3,  ///< "F8_E4M3", 1 byte (listed; not converted)
-  f8_e5m2,  ///< "F8_E5M2", 1 byte (listed; not converted)
+  f8_e4m3,  ///< "F8_E4M3", 1 byte, no infinities (read: widened exactly; block scales: hf_models.hpp)
+  f8_e5m2,  ///< "F8_E5M2", 1 byte (read: widened exactly)
 };
 
 /// The header's name of `dtype` ("F32", "BF16", …).
@@ -258,6 +258,13 @@ bool convert_elements(SafetensorsDtype dtype, const unsigned char* bytes, std::s
         out[i] = static_cast<Scalar>(dtype == SafetensorsDtype::bf16 ? float_from_bf16(bits) : float_from_f16(bits));
       }
       return true;
+    case SafetensorsDtype::f8_e4m3:
+    case SafetensorsDtype::f8_e5m2:
+      for (std::size_t i = 0; i < count; ++i) {
+        out[i] = static_cast<Scalar>(dtype == SafetensorsDtype::f8_e4m3 ? float_from_f8_e4m3(bytes[i])
+                                                                        : float_from_f8_e5m2(bytes[i]));
+      }
+      return true;
     default:
       return false;
   }
@@ -312,7 +319,8 @@ class SafetensorsFile {
 
   /// Tensor `name` converted to Scalar, all elements in row-major order. Throws
   /// ModelFileError(missing_tensor) or (unsupported_dtype) for a dtype other than F64, F32, F16,
-  /// BF16. Cost: one pass over the tensor's bytes.
+  /// BF16, F8_E4M3, F8_E5M2 (the 8-bit floats widened as stored, without any block scale).
+  /// Cost: one pass over the tensor's bytes.
   template <typename Scalar>
   std::vector<Scalar> values(const std::string& name) const {
     const SafetensorsTensorInfo& tensor = info(name);
@@ -368,8 +376,8 @@ class SafetensorsFile {
   void convert(const SafetensorsTensorInfo& tensor, Scalar* out, const char* function) const {
     if (!detail::convert_elements(tensor.dtype, raw_data(tensor), static_cast<std::size_t>(tensor.num_elements()), out)) {
       detail::model_file_fail(ModelFileErrorKind::unsupported_dtype, context(function), "tensor '", tensor.name,
-                              "' has dtype ", to_string(tensor.dtype), "; only F64, F32, F16 and BF16 convert to a "
-                              "floating-point Scalar");
+                              "' has dtype ", to_string(tensor.dtype), "; only F64, F32, F16, BF16, F8_E4M3 and "
+                              "F8_E5M2 convert to a floating-point Scalar");
     }
   }
 
