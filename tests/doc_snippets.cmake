@@ -38,7 +38,7 @@ foreach(_page IN LISTS _sparsemoe_guides)
     endif()
     # Snippets of the model-file headers need nlohmann/json (found at the top level).
     file(READ "${_sources}/${_name}.cpp" _snippet_text)
-    if(_snippet_text MATCHES "sparsemoe/io/(safetensors|hf_models)\\.hpp" AND NOT SPARSEMOE_WITH_NLOHMANN_JSON)
+    if(_snippet_text MATCHES "sparsemoe/io/(safetensors|hf_models|gguf)\\.hpp" AND NOT SPARSEMOE_WITH_NLOHMANN_JSON)
       message(STATUS "sparsemoe: nlohmann_json not found (Debian: nlohmann-json3-dev): ${_target} is not built")
       continue()
     endif()

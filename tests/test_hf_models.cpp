@@ -116,6 +116,8 @@ TEST(HfModels, ShardedModelAndConfigFileFromADirectory) {
   const auto layer = sparsemoe::load_hf_moe_block<sparsemoe::HfSoftmaxMoELayer<double>>(
       model, sparsemoe::read_hf_config(dir.file("")), 3);
   expect_matches_reference(f, w, layer, 1e-12);
+  expect_matches_reference(f, w, sparsemoe::load_hf_moe_block<sparsemoe::HfSoftmaxMoELayer<double>>(dir.file(""), 3),
+                           1e-12);
 
   write_bytes(dir.file("bad.json"), "{\"model_type\": ");
   EXPECT_THROW(

@@ -515,6 +515,15 @@ Layer load_hf_moe_block(const SafetensorsModel& model, const nlohmann::json& con
   return load_hf_moe_block<Layer>(model, hf_moe_block_spec(config, layer));
 }
 
+/// The MoE block of layer `layer` of the Hugging Face model directory `directory` (its
+/// config.json, and model.safetensors or the shards of model.safetensors.index.json):
+/// load_hf_moe_block(SafetensorsModel::open(directory), read_hf_config(directory), layer).
+/// Errors as those three.
+template <typename Layer>
+Layer load_hf_moe_block(const std::string& directory, Index layer) {
+  return load_hf_moe_block<Layer>(SafetensorsModel::open(directory), read_hf_config(directory), layer);
+}
+
 namespace detail {
 
 /// Throws std::invalid_argument unless `layer` can be written as an MoE block of `family`.
