@@ -273,7 +273,7 @@ TEST(GgufErrors, EachMalformationHasItsKind) {
 /// The GGUF tensors of `f`'s block from the raw HF-layout weights: stacked experts (ne {d, h, E}
 /// for gate and up, {h, d, E} for down) in F32, or Q8_0 (the raw values then become the decoded
 /// ones).
-std::vector<Tensor> gguf_tensors(const Family& f, RawWeights& w, Index layer, bool q8) {
+std::vector<Tensor> gguf_tensors(const Family& f, RawWeights& w, Index layer, bool q8, bool split = false) {
   const std::string blk = "blk." + std::to_string(layer) + ".";
   const auto u = [](Index v) { return static_cast<std::uint64_t>(v); };
   const auto encode = [&](std::vector<float>& values) { return q8 ? quantize_q8_0(values) : raw_bytes(values); };
@@ -299,6 +299,15 @@ std::vector<Tensor> gguf_tensors(const Family& f, RawWeights& w, Index layer, bo
                 all.begin() + static_cast<std::ptrdiff_t>((e + 1) * f.d * f.h), v.begin());
     }
     const bool down = stack.first == "ffn_down_exps";
+    if (split) {  // one F32 tensor per expert, as older Mixtral conversions store them
+      const std::string base = stack.first.substr(0, stack.first.size() - 5);  // without "_exps"
+      for (Index e = 0; e < f.experts; ++e) {
+        const auto& v = w.values.at(f.prefix + "experts." + std::to_string(e) + "." + stack.second + ".weight");
+        tensors.push_back({blk + base + "." + std::to_string(e) + ".weight", {u(down ? f.h : f.d), u(down ? f.d : f.h)}, 0,
+                           raw_bytes(v)});
+      }
+      continue;
+    }
     tensors.push_back({blk + stack.first + ".weight", {u(down ? f.h : f.d), u(down ? f.d : f.h), u(f.experts)}, type, bytes});
   }
   if (f.shared_width > 0) {
@@ -362,6 +371,15 @@ TEST(GgufMoE, EachArchitectureMatchesTheReference) {
       });
     }
   }
+}
+
+TEST(GgufMoE, MixtralWithOneTensorPerExpert) {
+  const Family f = make_family("mixtral", 0);
+  RawWeights w = random_weights(f, 43);
+  const GgufFile file = GgufFile::from_bytes(make_gguf(gguf_metadata(f), gguf_tensors(f, w, 0, false, /*split=*/true)));
+  EXPECT_TRUE(file.contains("blk.0.ffn_down.7.weight"));
+  EXPECT_FALSE(file.contains("blk.0.ffn_down_exps.weight"));
+  expect_matches_reference(f, w, sparsemoe::load_gguf_moe_block<sparsemoe::HfSoftmaxMoELayer<double>>(file, 0), 1e-12);
 }
 
 TEST(GgufMoE, MetadataAndTensorErrors) {

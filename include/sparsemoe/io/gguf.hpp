@@ -605,7 +605,9 @@ inline HfMoEBlockSpec gguf_moe_block_spec(const GgufFile& file, Index layer) {
 
 /// Builds the MoE block of `spec` (from gguf_moe_block_spec) out of `file`'s tensors, dequantised
 /// to Scalar: the router ffn_gate_inp (ne {d, E}), the stacked experts ffn_gate_exps and
-/// ffn_up_exps (ne {d, h, E}) and ffn_down_exps (ne {h, d, E}), DeepSeek-V3's exp_probs_b (ne {E}),
+/// ffn_up_exps (ne {d, h, E}) and ffn_down_exps (ne {h, d, E}) — or, in files that store them one
+/// by one (older Mixtral conversions), ffn_gate.E and ffn_up.E (ne {d, h}) and ffn_down.E
+/// (ne {h, d}) — DeepSeek-V3's exp_probs_b (ne {E}),
 /// the shared expert ffn_{gate,up}_shexp (ne {d, h_s}) and ffn_down_shexp (ne {h_s, d}), and
 /// Qwen2-MoE's shared gate ffn_gate_inp_shexp (ne {d}). Each row-major [out, in] matrix is
 /// transposed into the library's layout. Every tensor is checked to exist before anything is
@@ -622,8 +624,19 @@ Layer load_gguf_moe_block(const GgufFile& file, const HfMoEBlockSpec& spec) {
   const Index h = sizes.hidden_dim;
   const Index experts = sizes.num_experts;
   const std::string& p = spec.prefix;
-  std::vector<std::string> required{p + "ffn_gate_inp.weight", p + "ffn_gate_exps.weight", p + "ffn_up_exps.weight",
-                                    p + "ffn_down_exps.weight"};
+  // Stacked experts, or (older Mixtral conversions) one tensor per expert: ffn_gate.E.weight.
+  const bool stacked = !file.contains(p + "ffn_gate.0.weight") || file.contains(p + "ffn_gate_exps.weight");
+  const auto per_expert = [&](const char* projection, Index e) {
+    return p + projection + "." + std::to_string(e) + ".weight";
+  };
+  std::vector<std::string> required{p + "ffn_gate_inp.weight"};
+  for (const char* projection : {"ffn_gate", "ffn_up", "ffn_down"}) {
+    if (stacked) {
+      required.push_back(p + projection + "_exps.weight");
+    } else {
+      for (Index e = 0; e < experts; ++e) required.push_back(per_expert(projection, e));
+    }
+  }
   if (spec.sigmoid_router) required.push_back(p + "exp_probs_b.bias");
   if (sizes.shared_hidden_dim > 0) {
     for (const char* name : {"ffn_gate_shexp.weight", "ffn_up_shexp.weight", "ffn_down_shexp.weight"}) {
@@ -638,9 +651,15 @@ Layer load_gguf_moe_block(const GgufFile& file, const HfMoEBlockSpec& spec) {
                          spec.sigmoid_router ? file.vector<Scalar>(p + "exp_probs_b.bias", experts) : Vector<Scalar>()));
   for (Index e = 0; e < experts; ++e) {
     SwiGluExpert<Scalar>& expert = layer.expert(e);
-    expert.gate_projection() = file.slice<Scalar>(p + "ffn_gate_exps.weight", e, experts, h, d).transpose();
-    expert.up_projection() = file.slice<Scalar>(p + "ffn_up_exps.weight", e, experts, h, d).transpose();
-    expert.w2() = file.slice<Scalar>(p + "ffn_down_exps.weight", e, experts, d, h).transpose();
+    if (stacked) {
+      expert.gate_projection() = file.slice<Scalar>(p + "ffn_gate_exps.weight", e, experts, h, d).transpose();
+      expert.up_projection() = file.slice<Scalar>(p + "ffn_up_exps.weight", e, experts, h, d).transpose();
+      expert.w2() = file.slice<Scalar>(p + "ffn_down_exps.weight", e, experts, d, h).transpose();
+    } else {
+      expert.gate_projection() = file.matrix<Scalar>(per_expert("ffn_gate", e), h, d).transpose();
+      expert.up_projection() = file.matrix<Scalar>(per_expert("ffn_up", e), h, d).transpose();
+      expert.w2() = file.matrix<Scalar>(per_expert("ffn_down", e), d, h).transpose();
+    }
   }
   if (sizes.shared_hidden_dim > 0) {
     const Index width = sizes.shared_hidden_dim;
