@@ -18,6 +18,7 @@ SPARSEMOE_DEPS=(
   libeigen3-dev
   libxsmm-dev
   libxxhash-dev
+  nlohmann-json3-dev
   libgtest-dev
   libbenchmark-dev
   libomp-dev
