@@ -174,6 +174,42 @@ TYPED_TEST(ExpertChoice, TiesGoToTheLowerTokenIndex) {
   }
 }
 
+// L = Σ A ⊙ gates + Σ B ⊙ scores + Σ C ⊙ logits: backward's ∂W_r and ∂x against central finite
+// differences (the gates carry the selection; the scores and logits the direct upstream terms).
+TEST(ExpertChoiceRouter, BackwardMatchesFiniteDifferences) {
+  const Index tokens = 11, dim = 4, experts = 3;
+  ExpertChoiceRouter<double> router(dim, experts, with_factor(1.5));
+  router.initialize_uniform(61);
+  MatrixD x = random_matrix(tokens, dim, 62);
+  const MatrixD a = random_matrix(tokens, experts, 63), b = random_matrix(tokens, experts, 64);
+  const MatrixD c = random_matrix(tokens, experts, 65);
+  ExpertChoiceRouting<double> routing;
+  router.route(x, routing);
+  const sparsemoe::IndexMatrix ids = routing.expert_ids;
+  bool selection_changed = false;
+  const auto loss = [&] {
+    ExpertChoiceRouting<double> r;
+    router.route(x, r);
+    selection_changed = selection_changed || r.expert_ids != ids;
+    return (a.array() * r.gates.array()).sum() + (b.array() * r.scores.array()).sum() +
+           (c.array() * r.logits.array()).sum();
+  };
+  sparsemoe::TopKRoutingGradient<double> upstream;
+  upstream.set_zero(routing);
+  upstream.gates = a;
+  upstream.scores = b;
+  upstream.logits = c;
+  auto gradients = router.make_gradients();
+  MatrixD d_x = MatrixD::Zero(tokens, dim);
+  router.backward(routing, x, upstream, gradients, d_x);
+  const auto weight_check = sparsemoe_test::check_gradient(loss, router.weight(), gradients.weight);
+  EXPECT_LT(weight_check.worst_relative_error, 1e-7) << weight_check;
+  const auto input_check = sparsemoe_test::check_gradient(loss, x, d_x);
+  EXPECT_LT(input_check.worst_relative_error, 1e-7) << input_check;
+  EXPECT_FALSE(selection_changed);
+  EXPECT_GT(routing.unrouted_tokens + (routing.experts_per_token.array() > 1).count(), 0);
+}
+
 TEST(ExpertChoiceRouter, RejectsBadOptionsAndInput) {
   for (const double factor : {0.0, -1.0, std::nan(""), std::numeric_limits<double>::infinity()}) {
     EXPECT_TRUE(throws_naming([&] { ExpertChoiceRouter<float>(3, 4, with_factor(factor)); }, {"capacity factor"}))
