@@ -557,15 +557,7 @@ void check_gradients_with_capacity(Layer& layer, const sparsemoe::ForwardOptions
     };
     auto gradients = layer.make_gradients();
     const MatrixD d_x = layer.backward(result, output_weight, gradients);
-    std::vector<std::pair<std::string, sparsemoe_test::GradientCheckResult>> checks;
-    checks.emplace_back("input", sparsemoe_test::check_gradient(loss, x, d_x));
-    auto parameters = layer.tensors();
-    auto gradient_views = gradients.tensors();
-    ASSERT_EQ(parameters.size(), gradient_views.size());
-    for (std::size_t t = 0; t < parameters.size(); ++t) {
-      ASSERT_EQ(parameters[t].name, gradient_views[t].name);
-      checks.emplace_back(parameters[t].name, sparsemoe_test::check_gradient(loss, parameters[t], gradient_views[t]));
-    }
+    const auto checks = planned_reference::check_every_gradient(layer, loss, x, d_x, gradients);
     if (decisions_changed) continue;  // too close to a routing or drop boundary: another input
     checked = true;
     for (const auto& [name, check] : checks) {

@@ -12,7 +12,7 @@
 //     in double;
 //   * bitwise identical forward and backward for 1, 2 and 3 OpenMP threads;
 //   * bad input rejected with std::invalid_argument naming the value.
-#include <sparsemoe/router/expert_choice.hpp>
+#include <sparsemoe/expert_choice.hpp>
 
 #include "gradient_check.hpp"
 #include "planned_reference.hpp"
@@ -230,6 +230,130 @@ TEST(ExpertChoiceRouter, RejectsBadOptionsAndInput) {
   MatrixD x = random_matrix(6, 3, 2);
   x(4, 1) = std::nan("");
   EXPECT_TRUE(throws_naming([&] { router.route(x, r); }, {"non-finite", "token row 4"}));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The layer.
+
+using ExpertD = planned_reference::ExpertD;
+using LayerD = sparsemoe::ExpertChoiceLayer<double, ExpertD>;
+
+sparsemoe::ExpertChoiceConfig layer_config(Index d, Index h, Index experts, double factor, std::uint64_t seed) {
+  auto config = planned_reference::layer_sizes<sparsemoe::ExpertChoiceConfig>(d, h, experts, seed);
+  config.router.capacity_factor = factor;
+  return config;
+}
+
+TEST(ExpertChoiceLayer, ForwardMatchesANaiveReference) {
+  const Index d = 6, h = 5, experts = 5, tokens = 40;
+  const LayerD layer(layer_config(d, h, experts, 1.0, 3));  // C = 8
+  const MatrixD x = random_matrix(tokens, d, 4);
+  const auto result = layer.forward(x);
+  const Index capacity = 8;
+  ASSERT_EQ(result.routing.capacity, capacity);
+  EXPECT_TRUE(result.cache.empty());
+  const MatrixD z = reference::matmul(x, layer.router().weight());
+  std::vector<std::vector<bool>> taken(static_cast<std::size_t>(experts));
+  for (Index e = 0; e < experts; ++e) {
+    EXPECT_EQ(result.tokens_per_expert()[e], capacity);
+    taken[static_cast<std::size_t>(e)].assign(static_cast<std::size_t>(tokens), false);
+    for (const Index t : reference_choice(result.routing.scores, e, capacity)) {
+      taken[static_cast<std::size_t>(e)][static_cast<std::size_t>(t)] = true;
+    }
+  }
+  Index unrouted = 0;
+  for (Index t = 0; t < tokens; ++t) {
+    const std::vector<double> p = reference::softmax(reference::row(z, t));
+    std::vector<double> y(static_cast<std::size_t>(d), 0.0);
+    bool any = false;
+    for (Index e = 0; e < experts; ++e) {
+      if (!taken[static_cast<std::size_t>(e)][static_cast<std::size_t>(t)]) continue;
+      any = true;
+      const std::vector<double> out = planned_reference::naive_expert(layer.expert(e), x, t);
+      const double gate = p[static_cast<std::size_t>(e)];
+      for (Index i = 0; i < d; ++i) y[static_cast<std::size_t>(i)] += gate * out[static_cast<std::size_t>(i)];
+    }
+    unrouted += any ? 0 : 1;
+    for (Index i = 0; i < d; ++i) EXPECT_NEAR(result.output(t, i), y[static_cast<std::size_t>(i)], 1e-12);
+    if (!any) {
+      EXPECT_EQ(result.output.row(t).squaredNorm(), 0.0) << "unrouted token " << t;
+    }
+  }
+  EXPECT_EQ(result.routing.unrouted_tokens, unrouted);
+  EXPECT_GT(unrouted, 0);  // with f = 1 some tokens are left out
+}
+
+TEST(ExpertChoiceLayer, GradientsMatchFiniteDifferences) {
+  for (const double factor : {1.0, 2.0}) {
+    SCOPED_TRACE("capacity factor " + std::to_string(factor));
+    LayerD layer(layer_config(5, 4, 4, factor, 31));
+    const auto forward = [&](const MatrixD& x) {
+      sparsemoe::PlannedForwardOptions options;
+      options.mode = Mode::training;
+      return layer.forward(x, options);
+    };
+    const auto names = planned_reference::expect_gradients_match(layer, 12, 5, 32, forward);
+    ASSERT_GE(names.size(), 2u);
+    EXPECT_EQ(names[1], "router.weight");
+    EXPECT_EQ(names[2], "expert0.w1");
+  }
+}
+
+TEST(ExpertChoiceLayer, BitwiseIdenticalForAnyThreadCount) {
+  using Layer = sparsemoe::ExpertChoiceLayer<float, sparsemoe::SwiGluExpert<float>>;
+  Layer layer(layer_config(16, 24, 8, 2.0, 41));
+  const sparsemoe::Matrix<float> x = random_matrix(4096, 16, 42).cast<float>();
+  const sparsemoe::Matrix<float> d_y = random_matrix(4096, 16, 43).cast<float>();
+  planned_reference::expect_bitwise_across_threads([&] {
+    sparsemoe::PlannedForwardOptions options;
+    options.mode = Mode::training;
+    const auto result = layer.forward(x, options);
+    auto gradients = layer.make_gradients();
+    const sparsemoe::Matrix<float> d_x = layer.backward(result, d_y, gradients);
+    std::vector<MatrixD> list{result.output.cast<double>(), d_x.cast<double>(),
+                              result.routing.expert_ids.cast<double>()};
+    planned_reference::append_tensors(list, gradients.tensors());
+    return list;
+  });
+}
+
+TEST(ExpertChoiceLayer, ReusedResultAndWorkspaceGiveTheSameResults) {
+  const LayerD layer(layer_config(6, 5, 4, 1.5, 51));
+  LayerD::Result result;
+  LayerD::Workspace workspace;
+  sparsemoe::PlannedForwardOptions options;
+  options.mode = Mode::training;
+  auto gradients = layer.make_gradients();
+  MatrixD d_x;
+  for (std::uint64_t round = 0; round < 3; ++round) {
+    const MatrixD x = random_matrix(30 + static_cast<Index>(round), 6, 52 + round);
+    layer.forward(x, options, result, workspace);
+    const auto fresh = layer.forward(x, options);
+    EXPECT_TRUE(router_reference::same(result.output, fresh.output));
+    gradients.set_zero();
+    layer.backward(result, MatrixD::Ones(x.rows(), 6), gradients, d_x, workspace);
+    auto fresh_gradients = layer.make_gradients();
+    EXPECT_TRUE(router_reference::same(d_x, layer.backward(fresh, MatrixD::Ones(x.rows(), 6), fresh_gradients)));
+  }
+}
+
+TEST(ExpertChoiceLayer, RejectsBadInput) {
+  EXPECT_TRUE(throws_naming([] { LayerD(layer_config(4, 3, 2, 0.0, 1)); }, {"capacity factor", "0"}));
+  EXPECT_TRUE(throws_naming([] { LayerD(layer_config(4, 0, 2, 1.0, 1)); }, {"hidden_dim"}));
+  const LayerD layer(layer_config(4, 3, 2, 1.0, 1));
+  EXPECT_TRUE(throws_naming([&] { layer.forward(MatrixD::Zero(3, 5)); }, {"4 columns", "3x5"}));
+  MatrixD x = random_matrix(5, 4, 2);
+  x(3, 2) = std::numeric_limits<double>::infinity();
+  EXPECT_TRUE(throws_naming([&] { layer.forward(x); }, {"non-finite", "row 3", "column 2", "inf"}));
+  auto gradients = layer.make_gradients();
+  const auto evaluation = layer.forward(random_matrix(5, 4, 3));
+  EXPECT_TRUE(throws_naming([&] { layer.backward(evaluation, MatrixD::Zero(5, 4), gradients); }, {"no cache"}));
+  sparsemoe::PlannedForwardOptions options;
+  options.mode = Mode::training;
+  auto result = layer.forward(random_matrix(5, 4, 3), options);
+  EXPECT_TRUE(throws_naming([&] { layer.backward(result, MatrixD::Zero(4, 4), gradients); }, {"d_output", "4x4"}));
+  result.plan.token_of_row[0] = (result.plan.token_of_row[0] + 1) % 5;
+  EXPECT_TRUE(throws_naming([&] { layer.backward(result, MatrixD::Zero(5, 4), gradients); }, {"disagree"}));
 }
 
 }  // namespace

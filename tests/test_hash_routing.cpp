@@ -11,7 +11,7 @@
 //     router tensors;
 //   * bitwise identical forward and backward for 1, 2 and 3 OpenMP threads;
 //   * bad input rejected with std::invalid_argument naming the value.
-#include <sparsemoe/router/hash.hpp>
+#include <sparsemoe/hash_layer.hpp>
 
 #include "planned_reference.hpp"
 #include "router_reference.hpp"
@@ -191,6 +191,97 @@ TEST(HashRouter, RejectsBadInput) {
   frequencies << 4, -1, 2;
   EXPECT_TRUE(throws_naming([&] { sparsemoe::build_balanced_hash_table(frequencies, 4, 1); }, {"id 1", "-1"}));
   EXPECT_TRUE(throws_naming([&] { sparsemoe::build_balanced_hash_table(frequencies.cwiseAbs(), 4, 5); }, {"k must", "5"}));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The layer.
+
+using ExpertD = planned_reference::ExpertD;
+using LayerD = sparsemoe::HashMoELayer<double, ExpertD>;
+
+sparsemoe::HashMoEConfig layer_config(Index d, Index h, Index experts, Index k, std::uint64_t seed) {
+  auto config = planned_reference::layer_sizes<sparsemoe::HashMoEConfig>(d, h, experts, seed);
+  config.router.k = k;
+  config.router.seed = seed + 1;
+  return config;
+}
+
+IndexVector some_ids(Index tokens, std::uint64_t seed) {
+  std::mt19937_64 generator(seed);
+  std::uniform_int_distribution<Index> vocabulary(0, 50000);
+  IndexVector ids(tokens);
+  for (Index t = 0; t < tokens; ++t) ids[t] = vocabulary(generator);
+  return ids;
+}
+
+TEST(HashMoELayer, ForwardMatchesANaiveReference) {
+  const Index d = 6, h = 5, experts = 5, tokens = 40;
+  for (Index k = 1; k <= 3; ++k) {
+    const LayerD layer(layer_config(d, h, experts, k, 3));
+    const MatrixD x = random_matrix(tokens, d, 4);
+    const IndexVector ids = some_ids(tokens, 5);
+    const auto result = layer.forward(x, ids);
+    for (Index t = 0; t < tokens; ++t) {
+      std::vector<double> y(static_cast<std::size_t>(d), 0.0);
+      for (const Index e : documented_experts(static_cast<std::uint64_t>(ids[t]), 4, experts, k)) {
+        const std::vector<double> out = planned_reference::naive_expert(layer.expert(e), x, t);
+        const double gate = 1.0 / static_cast<double>(k);
+        for (Index i = 0; i < d; ++i) y[static_cast<std::size_t>(i)] += gate * out[static_cast<std::size_t>(i)];
+      }
+      for (Index i = 0; i < d; ++i) EXPECT_NEAR(result.output(t, i), y[static_cast<std::size_t>(i)], 1e-12) << k;
+    }
+    EXPECT_EQ(result.plan.num_rows(), tokens * k);
+  }
+}
+
+TEST(HashMoELayer, GradientsMatchFiniteDifferences) {
+  LayerD layer(layer_config(5, 4, 4, 2, 31));
+  const IndexVector ids = some_ids(12, 32);
+  const auto forward = [&](const MatrixD& x) {
+    sparsemoe::PlannedForwardOptions options;
+    options.mode = Mode::training;
+    return layer.forward(x, ids, options);
+  };
+  const auto names = planned_reference::expect_gradients_match(layer, 12, 5, 33, forward);
+  for (std::size_t i = 1; i < names.size(); ++i) EXPECT_EQ(names[i].rfind("expert", 0), 0u) << names[i];
+  EXPECT_EQ(names.size(), 1u + 4u * 4u);  // the input, then w1, b1, w2, b2 of 4 experts
+}
+
+TEST(HashMoELayer, BitwiseIdenticalForAnyThreadCount) {
+  using Layer = sparsemoe::HashMoELayer<float, sparsemoe::SwiGluExpert<float>>;
+  Layer layer(layer_config(16, 24, 8, 2, 41));
+  const sparsemoe::Matrix<float> x = random_matrix(3000, 16, 42).cast<float>();
+  const sparsemoe::Matrix<float> d_y = random_matrix(3000, 16, 43).cast<float>();
+  const IndexVector ids = some_ids(3000, 44);
+  planned_reference::expect_bitwise_across_threads([&] {
+    sparsemoe::PlannedForwardOptions options;
+    options.mode = Mode::training;
+    const auto result = layer.forward(x, ids, options);
+    auto gradients = layer.make_gradients();
+    const sparsemoe::Matrix<float> d_x = layer.backward(result, d_y, gradients);
+    std::vector<MatrixD> list{result.output.cast<double>(), d_x.cast<double>()};
+    planned_reference::append_tensors(list, gradients.tensors());
+    return list;
+  });
+}
+
+TEST(HashMoELayer, RejectsBadInput) {
+  EXPECT_TRUE(throws_naming([] { LayerD(layer_config(4, 3, 2, 3, 1)); }, {"k must be", "3"}));
+  EXPECT_TRUE(throws_naming([] { LayerD(layer_config(4, 3, 2, 0, 1)); }, {"k must be", "0"}));
+  const LayerD layer(layer_config(4, 3, 3, 2, 1));
+  const MatrixD x = random_matrix(5, 4, 2);
+  EXPECT_TRUE(throws_naming([&] { layer.forward(x, IndexVector()); }, {"token_ids", "(5)", "got 0"}));
+  EXPECT_TRUE(throws_naming([&] { layer.forward(x, some_ids(4, 3)); }, {"token_ids", "got 4"}));
+  IndexVector ids = some_ids(5, 3);
+  ids[2] = -1;
+  EXPECT_TRUE(throws_naming([&] { layer.forward(x, ids); }, {"token id -1", "position 2"}));
+  ids[2] = 9;
+  EXPECT_TRUE(throws_naming([&] { layer.forward(MatrixD::Zero(5, 3), ids); }, {"4 columns", "5x3"}));
+  MatrixD bad = x;
+  bad(1, 3) = std::nan("");
+  EXPECT_TRUE(throws_naming([&] { layer.forward(bad, ids); }, {"non-finite", "row 1", "column 3"}));
+  auto gradients = layer.make_gradients();
+  EXPECT_TRUE(throws_naming([&] { layer.backward(layer.forward(x, ids), MatrixD::Zero(5, 4), gradients); }, {"no cache"}));
 }
 
 }  // namespace
