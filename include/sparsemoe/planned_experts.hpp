@@ -134,11 +134,10 @@ class PlannedLayerBase {
   Index hidden_dim() const { return bank_.hidden_dim(); }
   /// Number of experts E.
   Index num_experts() const { return bank_.num_experts(); }
-  /** @{ */
   /// Expert `index`, 0 ≤ index < E (std::out_of_range otherwise; keep its shapes).
   ExpertT& expert(Index index) { return bank_.expert(index); }
+  /// Expert `index`, read-only.
   const ExpertT& expert(Index index) const { return bank_.expert(index); }
-  /** @} */
   /// The experts.
   const ExpertBank<Scalar, ExpertT>& experts() const { return bank_; }
 
