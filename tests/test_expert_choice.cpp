@@ -13,6 +13,8 @@
 //   * bitwise identical forward and backward for 1, 2 and 3 OpenMP threads;
 //   * bad input rejected with std::invalid_argument naming the value.
 #include <sparsemoe/expert_choice.hpp>
+#include <sparsemoe/moe_layer.hpp>
+#include <sparsemoe/router/softmax_top_k.hpp>
 
 #include "gradient_check.hpp"
 #include "planned_reference.hpp"
@@ -296,6 +298,47 @@ TEST(ExpertChoiceLayer, GradientsMatchFiniteDifferences) {
     ASSERT_GE(names.size(), 2u);
     EXPECT_EQ(names[1], "router.weight");
     EXPECT_EQ(names[2], "expert0.w1");
+  }
+}
+
+// With C = T (capacity factor E) every expert takes every token, and expert choice is the dense
+// MoE: the same output, ∂x and gradients (under the same names) as MoELayer with the softmax
+// router at k = E and the same weights, a different code path.
+TEST(ExpertChoiceLayer, WithCapacityTIsTheDenseMoE) {
+  const Index d = 5, h = 4, experts = 3, tokens = 17;
+  LayerD choice(layer_config(d, h, experts, static_cast<double>(experts), 71));
+  sparsemoe::SoftmaxTopKRouterOptions dense_options;
+  dense_options.k = experts;
+  sparsemoe::SoftmaxTopKRouter<double> router(d, experts, dense_options);
+  router.weight() = choice.router().weight();
+  sparsemoe::MoEConfig config;
+  config.input_dim = d;
+  config.hidden_dim = h;
+  config.num_experts = experts;
+  config.k = experts;
+  sparsemoe::MoELayer<double, ExpertD, sparsemoe::SoftmaxTopKRouter<double>> dense(config, router);
+  for (Index e = 0; e < experts; ++e) dense.expert(e) = choice.expert(e);
+  const MatrixD x = random_matrix(tokens, d, 72), d_y = random_matrix(tokens, d, 73);
+  sparsemoe::PlannedForwardOptions choice_options;
+  choice_options.mode = Mode::training;
+  sparsemoe::ForwardOptions dense_forward;
+  dense_forward.mode = Mode::training;
+  dense_forward.balance_loss_weight = 0;
+  const auto a = choice.forward(x, choice_options);
+  const auto b = dense.forward(x, dense_forward);
+  EXPECT_EQ(a.routing.capacity, tokens);
+  EXPECT_EQ(a.routing.unrouted_tokens, 0);
+  EXPECT_TRUE(reference::all_close(a.output, b.output, 1e-12));
+  auto choice_gradients = choice.make_gradients();
+  auto dense_gradients = dense.make_gradients();
+  EXPECT_TRUE(reference::all_close(choice.backward(a, d_y, choice_gradients),
+                                        dense.backward(b, d_y, dense_gradients), 1e-12));
+  const auto ours = choice_gradients.tensors();
+  const auto theirs = dense_gradients.tensors();
+  ASSERT_EQ(ours.size(), theirs.size());
+  for (std::size_t t = 0; t < ours.size(); ++t) {
+    EXPECT_EQ(ours[t].name, theirs[t].name);
+    EXPECT_TRUE(reference::all_close(ours[t].matrix(), theirs[t].matrix(), 1e-12)) << ours[t].name;
   }
 }
 
