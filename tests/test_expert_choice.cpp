@@ -380,6 +380,33 @@ TEST(ExpertChoiceLayer, ReusedResultAndWorkspaceGiveTheSameResults) {
   }
 }
 
+// Edge shapes: an empty batch, one token, one expert (which then takes ⌈T·f⌉ capped at T).
+TEST(ExpertChoiceLayer, EmptyBatchOneTokenAndOneExpert) {
+  sparsemoe::PlannedForwardOptions options;
+  options.mode = Mode::training;
+  for (const auto& [tokens, experts] : std::vector<std::pair<Index, Index>>{{0, 3}, {1, 3}, {7, 1}}) {
+    SCOPED_TRACE("T=" + std::to_string(tokens) + " E=" + std::to_string(experts));
+    const LayerD layer(layer_config(4, 3, experts, 2.0, 81));
+    const MatrixD x = random_matrix(tokens, 4, 82);
+    const auto result = layer.forward(x, options);
+    ASSERT_EQ(result.output.rows(), tokens);
+    EXPECT_EQ(result.routing.capacity, std::min<Index>(tokens, (2 * tokens + experts - 1) / experts));
+    for (Index t = 0; t < tokens; ++t) {
+      std::vector<double> y(4, 0.0);
+      for (Index e = 0; e < experts; ++e) {
+        if (result.routing.expert_ids(t, e) < 0) continue;
+        const std::vector<double> out = planned_reference::naive_expert(layer.expert(e), x, t);
+        for (Index i = 0; i < 4; ++i) y[static_cast<std::size_t>(i)] += result.routing.scores(t, e) * out[static_cast<std::size_t>(i)];
+      }
+      for (Index i = 0; i < 4; ++i) EXPECT_NEAR(result.output(t, i), y[static_cast<std::size_t>(i)], 1e-12);
+    }
+    auto gradients = layer.make_gradients();
+    const MatrixD d_x = layer.backward(result, MatrixD::Ones(tokens, 4), gradients);
+    EXPECT_EQ(d_x.rows(), tokens);
+    EXPECT_TRUE(d_x.allFinite());
+  }
+}
+
 TEST(ExpertChoiceLayer, RejectsBadInput) {
   EXPECT_TRUE(throws_naming([] { LayerD(layer_config(4, 3, 2, 0.0, 1)); }, {"capacity factor", "0"}));
   EXPECT_TRUE(throws_naming([] { LayerD(layer_config(4, 0, 2, 1.0, 1)); }, {"hidden_dim"}));

@@ -265,6 +265,23 @@ TEST(HashMoELayer, BitwiseIdenticalForAnyThreadCount) {
   });
 }
 
+TEST(HashMoELayer, EmptyBatchAndOneExpert) {
+  sparsemoe::PlannedForwardOptions options;
+  options.mode = Mode::training;
+  const LayerD empty_layer(layer_config(4, 3, 3, 2, 91));
+  const auto empty = empty_layer.forward(MatrixD::Zero(0, 4), IndexVector(), options);
+  EXPECT_EQ(empty.output.rows(), 0);
+  auto gradients = empty_layer.make_gradients();
+  EXPECT_EQ(empty_layer.backward(empty, MatrixD::Zero(0, 4), gradients).rows(), 0);
+  const LayerD single(layer_config(4, 3, 1, 1, 92));  // every token to expert 0, gate 1
+  const MatrixD x = random_matrix(5, 4, 93);
+  const auto result = single.forward(x, some_ids(5, 94), options);
+  for (Index t = 0; t < 5; ++t) {
+    const std::vector<double> out = planned_reference::naive_expert(single.expert(0), x, t);
+    for (Index i = 0; i < 4; ++i) EXPECT_NEAR(result.output(t, i), out[static_cast<std::size_t>(i)], 1e-12);
+  }
+}
+
 TEST(HashMoELayer, RejectsBadInput) {
   EXPECT_TRUE(throws_naming([] { LayerD(layer_config(4, 3, 2, 3, 1)); }, {"k must be", "3"}));
   EXPECT_TRUE(throws_naming([] { LayerD(layer_config(4, 3, 2, 0, 1)); }, {"k must be", "0"}));

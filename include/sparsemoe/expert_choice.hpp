@@ -126,6 +126,8 @@ class ExpertChoiceLayer : public PlannedLayerBase<Scalar_, ExpertT, ExpertChoice
   }
 
   /// Backward into `d_input` (resized to T×d) with scratch from `workspace`; as above otherwise.
+  /// The result must come from this layer's forward: one of another layer with the same shapes
+  /// passes the checks (unlike MoELayer, these layers keep no identity in their results).
   /// Cost: about twice the forward's flops.
   void backward(const Result& result, ConstMatrixRef<Scalar> d_output, Gradients& gradients, Matrix<Scalar>& d_input,
                 Workspace& workspace) const {
