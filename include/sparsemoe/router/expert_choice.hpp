@@ -94,7 +94,7 @@ struct ExpertChoiceRouting : TopKRouting<Scalar> {
 ///
 /// \tparam Scalar_ float or double.
 template <typename Scalar_>
-class ExpertChoiceRouter {
+class ExpertChoiceRouter : public LinearRouterParameters<Scalar_> {
  public:
   /// float or double.
   using Scalar = Scalar_;
@@ -112,54 +112,28 @@ class ExpertChoiceRouter {
     detail::require(num_experts >= 1 && num_experts <= Index(0xFFFFFFFF), function,
                     "num_experts must be in [1, 2^32), got ", num_experts);
     expert_choice_capacity(0, num_experts, options);  // checks the factor and the capacity
-    weight_ = Matrix<Scalar>::Zero(input_dim, num_experts);
+    this->allocate_parameters(input_dim, num_experts, false);
   }
 
-  /// Width d of the input rows.
-  Index input_dim() const { return weight_.rows(); }
-  /// Number of experts E.
-  Index num_experts() const { return weight_.cols(); }
   /// Slots per token of the routing record: E (slot i stands for expert i).
-  Index k() const { return weight_.cols(); }
+  Index k() const { return this->num_experts(); }
   /// The options the router was built with.
   const Options& options() const { return options_; }
   /// C for a batch of `num_tokens` tokens (expert_choice_capacity with this router's options).
-  Index capacity(Index num_tokens) const { return expert_choice_capacity(num_tokens, num_experts(), options_); }
-
-  /** @{ */
-  /// W_r, d×E: z = x·W_r.
-  Matrix<Scalar>& weight() { return weight_; }
-  const Matrix<Scalar>& weight() const { return weight_; }
-  /** @} */
-
-  /// Sets W_r to U(−1/√d, 1/√d) draws that depend only on `seed`.
-  void initialize_uniform(std::uint64_t seed) {
-    const Scalar bound = Scalar(1) / std::sqrt(static_cast<Scalar>(input_dim()));
-    detail::fill_uniform(weight_.data(), weight_.size(), bound, seed, 0);
-  }
-
-  /// "weight" (d×E).
-  std::vector<TensorView<Scalar>> tensors() { return {make_tensor_view("weight", weight_)}; }
+  Index capacity(Index num_tokens) const { return expert_choice_capacity(num_tokens, this->num_experts(), options_); }
 
   /// None: this router has no state without a gradient.
   std::vector<TensorView<Scalar>> state() { return {}; }
-
-  /// Zero gradients shaped like tensors().
-  Gradients make_gradients() const {
-    Gradients gradients;
-    gradients.weight = Matrix<Scalar>::Zero(input_dim(), num_experts());
-    return gradients;
-  }
 
   /// Routes the T×d batch `input` into `routing`, reusing its storage (no allocation when T
   /// repeats). Throws std::invalid_argument if the input has the wrong width or (with
   /// check_finite) a logit is not finite, naming the token row, the expert and the value.
   void route(ConstMatrixRef<Scalar> input, ExpertChoiceRouting<Scalar>& routing) const {
     const char* function = "sparsemoe::ExpertChoiceRouter::route";
-    detail::require(input.cols() == input_dim(), function, "input must have ", input_dim(),
+    detail::require(input.cols() == this->input_dim(), function, "input must have ", this->input_dim(),
                     " columns (the router's input_dim), got ", input.rows(), "x", input.cols());
     const Index tokens = input.rows();
-    const Index experts = num_experts();
+    const Index experts = this->num_experts();
     const Index capacity = this->capacity(tokens);
     routing.capacity = capacity;
     routing.expert_ids.setConstant(tokens, experts, -1);
@@ -171,7 +145,7 @@ class ExpertChoiceRouter {
     routing.input_jitter.resize(0, 0);
     routing.jittered_input.resize(0, 0);
     routing.selection_scratch.resize(experts, tokens);
-    detail::linear_logits(input, weight_, no_bias_, routing.logits);
+    detail::linear_logits(input, this->weight_, this->bias_, routing.logits);
     if (options_.check_finite) detail::require_finite_logits(routing.logits, function);
     detail::parallel_for(tokens, static_cast<double>(4 * experts), [&](Index token) {
       detail::softmax_row(routing.logits.row(token).data(), experts, routing.scores.row(token).data());
@@ -209,10 +183,10 @@ class ExpertChoiceRouter {
                 const TopKRoutingGradient<Scalar>& upstream, Gradients& parameter_gradients,
                 MatrixRef<Scalar> d_input) const {
     const char* function = "sparsemoe::ExpertChoiceRouter::backward";
-    detail::require_backward_shapes(function, routing, input, upstream, parameter_gradients, d_input, input_dim(),
-                                    num_experts(), k(), false);
+    detail::require_backward_shapes(function, routing, input, upstream, parameter_gradients, d_input, this->input_dim(),
+                                    this->num_experts(), k(), false);
     const Index tokens = routing.num_tokens();
-    const Index experts = num_experts();
+    const Index experts = this->num_experts();
     parameter_gradients.logits.resize(tokens, experts);
     detail::parallel_for(tokens, static_cast<double>(8 * experts), [&](Index token) {
       Scalar* dz = parameter_gradients.logits.row(token).data();
@@ -222,13 +196,11 @@ class ExpertChoiceRouter {
       }
       detail::softmax_backward_row(routing.scores.row(token).data(), upstream.logits.row(token).data(), experts, dz);
     });
-    detail::linear_backward(routing, input, weight_, parameter_gradients, d_input);
+    detail::linear_backward(routing, input, this->weight_, parameter_gradients, d_input);
   }
 
  private:
   Options options_;
-  Matrix<Scalar> weight_;
-  Vector<Scalar> no_bias_;
 };
 
 /// @}
