@@ -11,7 +11,9 @@
 #include "config.hpp"
 #include "expert.hpp"
 #include "expert_bank.hpp"
+#include "forward_result.hpp"
 #include "gate.hpp"
+#include "layer_gradients.hpp"
 #include "losses.hpp"
 #include "moe_layer.hpp"
 #include "optimizers.hpp"
@@ -23,5 +25,6 @@
 #include "router/switch.hpp"
 #include "dispatch.hpp"
 #include "training_losses.hpp"
+#include "workspaces.hpp"
 
 #endif  // SPARSEMOE_SPARSEMOE_HPP
