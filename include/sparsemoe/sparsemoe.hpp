@@ -12,8 +12,10 @@
 #include "expert.hpp"
 #include "expert_bank.hpp"
 #include "expert_choice.hpp"
+#include "forward_result.hpp"
 #include "gate.hpp"
 #include "hash_layer.hpp"
+#include "layer_gradients.hpp"
 #include "losses.hpp"
 #include "moe_layer.hpp"
 #include "optimizers.hpp"
@@ -28,5 +30,6 @@
 #include "router/switch.hpp"
 #include "dispatch.hpp"
 #include "training_losses.hpp"
+#include "workspaces.hpp"
 
 #endif  // SPARSEMOE_SPARSEMOE_HPP
