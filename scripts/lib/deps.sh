@@ -9,7 +9,7 @@
 #                                   build dependencies plus the extra pkgs are missing
 
 # Everything needed to configure, build and run the whole test suite
-# (tests, examples, benchmarks, consumer tests incl. pkg-config) with g++.
+# (tests, examples, benchmarks, consumer tests incl. pkg-config, the MPI tests) with g++.
 SPARSEMOE_DEPS=(
   cmake
   ninja-build
@@ -21,6 +21,8 @@ SPARSEMOE_DEPS=(
   libbenchmark-dev
   libomp-dev
   pkg-config
+  libopenmpi-dev
+  openmpi-bin
 )
 
 sparsemoe_repo_root() {
