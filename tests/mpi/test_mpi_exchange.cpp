@@ -4,6 +4,8 @@
 // receive, in which order, and what must come back.
 #include <sparsemoe/distributed/exchange.hpp>
 
+#include "mpi_test_util.hpp"
+
 #include <gtest/gtest.h>
 #include <mpi.h>
 
@@ -17,17 +19,8 @@ using sparsemoe::Index;
 using sparsemoe::IndexMatrix;
 using sparsemoe::Matrix;
 
-int world_rank() {
-  int rank = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  return rank;
-}
-
-int world_size() {
-  int size = 0;
-  MPI_Comm_size(MPI_COMM_WORLD, &size);
-  return size;
-}
+using sparsemoe_test::world_rank;
+using sparsemoe_test::world_size;
 
 /// The global batch: per rank its tokens' expert ids (T_r×k; distinct per token, −1 sometimes).
 struct Global {
