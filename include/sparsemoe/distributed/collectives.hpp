@@ -71,6 +71,26 @@ void sum_over_ranks(Value* values, Index count, MPI_Comm comm) {
 
 namespace detail {
 
+/// A duplicate of a communicator (MPI_Comm_dup, collective), freed on destruction: a layer's
+/// messages never mix with its caller's, and a constructor that throws after the duplication
+/// still frees it. Move-only.
+class OwnedCommunicator {
+ public:
+  OwnedCommunicator() = default;
+  explicit OwnedCommunicator(MPI_Comm comm) { mpi_check(MPI_Comm_dup(comm, &comm_), "MPI_Comm_dup"); }
+  OwnedCommunicator(const OwnedCommunicator&) = delete;
+  OwnedCommunicator& operator=(const OwnedCommunicator&) = delete;
+  OwnedCommunicator(OwnedCommunicator&& other) noexcept : comm_(other.comm_) { other.comm_ = MPI_COMM_NULL; }
+  OwnedCommunicator& operator=(OwnedCommunicator&& other) = delete;
+  ~OwnedCommunicator() {
+    if (comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
+  }
+  MPI_Comm get() const { return comm_; }
+
+ private:
+  MPI_Comm comm_ = MPI_COMM_NULL;
+};
+
 /// Runs `check` (argument checks that throw std::invalid_argument) on this rank, then lets all
 /// ranks of `comm` agree: when any rank's check threw, EVERY rank throws std::invalid_argument
 /// (the failing rank with its own message, the others naming the lowest failing rank), so that

@@ -19,6 +19,7 @@
 #include <climits>
 #include <cstdint>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 namespace sparsemoe {
@@ -239,13 +240,15 @@ inline void plan_expert_exchange(const DispatchPlan& plan, const ExpertPlacement
 /// Forward direction: sends the local grouped rows `local_rows` (plan.num_rows()×w, expert-major
 /// over the global experts, as MoELayer::group makes them) to the ranks that hold their experts,
 /// and writes the rows this rank's experts receive into `expert_rows` (num_expert_rows()×w,
-/// resized), expert-major as ExpertExchangePlan describes. `staging` is scratch (resized).
+/// resized; a Matrix<Scalar>, or a Vector<Scalar> for w = 1), expert-major as
+/// ExpertExchangePlan describes. `staging` is scratch (resized).
 /// Collective over `comm` (the one the plan was made on): one MPI_Alltoallv of w-scalar rows.
 /// Throws std::invalid_argument (on this rank) when local_rows does not have the plan's rows.
 /// Cost: one all-to-all moving the rows, plus one parallel copy of the received rows.
-template <typename Scalar>
-void exchange_to_experts(const ExpertExchangePlan& exchange, ConstMatrixRef<Scalar> local_rows,
-                         Matrix<Scalar>& expert_rows, Matrix<Scalar>& staging, MPI_Comm comm) {
+template <typename Scalar, typename Output>
+void exchange_to_experts(const ExpertExchangePlan& exchange, ConstMatrixRef<Scalar> local_rows, Output& expert_rows,
+                         Matrix<Scalar>& staging, MPI_Comm comm) {
+  static_assert(std::is_same<typename Output::Scalar, Scalar>::value, "expert_rows must hold Scalar");
   const char* function = "sparsemoe::exchange_to_experts";
   detail::require(local_rows.rows() == exchange.local_rows, function, "local_rows has ", local_rows.rows(),
                   " rows, the exchange plan ", exchange.local_rows);
@@ -270,14 +273,16 @@ void exchange_to_experts(const ExpertExchangePlan& exchange, ConstMatrixRef<Scal
 
 /// Reverse direction: sends each expert row of `expert_rows` (num_expert_rows()×w, in the
 /// expert-major order of exchange_to_experts) back to the rank it came from, and writes into
-/// `local_rows` (the plan's rows×w, resized) the rows that come back, in the local grouped
-/// order: local row i of the result belongs to local grouped row i sent out. `staging` is
+/// `local_rows` (the plan's rows×w, resized; a Matrix<Scalar>, or a Vector<Scalar> for w = 1)
+/// the rows that come back, in the local grouped order: local row i of the result belongs to
+/// local grouped row i sent out. `staging` is
 /// scratch. Collective over `comm`: one MPI_Alltoallv with the send and receive splits of
 /// exchange_to_experts swapped. Throws std::invalid_argument (on this rank) when expert_rows
 /// does not have num_expert_rows() rows.
-template <typename Scalar>
-void exchange_from_experts(const ExpertExchangePlan& exchange, ConstMatrixRef<Scalar> expert_rows,
-                           Matrix<Scalar>& local_rows, Matrix<Scalar>& staging, MPI_Comm comm) {
+template <typename Scalar, typename Output>
+void exchange_from_experts(const ExpertExchangePlan& exchange, ConstMatrixRef<Scalar> expert_rows, Output& local_rows,
+                           Matrix<Scalar>& staging, MPI_Comm comm) {
+  static_assert(std::is_same<typename Output::Scalar, Scalar>::value, "local_rows must hold Scalar");
   const char* function = "sparsemoe::exchange_from_experts";
   detail::require(expert_rows.rows() == exchange.num_expert_rows(), function, "expert_rows has ", expert_rows.rows(),
                   " rows, the exchange plan ", exchange.num_expert_rows());
