@@ -131,9 +131,11 @@ struct DistributedWorkspace {
 /// Equal to one process: with the same MoEConfig and router, the P ranks together compute what one
 /// MoELayer computes for the concatenated batch (rank 0's tokens, then rank 1's, …). Every expert
 /// receives its rows in the order that MoELayer groups them, so the outputs, ∂L/∂x and the expert
-/// gradients are bitwise those of one process; the losses and the router's gradient are sums
-/// over ranks, equal up to the order of the additions. Bitwise identical for any OpenMP thread
-/// count per rank, and independent of message timing.
+/// gradients are bitwise those of one process, except that with the libxsmm backend the router's
+/// logits may differ in the last bits unless every rank's token count is a multiple of 64 (the
+/// router's row tile; libxsmm rounds a shorter tile differently). The losses and the router's
+/// gradient are sums over ranks, equal up to the order of the additions. Bitwise identical for
+/// any OpenMP thread count per rank, and independent of message timing.
 ///
 /// Collective: construction, forward and backward must be called by every rank of the
 /// communicator, in the same order. Arguments are checked on every rank and the ranks agree
@@ -353,6 +355,25 @@ class DistributedMoELayer {
       }
     });
     result.cached = keep_cache;
+  }
+
+  /// The rows each of the E experts received in `result`'s forward, summed over all ranks: what
+  /// one process's DispatchPlan::tokens_per_expert would be for the concatenated batch, and what
+  /// update_selection_bias (DeepSeek-V3's auxiliary-loss-free balancing of SigmoidTopKRouter)
+  /// takes, so that every rank applies the same update to its replica. Collective: one
+  /// sum_over_ranks of E integers.
+  IndexVector tokens_per_expert_over_ranks(const Result& result) const {
+    const char* function = "sparsemoe::DistributedMoELayer::tokens_per_expert_over_ranks";
+    detail::check_on_all_ranks(comm_, function, [&] {
+      detail::require(result.plan.tokens_per_expert.size() == num_experts(), function, "result.plan has ",
+                      result.plan.tokens_per_expert.size(), " experts, the layer ", num_experts());
+    });
+    std::vector<std::int64_t> counts(result.plan.tokens_per_expert.data(),
+                                     result.plan.tokens_per_expert.data() + num_experts());
+    sum_over_ranks(counts.data(), num_experts(), comm_);
+    IndexVector total(num_experts());
+    for (Index e = 0; e < num_experts(); ++e) total[e] = static_cast<Index>(counts[static_cast<std::size_t>(e)]);
+    return total;
   }
 
   /// Backward pass: from this rank's forward result (with its cache) and ∂L/∂y of this rank's

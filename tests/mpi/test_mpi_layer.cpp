@@ -13,6 +13,7 @@
 #include <sparsemoe/distributed.hpp>
 #include <sparsemoe/moe_layer.hpp>
 #include <sparsemoe/optimizers.hpp>
+#include <sparsemoe/router/sigmoid_top_k.hpp>
 
 #include "mpi_test_util.hpp"
 
@@ -23,6 +24,7 @@
 #include <omp.h>
 #endif
 
+#include <algorithm>
 #include <cstdint>
 #include <utility>
 #include <vector>
@@ -92,9 +94,9 @@ template <typename A, typename B>
   return exact ? bitwise(a, b) : near_scaled(a, b, tolerance);
 }
 
-template <typename Scalar, typename ExpertT = sparsemoe::Expert<Scalar, sparsemoe::Relu>>
+template <typename Scalar, typename ExpertT = sparsemoe::Expert<Scalar, sparsemoe::Relu>,
+          typename Router = sparsemoe::SoftmaxTopKRouter<Scalar>>
 void check_against_one_process(const Case& c) {
-  using Router = sparsemoe::SoftmaxTopKRouter<Scalar>;
   const int rank = world_rank();
   const sparsemoe_test::Split split =
       sparsemoe_test::uneven_split(world_size(), c.max_tokens, c.seed, c.empty_rank, c.multiple);
@@ -106,7 +108,7 @@ void check_against_one_process(const Case& c) {
   config.num_experts = c.experts;
   config.k = c.k;
   config.seed = c.seed + 7;
-  sparsemoe::SoftmaxTopKRouterOptions options;
+  typename Router::Options options;
   options.k = c.k;
   options.normalize_top_k = c.normalize;
   options.use_bias = c.bias;
@@ -115,6 +117,10 @@ void check_against_one_process(const Case& c) {
   router.weight() *= Scalar(4);
   if (c.bias) {
     for (Index e = c.favoured_first; e < c.favoured_last; ++e) router.bias()[e] += static_cast<Scalar>(c.favour);
+  }
+  for (sparsemoe::TensorView<Scalar>& state : router.state()) {  // e.g. a sigmoid router's selection bias
+    const Matrix<Scalar> values = sparsemoe_test::random_matrix<Scalar>(state.rows, state.cols, c.seed + 5);
+    std::copy(values.data(), values.data() + values.size(), state.data);
   }
 
   const Matrix<Scalar> input = sparsemoe_test::random_matrix<Scalar>(split.total, c.d, c.seed + 11);
@@ -161,6 +167,9 @@ void check_against_one_process(const Case& c) {
     EXPECT_EQ(result.rows_of_local_expert(local), expected.plan.tokens_per_expert[e]) << "expert " << e;
     EXPECT_TRUE(bitwise(layer.expert(e).w1(), reference.expert(e).w1())) << "initial w1 of expert " << e;
   }
+  // The loads over all ranks (what update_selection_bias takes) are one process's loads.
+  const sparsemoe::IndexVector loads = layer.tokens_per_expert_over_ranks(result);
+  EXPECT_TRUE(loads == expected.plan.tokens_per_expert) << "rank " << rank;
   // The router's gradient is the same bits on every rank (replicas stay replicas).
   const Matrix<Scalar> weight = gradients.weight;
   Matrix<Scalar> highest(weight.rows(), weight.cols()), lowest(weight.rows(), weight.cols());
@@ -201,6 +210,13 @@ TEST(DistributedMoELayer, RankWithoutTokens) {
   c.empty_rank = world_size() > 1 ? 1 : -1;
   c.seed = 4;
   check_against_one_process<double>(c);
+}
+
+TEST(DistributedMoELayer, SigmoidRouterWithSelectionBias) {
+  Case c;
+  c.normalize = true;
+  c.seed = 11;
+  check_against_one_process<float, sparsemoe::Expert<float, sparsemoe::Relu>, sparsemoe::SigmoidTopKRouter<float>>(c);
 }
 
 /// A router bias of `amount` on experts [first, last).
