@@ -131,9 +131,10 @@ struct DistributedWorkspace {
 /// Equal to one process: with the same MoEConfig and router, the P ranks together compute what one
 /// MoELayer computes for the concatenated batch (rank 0's tokens, then rank 1's, …). Every expert
 /// receives its rows in the order that MoELayer groups them, so the outputs, ∂L/∂x and the expert
-/// gradients are bitwise those of one process, except that with the libxsmm backend the router's
-/// logits may differ in the last bits unless every rank's token count is a multiple of 64 (the
-/// router's row tile; libxsmm rounds a shorter tile differently). The losses and the router's
+/// gradients are bitwise those of one process when every rank's token count is a multiple of 64
+/// (the router's row tile); otherwise the router's GEMMs see a shorter last tile than one process
+/// does, which the GEMM kernels may round differently, and those values differ in the last bits
+/// (see the guide on expert parallelism). The losses and the router's
 /// gradient are sums over ranks, equal up to the order of the additions. Bitwise identical for
 /// any OpenMP thread count per rank, and independent of message timing.
 ///
