@@ -26,6 +26,7 @@
 
 #include <mpi.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -147,8 +148,11 @@ struct DistributedWorkspace {
 /// Routers: the top-k routers whose route() fills a TopKRouting (SoftmaxTopKRouter,
 /// SigmoidTopKRouter, SwitchRouter, GShardRouter), with the balance and z-losses of the global
 /// batch. Random decisions of a router (Switch's input jitter, GShard's sampling) are keyed by the
-/// LOCAL token row, so they equal one process's only for rank 0. Not yet supported: expert
-/// capacity (ForwardOptions::capacity), a shared expert, the NoisyTopKGate.
+/// LOCAL token row, so they equal one process's only for rank 0. Expert capacity
+/// (ForwardOptions::capacity) is global: C comes from the global token count and the slots that
+/// are dropped are those one process drops for the concatenated batch (DropPolicy::by_position
+/// and by_slot_then_position). Not yet supported: DropPolicy::by_probability, a shared expert,
+/// the NoisyTopKGate.
 ///
 /// Cost per forward on one rank: the router on T tokens, the experts on the R rows they receive
 /// (4·R·d·h flops), and three all-to-alls: P·⌈E/P⌉ counts, then T·k rows of d scalars out and
@@ -301,8 +305,9 @@ class DistributedMoELayer {
 
   /// Forward pass over this rank's T×d batch `input` (T may differ between ranks, and be 0).
   /// Collective. Throws std::invalid_argument on every rank if any rank's input has the wrong
-  /// width, a rank's router rejects its input (non-finite logits), options.capacity is set (not
-  /// supported yet), or a loss weight or variant is unusable.
+  /// width, a rank's router rejects its input (non-finite logits), options.capacity is unusable
+  /// or asks for DropPolicy::by_probability (not supported yet), a loss weight or variant is
+  /// unusable, or the ranks passed different options.
   Result forward(ConstMatrixRef<Scalar> input, const ForwardOptions& options = {}) const {
     Result result;
     Workspace workspace;
@@ -323,12 +328,23 @@ class DistributedMoELayer {
     detail::check_on_all_ranks(comm_, function, [&] {
       detail::require(input.cols() == input_dim_, function, "input must have ", input_dim_,
                       " columns (the layer's input_dim), got ", input.rows(), "x", input.cols());
-      detail::require(!options.capacity, function, "expert capacity is not supported by the distributed layer yet");
+      if (options.capacity) {
+        detail::check_capacity_options(*options.capacity, function);
+        detail::require(options.capacity->policy != DropPolicy::by_probability, function,
+                        "DropPolicy::by_probability is not supported by the distributed layer yet (it would rank "
+                        "the gates of all ranks); use by_position or by_slot_then_position");
+      }
       bank_.require_expert_shapes(function);
       Traits::check_router(router_, input_dim_, num_experts(), k_, function);
       Traits::route(router_, input, options.mode, step, result.routing);
-      build_dispatch_plan(result.routing.expert_ids, num_experts(), result.plan);
+      if (options.capacity) {
+        detail::count_routed_slots(result.routing.expert_ids, num_experts(), result.plan, function);
+      } else {
+        build_dispatch_plan(result.routing.expert_ids, num_experts(), result.plan);
+      }
     });
+    require_same_options(options, function);
+    if (options.capacity) plan_with_global_capacity(result.routing.expert_ids, *options.capacity, result.plan);
     distributed_topk_losses(result.routing, options.balance_loss_weight, options.balance_loss, options.z_loss_weight,
                             comm_, result.losses);
     result.plan.stats.auxiliary_loss = static_cast<double>(result.losses.total());
@@ -535,27 +551,99 @@ class DistributedMoELayer {
   }
 
   /// Throws std::invalid_argument on every rank unless every rank holds the same config and the
-  /// same router parameters (a 64-bit hash of them, compared by MPI_Allreduce MIN and MAX).
+  /// same router parameters (a 64-bit fingerprint of them, compared over the ranks).
   void require_replicated(const MoEConfig& config, const char* function) {
-    std::uint64_t hash = 1469598103934665603ull;  // FNV-1a
-    const auto mix = [&](const void* data, std::size_t bytes) {
-      const auto* byte = static_cast<const unsigned char*>(data);
-      for (std::size_t i = 0; i < bytes; ++i) hash = (hash ^ byte[i]) * 1099511628211ull;
-    };
     const Index sizes[] = {config.input_dim, config.hidden_dim, config.num_experts, config.k};
-    mix(sizes, sizeof(sizes));
-    mix(&config.seed, sizeof(config.seed));
+    std::uint64_t hash = detail::fingerprint(sizes, sizeof(sizes));
+    hash = detail::fingerprint(&config.seed, sizeof(config.seed), hash);
     for (const TensorView<Scalar>& view : router_.tensors()) {
-      mix(view.data, static_cast<std::size_t>(view.size()) * sizeof(Scalar));
+      hash = detail::fingerprint(view.data, static_cast<std::size_t>(view.size()) * sizeof(Scalar), hash);
     }
     for (const TensorView<Scalar>& view : router_.state()) {
-      mix(view.data, static_cast<std::size_t>(view.size()) * sizeof(Scalar));
+      hash = detail::fingerprint(view.data, static_cast<std::size_t>(view.size()) * sizeof(Scalar), hash);
     }
-    std::uint64_t range[2] = {hash, ~hash}, extreme[2] = {0, 0};
-    detail::mpi_check(MPI_Allreduce(range, extreme, 2, MPI_UINT64_T, MPI_MAX, comm_), "MPI_Allreduce");
-    detail::require(extreme[0] == hash && extreme[1] == ~hash, function,
-                    "the ranks were given different configs or router parameters (build the router identically on "
-                    "every rank, e.g. initialize_uniform with the same seed)");
+    detail::require_same_on_all_ranks(comm_, hash, function,
+                                      "configs or router parameters (build the router identically on every rank, "
+                                      "e.g. initialize_uniform with the same seed)");
+  }
+
+  /// Throws std::invalid_argument on every rank unless every rank passed the same forward options
+  /// (mode, loss weights and variants, capacity): different ones would make the ranks disagree
+  /// on the global losses or take different collective paths.
+  void require_same_options(const ForwardOptions& options, const char* function) const {
+    const double weights[] = {options.balance_loss_weight, options.z_loss_weight,
+                              options.capacity ? options.capacity->factor : -1.0};
+    const Index integers[] = {static_cast<Index>(options.mode), static_cast<Index>(options.keep_cache),
+                              static_cast<Index>(options.balance_loss.counts), options.balance_loss.sequence_length,
+                              static_cast<Index>(options.balance_loss.normalize_scores),
+                              options.capacity ? static_cast<Index>(options.capacity->policy) : -1,
+                              options.capacity ? static_cast<Index>(options.capacity->rounding) : -1,
+                              options.capacity ? options.capacity->min_capacity : -1};
+    std::uint64_t hash = detail::fingerprint(weights, sizeof(weights));
+    hash = detail::fingerprint(integers, sizeof(integers), hash);
+    detail::require_same_on_all_ranks(comm_, hash, function, "forward options (mode, loss weights, capacity)");
+  }
+
+  /// The dispatch plan of `ids` under an expert capacity C computed from the GLOBAL token count,
+  /// with the drops one process would make for the concatenated batch: the slots that chose
+  /// expert e are ranked in the policy's global order (by_position: ranks in order, then tokens,
+  /// then slots; by_slot_then_position: slot 0 of every rank's tokens first, …), and each rank
+  /// learns from MPI_Exscan and MPI_Allreduce of its per-(slot, expert) counts where its own
+  /// slots start in that order. plan.tokens_per_expert must hold the routed counts
+  /// (detail::count_routed_slots). Collective: one MPI_Exscan and one MPI_Allreduce of k·E + 1
+  /// integers (exact). O(T·k + k·E).
+  void plan_with_global_capacity(const IndexMatrix& ids, const CapacityOptions& capacity, DispatchPlan& plan) const {
+    const Index experts = num_experts(), k = k_, tokens = plan.num_tokens;
+    const auto cells = static_cast<std::size_t>(k * experts);
+    std::vector<std::int64_t> local(cells + 1, 0), before(cells + 1, 0), total(cells + 1, 0);
+    for (Index token = 0; token < tokens; ++token) {
+      for (Index slot = 0; slot < k; ++slot) {
+        if (ids(token, slot) >= 0) ++local[static_cast<std::size_t>(slot * experts + ids(token, slot))];
+      }
+    }
+    local[cells] = tokens;
+    detail::mpi_check(MPI_Exscan(local.data(), before.data(), static_cast<int>(cells + 1), MPI_INT64_T, MPI_SUM, comm_),
+                      "MPI_Exscan");
+    if (rank_ == 0) std::fill(before.begin(), before.end(), 0);  // MPI leaves rank 0's result undefined
+    detail::mpi_check(MPI_Allreduce(local.data(), total.data(), static_cast<int>(cells + 1), MPI_INT64_T, MPI_SUM, comm_),
+                      "MPI_Allreduce");
+    const Index limit = expert_capacity(static_cast<Index>(total[cells]), k, experts, capacity);
+    plan.stats.capacity = limit;
+    // seen[e]: the position, in the policy's global order, of this rank's next slot on expert e.
+    std::vector<std::int64_t> seen(static_cast<std::size_t>(experts), 0);
+    const auto cell = [&](const std::vector<std::int64_t>& table, Index slot, Index expert) {
+      return table[static_cast<std::size_t>(slot * experts + expert)];
+    };
+    const auto visit = [&](Index token, Index slot) {
+      const Index expert = ids(token, slot);
+      if (expert < 0) return;
+      std::int64_t& position = seen[static_cast<std::size_t>(expert)];
+      if (position < limit) {
+        ++plan.tokens_per_expert[expert];
+      } else {
+        detail::drop_by_capacity(plan, token * k + slot, expert);
+      }
+      ++position;
+    };
+    plan.tokens_per_expert.setZero();
+    if (capacity.policy == DropPolicy::by_position) {
+      for (Index e = 0; e < experts; ++e) {
+        for (Index slot = 0; slot < k; ++slot) seen[static_cast<std::size_t>(e)] += cell(before, slot, e);
+      }
+      for (Index token = 0; token < tokens; ++token) {
+        for (Index slot = 0; slot < k; ++slot) visit(token, slot);
+      }
+    } else {  // by_slot_then_position
+      for (Index slot = 0; slot < k; ++slot) {
+        for (Index e = 0; e < experts; ++e) {
+          std::int64_t start = cell(before, slot, e);
+          for (Index earlier = 0; earlier < slot; ++earlier) start += cell(total, earlier, e);
+          seen[static_cast<std::size_t>(e)] = start;
+        }
+        for (Index token = 0; token < tokens; ++token) visit(token, slot);
+      }
+    }
+    detail::place_rows(ids, plan);
   }
 
   detail::OwnedCommunicator owned_comm_;

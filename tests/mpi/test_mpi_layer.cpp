@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -72,6 +73,7 @@ struct Case {
   double favour = 0;
   sparsemoe::BalanceLossOptions balance;
   double z_weight = 0.001;
+  std::optional<sparsemoe::CapacityOptions> capacity;
   std::uint64_t seed = 1;
 };
 
@@ -123,6 +125,7 @@ void check_against_one_process(const Case& c) {
   forward_options.mode = sparsemoe::Mode::training;
   forward_options.balance_loss = c.balance;
   forward_options.z_loss_weight = c.z_weight;
+  forward_options.capacity = c.capacity;
 
   // One process, the concatenated batch.
   const sparsemoe::MoELayer<Scalar, ExpertT, Router> reference(config, router);
@@ -138,6 +141,16 @@ void check_against_one_process(const Case& c) {
   const Matrix<Scalar> d_input = layer.backward(result, d_output.middleRows(first, mine), gradients);
 
   EXPECT_TRUE(result.routing.expert_ids == expected.routing.expert_ids.middleRows(first, mine)) << "rank " << rank;
+  // The same capacity and the same drops as one process.
+  EXPECT_EQ(result.plan.stats.capacity, expected.plan.stats.capacity);
+  const auto slots = static_cast<std::ptrdiff_t>(c.k);
+  EXPECT_TRUE(std::equal(result.plan.capacity_dropped.begin(), result.plan.capacity_dropped.end(),
+                         expected.plan.capacity_dropped.begin() + first * slots,
+                         expected.plan.capacity_dropped.begin() + (first + mine) * slots))
+      << "capacity drops, rank " << rank;
+  if (c.capacity && split.total >= 16) {
+    EXPECT_GT(expected.plan.stats.capacity_dropped_slots, 0) << "the case should drop slots";
+  }
   EXPECT_TRUE(equal(result.routing.logits, expected.routing.logits.middleRows(first, mine), exact, tol));
   EXPECT_TRUE(equal(result.output, expected.output.middleRows(first, mine), exact, tol)) << "output, rank " << rank;
   EXPECT_TRUE(equal(d_input, expected_d_input.middleRows(first, mine), exact, tol)) << "d_input, rank " << rank;
@@ -211,6 +224,29 @@ TEST(DistributedMoELayer, SigmoidRouterWithSelectionBias) {
   c.normalize = true;
   c.seed = 11;
   check_against_one_process<float, sparsemoe::Expert<float, sparsemoe::Relu>, sparsemoe::SigmoidTopKRouter<float>>(c);
+}
+
+TEST(DistributedMoELayer, GlobalCapacityByPosition) {
+  Case c;
+  c.capacity = sparsemoe::CapacityOptions{};
+  c.capacity->factor = 0.75;
+  c.seed = 12;
+  check_against_one_process<float>(c);
+  c.multiple = sparsemoe::detail::row_tile;
+  c.max_tokens = 128;
+  check_against_one_process<double>(c);
+}
+
+TEST(DistributedMoELayer, GlobalCapacityBySlotThenPosition) {
+  Case c;
+  c.k = 3;
+  c.capacity = sparsemoe::CapacityOptions{};
+  c.capacity->factor = 0.6;
+  c.capacity->policy = sparsemoe::DropPolicy::by_slot_then_position;
+  c.capacity->min_capacity = 2;
+  c.max_tokens = 60;
+  c.seed = 13;
+  check_against_one_process<double>(c);
 }
 
 /// A router bias of `amount` on experts [first, last).
@@ -358,6 +394,24 @@ TEST(DistributedMoELayer, ABadInputOnOneRankThrowsOnEveryRank) {
   EXPECT_THROW(layer.forward(input), std::invalid_argument);
   // The layer is still usable afterwards: no rank is left inside a collective.
   EXPECT_NO_THROW(layer.forward(Matrix<float>::Ones(3, 8)));
+}
+
+TEST(DistributedMoELayer, RejectsUnsupportedOrDifferentOptionsOnEveryRank) {
+  const auto [config, router] = layer_setup<float>(8, 16, 4, 2, 1, 2);
+  const sparsemoe::DistributedMoELayer<float, sparsemoe::Expert<float, sparsemoe::Relu>,
+                                       sparsemoe::SoftmaxTopKRouter<float>>
+      layer(config, router, MPI_COMM_WORLD);
+  const Matrix<float> input = Matrix<float>::Ones(5, 8);
+  sparsemoe::ForwardOptions options;
+  options.capacity = sparsemoe::CapacityOptions{};
+  options.capacity->policy = sparsemoe::DropPolicy::by_probability;
+  EXPECT_THROW(layer.forward(input, options), std::invalid_argument);
+  if (world_size() > 1) {
+    options.capacity->policy = sparsemoe::DropPolicy::by_position;
+    if (world_rank() == 0) options.capacity->factor = 2.0;
+    EXPECT_THROW(layer.forward(input, options), std::invalid_argument);
+  }
+  EXPECT_NO_THROW(layer.forward(input));
 }
 
 TEST(DistributedMoELayer, RejectsDifferentRoutersOnDifferentRanks) {

@@ -13,6 +13,7 @@
 
 #include <mpi.h>
 
+#include <cstdint>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -90,6 +91,22 @@ class OwnedCommunicator {
  private:
   MPI_Comm comm_ = MPI_COMM_NULL;
 };
+
+/// FNV-1a over `bytes` bytes at `data`, continuing from `hash`: a fingerprint of values that must
+/// be the same on every rank (require_same_on_all_ranks).
+inline std::uint64_t fingerprint(const void* data, std::size_t bytes, std::uint64_t hash = 1469598103934665603ull) {
+  const auto* byte = static_cast<const unsigned char*>(data);
+  for (std::size_t i = 0; i < bytes; ++i) hash = (hash ^ byte[i]) * 1099511628211ull;
+  return hash;
+}
+
+/// Throws std::invalid_argument on EVERY rank (naming `what`) unless `hash` is the same on all
+/// ranks of `comm`. Collective: one MPI_Allreduce (MAX) of two 64-bit integers, hash and ~hash.
+inline void require_same_on_all_ranks(MPI_Comm comm, std::uint64_t hash, const char* function, const char* what) {
+  std::uint64_t mine[2] = {hash, ~hash}, largest[2] = {0, 0};
+  mpi_check(MPI_Allreduce(mine, largest, 2, MPI_UINT64_T, MPI_MAX, comm), "MPI_Allreduce");
+  require(largest[0] == hash && largest[1] == ~hash, function, "the ranks were given different ", what);
+}
 
 /// Runs `check` (argument checks that throw std::invalid_argument) on this rank, then lets all
 /// ranks of `comm` agree: when any rank's check threw, EVERY rank throws std::invalid_argument
