@@ -312,7 +312,12 @@ struct MoEGradients : RouterTraits<RouterT>::Gradients {
 /// GEMMs per tile of 128 rows of one expert, OpenMP-parallel, biggest experts first), combine (each
 /// output row is the gate-weighted sum of its k expert rows, written by one thread). Tile
 /// boundaries depend only on the routing, never on the thread count, so results are bitwise
-/// identical for any number of threads.
+/// identical for any number of threads. Backward runs the mirror stages: combine_backward (∂y to
+/// grouped rows and their gates), compute_experts_backward, group_backward (scatter-add into ∂x)
+/// and route_backward (router and losses). Every stage is public and takes and returns its data:
+/// an expert-parallel layer inserts its exchange of grouped rows between group and expert compute
+/// and between expert compute and combine (and mirrored in backward), and runs the experts it
+/// holds as an ExpertBank (expert_bank()), the same kernels, on the rows it receives.
 ///
 /// The layer holds parameters only: forward and backward are const and keep their per-call state
 /// in the returned ForwardResult, so one layer can serve several threads at once (while nobody
@@ -754,7 +759,7 @@ class MoELayer {
                                                        cache.input,
                                                        cache.shared_pre_activations,
                                                        workspace.shared_d_output,
-                                                       &forward_result.shared_gates,
+                                                       forward_result.shared_gates,
                                                        &workspace.shared_d_input,
                                                        &workspace.shared_d_gate,
                                                        &gradients.shared_experts,
@@ -805,7 +810,7 @@ class MoELayer {
   /// d_gate_of_row back.
   void compute_experts_backward(const DispatchPlan& plan, ConstMatrixRef<Scalar> grouped_input,
                                 ConstMatrixRef<Scalar> pre_activations, MatrixRef<Scalar> grouped_d_output,
-                                const Vector<Scalar>& gate_of_row, Matrix<Scalar>& d_grouped_input,
+                                const Eigen::Ref<const Vector<Scalar>>& gate_of_row, Matrix<Scalar>& d_grouped_input,
                                 Vector<Scalar>& d_gate_of_row, std::vector<ExpertT>& expert_gradients,
                                 ExpertBankBackwardWorkspace<Scalar>& workspace) const {
     experts_.backward(bank_offsets(plan), grouped_input, pre_activations, grouped_d_output, gate_of_row,
