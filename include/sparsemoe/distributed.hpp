@@ -20,6 +20,7 @@
 #include "expert_bank.hpp"
 #include "layer_options.hpp"
 #include "layer_router.hpp"
+#include "moe_layer.hpp"
 #include "parameters.hpp"
 #include "router.hpp"
 #include "router/softmax_top_k.hpp"
@@ -182,6 +183,8 @@ class DistributedMoELayer {
   using Gradients = DistributedMoEGradients<Scalar, ExpertT, RouterT>;
   /// Scratch of forward and backward.
   using Workspace = DistributedWorkspace<Scalar, ExpertT, RouterT>;
+  /// The single-process layer, whose static stages (group, group_backward) this layer runs.
+  using Stages = MoELayer<Scalar, ExpertT, RouterT>;
   static_assert(std::is_same<typename Traits::Routing, TopKRouting<Scalar>>::value,
                 "DistributedMoELayer needs a top-k router (its route() fills a TopKRouting); the NoisyTopKGate is "
                 "not supported yet");
@@ -349,7 +352,7 @@ class DistributedMoELayer {
                             comm_, result.losses);
     result.plan.stats.auxiliary_loss = static_cast<double>(result.losses.total());
     const DispatchPlan& plan = result.plan;
-    group_rows(input, plan, workspace.grouped);
+    Stages::group(input, plan, workspace.grouped);
     plan_expert_exchange(plan, placement_, comm_, result.exchange);
     Matrix<Scalar>& expert_input = keep_cache ? result.expert_input : workspace.expert_input;
     exchange_to_experts<Scalar>(result.exchange, workspace.grouped, expert_input, workspace.staging, comm_);
@@ -433,7 +436,7 @@ class DistributedMoELayer {
     distributed_topk_losses_backward(routing, result.losses, routing_gradient);
 
     // ∂L/∂y rows and their gates to the experts.
-    group_rows(d_output, plan, workspace.grouped);
+    Stages::group(d_output, plan, workspace.grouped);
     workspace.gate_of_row.resize(plan.num_rows());
     for (Index row = 0; row < plan.num_rows(); ++row) {
       workspace.gate_of_row[row] = routing.gates(plan.token_of_row[row], plan.slot_of_row[row]);
@@ -450,14 +453,7 @@ class DistributedMoELayer {
     for (Index row = 0; row < plan.num_rows(); ++row) {
       routing_gradient.gates(plan.token_of_row[row], plan.slot_of_row[row]) += workspace.d_gate_of_row[row];
     }
-    d_input.resize(tokens, input_dim_);
-    detail::parallel_for(tokens, static_cast<double>(plan.k * input_dim_), [&](Index token) {
-      d_input.row(token).setZero();  // then 0 + r₀ + r₁ + …, as MoELayer
-      for (Index slot = 0; slot < plan.k; ++slot) {
-        const Index row = plan.row_of_slot(token, slot);
-        if (row >= 0) d_input.row(token) += workspace.local_rows.row(row);
-      }
-    });
+    Stages::group_backward(plan, workspace.local_rows, d_input);
     // The router: this rank's share into a zeroed gradient, summed over the ranks in rank order.
     typename Traits::Gradients& share = workspace.router_gradient;
     share = Traits::make_gradients(router_);
@@ -473,13 +469,6 @@ class DistributedMoELayer {
                                                          " is not on rank ", rank_));
     }
     return local;
-  }
-
-  /// Row r of `grouped` = row plan.token_of_row[r] of `rows`.
-  static void group_rows(ConstMatrixRef<Scalar> rows, const DispatchPlan& plan, Matrix<Scalar>& grouped) {
-    grouped.resize(plan.num_rows(), rows.cols());
-    detail::parallel_for(plan.num_rows(), static_cast<double>(rows.cols()),
-                         [&](Index row) { grouped.row(row) = rows.row(plan.token_of_row[row]); });
   }
 
   void run_bank_forward(const ExpertExchangePlan& exchange, const Matrix<Scalar>& expert_input,
