@@ -144,7 +144,10 @@ struct DistributedWorkspace {
 /// communicator, in the same order. Arguments are checked on every rank and the ranks agree
 /// before any exchange: a bad argument on one rank makes every rank throw
 /// std::invalid_argument, never a deadlock. The communicator is duplicated (MPI_Comm_dup) and
-/// owned: the layer's messages never mix with the caller's.
+/// owned: the layer's messages never mix with the caller's. MPI is called only from the thread
+/// that calls forward or backward, never inside an OpenMP region (MPI_THREAD_FUNNELED suffices);
+/// unlike MoELayer, one layer must not run forwards or backwards from several threads at once,
+/// since their collectives would interleave on the one communicator.
 ///
 /// Routers: the top-k routers whose route() fills a TopKRouting (SoftmaxTopKRouter,
 /// SigmoidTopKRouter, SwitchRouter, GShardRouter), with the balance and z-losses of the global
