@@ -151,8 +151,9 @@ struct DistributedWorkspace {
 ///
 /// Routers: the top-k routers whose route() fills a TopKRouting (SoftmaxTopKRouter,
 /// SigmoidTopKRouter, SwitchRouter, GShardRouter), with the balance and z-losses of the global
-/// batch. Random decisions of a router (Switch's input jitter, GShard's sampling) are keyed by the
-/// LOCAL token row, so they equal one process's only for rank 0. Expert capacity
+/// batch (tested with SoftmaxTopKRouter, SigmoidTopKRouter and SwitchRouter). Random decisions of
+/// a router (Switch's input jitter, GShard's sampling) are keyed by the LOCAL token row, so they
+/// equal one process's only for rank 0. Expert capacity
 /// (ForwardOptions::capacity) is global: C comes from the global token count and the slots that
 /// are dropped are those one process drops for the concatenated batch (DropPolicy::by_position
 /// and by_slot_then_position). Not yet supported: DropPolicy::by_probability, a shared expert,

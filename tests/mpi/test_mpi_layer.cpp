@@ -16,6 +16,7 @@
 #include <sparsemoe/moe_layer.hpp>
 #include <sparsemoe/optimizers.hpp>
 #include <sparsemoe/router/sigmoid_top_k.hpp>
+#include <sparsemoe/router/switch.hpp>
 
 #include "mpi_test_util.hpp"
 
@@ -105,8 +106,10 @@ void check_against_one_process(const Case& c) {
   config.k = c.k;
   config.seed = c.seed + 7;
   typename Router::Options options;
-  options.k = c.k;
-  options.normalize_top_k = c.normalize;
+  if constexpr (!std::is_same<Router, sparsemoe::SwitchRouter<Scalar>>::value) {  // Switch: k = 1, no renormalisation
+    options.k = c.k;
+    options.normalize_top_k = c.normalize;
+  }
   options.use_bias = c.bias;
   Router router(c.d, c.experts, options);
   router.initialize_uniform(c.seed + 3);
@@ -247,6 +250,13 @@ TEST(DistributedMoELayer, GlobalCapacityBySlotThenPosition) {
   c.max_tokens = 60;
   c.seed = 13;
   check_against_one_process<double>(c);
+}
+
+TEST(DistributedMoELayer, SwitchRouterTopOne) {
+  Case c;
+  c.k = 1;
+  c.seed = 14;
+  check_against_one_process<double, sparsemoe::Expert<double, sparsemoe::Relu>, sparsemoe::SwitchRouter<double>>(c);
 }
 
 /// A router bias of `amount` on experts [first, last).
