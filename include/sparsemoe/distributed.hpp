@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -56,6 +57,8 @@ struct DistributedForwardResult {
   Matrix<Scalar> input;               ///< cache: T×d copy of this rank's input
   Matrix<Scalar> expert_input;        ///< cache: R×d, the rows this rank's experts received
   Matrix<Scalar> pre_activations;     ///< cache: R×p, x·W1 + b1 of those rows
+  Vector<Scalar> shared_gates;        ///< T: σ(x·w_shared) of each token (gated shared expert); else empty
+  Matrix<Scalar> shared_pre_activations;  ///< cache: T×p_s, the shared expert's x·W1 + b1 (with one)
 
   /// Rows each of this rank's experts processed (local expert order), from all ranks.
   Index rows_of_local_expert(Index expert) const { return exchange.offsets[expert + 1] - exchange.offsets[expert]; }
@@ -70,6 +73,9 @@ struct DistributedMoEGradients : RouterTraits<RouterT>::Gradients {
   using RouterGradientsType = typename RouterTraits<RouterT>::Gradients;
   std::vector<ExpertT> experts;  ///< ∂L/∂ this rank's experts, local order (global id = first_expert + index)
   Index first_expert = 0;        ///< global id of experts[0]
+  /// ∂L/∂ the replicated shared expert (none or one), summed over the ranks like the router's.
+  std::vector<ExpertT> shared_experts;
+  Vector<Scalar> shared_expert_gate;  ///< ∂L/∂w_shared (d; empty without the gate), summed over the ranks
 
   /// The router's gradients (the base).
   RouterGradientsType& router() { return *this; }
@@ -83,6 +89,8 @@ struct DistributedMoEGradients : RouterTraits<RouterT>::Gradients {
       append_tensor_views(list, "expert" + std::to_string(first_expert + static_cast<Index>(e)) + ".",
                           experts[e].tensors());
     }
+    for (auto& shared : shared_experts) append_tensor_views(list, "shared_expert.", shared.tensors());
+    if (shared_expert_gate.size() > 0) list.push_back(make_tensor_view("shared_expert_gate", shared_expert_gate));
     return list;
   }
 
@@ -90,6 +98,8 @@ struct DistributedMoEGradients : RouterTraits<RouterT>::Gradients {
   void set_zero() {
     RouterGradientsType::set_zero();
     for (auto& expert : experts) expert.set_zero();
+    for (auto& shared : shared_experts) shared.set_zero();
+    shared_expert_gate.setZero();
   }
 };
 
@@ -111,7 +121,15 @@ struct DistributedWorkspace {
   typename ExpertBank<Scalar, ExpertT>::BackwardWorkspace bank_backward;  ///< the experts' backward scratch
   typename RouterTraits<RouterT>::RoutingGradient routing_gradient;      ///< ∂L/∂(the router's outputs)
   typename RouterTraits<RouterT>::Gradients router_gradient;             ///< this rank's share of the router's gradient
-  std::vector<Scalar> reduced;     ///< the router's gradient, flattened for the sum over ranks
+  Matrix<Scalar> shared_output;    ///< T×d: the shared expert's output (without its gate)
+  Matrix<Scalar> shared_d_output;  ///< T×d: ∂L/∂y for the shared expert (then times its gate)
+  Matrix<Scalar> shared_d_input;   ///< T×d: ∂L/∂x through the shared expert
+  Vector<Scalar> shared_d_gate;    ///< T: ∂L/∂(the shared gate), then ∂L/∂(x·w_shared)
+  typename ExpertBank<Scalar, ExpertT>::ForwardWorkspace shared_forward;    ///< the shared expert's scratch
+  typename ExpertBank<Scalar, ExpertT>::BackwardWorkspace shared_backward;  ///< the shared expert's scratch
+  std::vector<ExpertT> shared_share;  ///< this rank's share of the shared expert's gradient
+  Vector<Scalar> shared_gate_share;   ///< this rank's share of ∂L/∂w_shared
+  std::vector<Scalar> reduced;     ///< the replicated parameters' gradients, flattened for the sum over ranks
   std::vector<Scalar> reduce_scratch;  ///< scratch of sum_over_ranks
 };
 
@@ -156,8 +174,9 @@ struct DistributedWorkspace {
 /// equal one process's only for rank 0. Expert capacity
 /// (ForwardOptions::capacity) is global: C comes from the global token count and the slots that
 /// are dropped are those one process drops for the concatenated batch (DropPolicy::by_position
-/// and by_slot_then_position). Not yet supported: DropPolicy::by_probability, a shared expert,
-/// the NoisyTopKGate.
+/// and by_slot_then_position). A shared expert (MoEConfig::shared_hidden_dim, with its optional
+/// gate) is replicated like the router: each rank runs it on its own tokens and its gradient is
+/// summed over the ranks. Not yet supported: DropPolicy::by_probability, the NoisyTopKGate.
 ///
 /// Cost per forward on one rank: the router on T tokens, the experts on the R rows they receive
 /// (4·R·d·h flops), and three all-to-alls: P·⌈E/P⌉ counts, then T·k rows of d scalars out and
@@ -199,7 +218,8 @@ class DistributedMoELayer {
   /// the same on every rank: built with the same options and initialised from the same seed) and
   /// this rank's experts, expert i initialised exactly as MoELayer(config, router) initialises its
   /// expert i. Collective over `comm`. Throws std::invalid_argument on every rank unless d, h,
-  /// E ≥ 1, 1 ≤ k ≤ E, the router has the config's d, E and k, config.shared_hidden_dim is 0, and
+  /// E ≥ 1, 1 ≤ k ≤ E, the router has the config's d, E and k, shared_hidden_dim ≥ 0 (a shared
+  /// expert, replicated and initialised as MoELayer's, with shared_expert_gate its gate), and
   /// every rank passed the same config and router parameters.
   DistributedMoELayer(const MoEConfig& config, RouterT router, MPI_Comm comm)
       : owned_comm_(comm), comm_(owned_comm_.get()), router_(std::move(router)) {
@@ -212,8 +232,10 @@ class DistributedMoELayer {
                       config.hidden_dim, ", ", config.num_experts);
       detail::require(config.k >= 1 && config.k <= config.num_experts, function, "k must be in [1, num_experts = ",
                       config.num_experts, "], got ", config.k);
-      detail::require(config.shared_hidden_dim == 0, function,
-                      "a shared expert is not supported yet (shared_hidden_dim = ", config.shared_hidden_dim, ")");
+      detail::require(config.shared_hidden_dim >= 0, function, "shared_hidden_dim must be >= 0, got ",
+                      config.shared_hidden_dim);
+      detail::require(!config.shared_expert_gate || config.shared_hidden_dim > 0, function,
+                      "shared_expert_gate needs a shared expert (shared_hidden_dim > 0)");
       Traits::check_router(router_, config.input_dim, config.num_experts, config.k, function);
     });
     input_dim_ = config.input_dim;
@@ -229,6 +251,16 @@ class DistributedMoELayer {
       mine.back().initialize_uniform(seed);
     }
     if (!mine.empty()) bank_ = Bank(std::move(mine));
+    if (config.shared_hidden_dim > 0) {  // replicated, initialised as MoELayer initialises it
+      std::vector<ExpertT> shared(1, ExpertT(config.input_dim, config.shared_hidden_dim));
+      shared.front().initialize_uniform(detail::splitmix64(state));
+      shared_ = Bank(std::move(shared));
+      if (config.shared_expert_gate) {
+        shared_gate_weight_.resize(config.input_dim);
+        detail::fill_uniform(shared_gate_weight_.data(), shared_gate_weight_.size(),
+                             Scalar(1) / std::sqrt(static_cast<Scalar>(config.input_dim)), detail::splitmix64(state), 0);
+      }
+    }
     require_replicated(config, function);
   }
 
@@ -242,6 +274,8 @@ class DistributedMoELayer {
         comm_(std::exchange(other.comm_, MPI_COMM_NULL)),
         router_(std::move(other.router_)),
         bank_(std::move(other.bank_)),
+        shared_(std::move(other.shared_)),
+        shared_gate_weight_(std::move(other.shared_gate_weight_)),
         placement_(std::move(other.placement_)),
         rank_(other.rank_),
         ranks_(other.ranks_),
@@ -284,6 +318,19 @@ class DistributedMoELayer {
   ExpertT& expert(Index global_id) { return bank_.expert(local_index(global_id)); }
   const ExpertT& expert(Index global_id) const { return bank_.expert(local_index(global_id)); }
   /** @} */
+  /// Whether the layer has a (replicated) shared expert.
+  bool has_shared_expert() const { return shared_.num_experts() > 0; }
+  /** @{ */
+  /// The replicated shared expert (std::out_of_range without one; change it only identically on
+  /// every rank).
+  ExpertT& shared_expert() { return shared_.expert(0); }
+  const ExpertT& shared_expert() const { return shared_.expert(0); }
+  /** @} */
+  /** @{ */
+  /// w_shared (d), the replicated gate σ(x·w_shared) of the shared expert; empty without it.
+  Vector<Scalar>& shared_expert_gate() { return shared_gate_weight_; }
+  const Vector<Scalar>& shared_expert_gate() const { return shared_gate_weight_; }
+  /** @} */
   /// The next training step (see MoELayer::training_step()); the same on every rank as long as
   /// every rank runs the same forwards.
   std::uint64_t training_step() const { return training_step_.load(std::memory_order_relaxed); }
@@ -298,6 +345,8 @@ class DistributedMoELayer {
     append_tensor_views(list, Traits::prefix, router_.tensors());
     const std::vector<TensorView<Scalar>> experts = bank_.tensors(first_local_expert());
     list.insert(list.end(), experts.begin(), experts.end());
+    if (has_shared_expert()) append_tensor_views(list, "shared_expert.", shared_.expert(0).tensors());
+    if (shared_gate_weight_.size() > 0) list.push_back(make_tensor_view("shared_expert_gate", shared_gate_weight_));
     return list;
   }
 
@@ -307,6 +356,8 @@ class DistributedMoELayer {
     gradients.router() = Traits::make_gradients(router_);
     gradients.experts.assign(static_cast<std::size_t>(num_local_experts()), ExpertT(input_dim_, hidden_dim_));
     gradients.first_expert = first_local_expert();
+    if (has_shared_expert()) gradients.shared_experts = shared_.make_gradients();
+    gradients.shared_expert_gate = Vector<Scalar>::Zero(shared_gate_weight_.size());
     return gradients;
   }
 
@@ -366,16 +417,30 @@ class DistributedMoELayer {
       result.input.resize(0, 0);
       result.pre_activations.resize(0, 0);
     }
-    run_bank_forward(result.exchange, expert_input, keep_cache ? &result.pre_activations : nullptr, workspace);
+    result.shared_gates.resize(shared_gate_weight_.size() > 0 ? input.rows() : 0);
+    if (result.shared_gates.size() > 0) {
+      detail::parallel_for(input.rows(), static_cast<double>(2 * input_dim_), [&](Index token) {
+        result.shared_gates[token] = sigmoid(input.row(token).dot(shared_gate_weight_.transpose()));
+      });
+    }
+    run_bank_forward(result.exchange, expert_input, keep_cache ? &result.pre_activations : nullptr, input,
+                     keep_cache ? &result.shared_pre_activations : nullptr, workspace);
+    if (!keep_cache || !has_shared_expert()) result.shared_pre_activations.resize(0, 0);
     exchange_from_experts<Scalar>(result.exchange, workspace.expert_rows, workspace.local_rows, workspace.staging,
                                   comm_);
-    // Combine, slots in order: output_t = 0 + g_t0·E(x)_0 + g_t1·E(x)_1 + …
+    // Combine, slots in order: output_t = 0 + g_t0·E(x)_0 + g_t1·E(x)_1 + … (+ s_t·shared_t), as MoELayer.
     result.output.resize(plan.num_tokens, input_dim_);
     detail::parallel_for(plan.num_tokens, static_cast<double>((plan.k + 1) * input_dim_), [&](Index token) {
       result.output.row(token).setZero();
       for (Index slot = 0; slot < plan.k; ++slot) {
         const Index row = plan.row_of_slot(token, slot);
         if (row >= 0) result.output.row(token) += result.routing.gates(token, slot) * workspace.local_rows.row(row);
+      }
+      if (!has_shared_expert()) return;
+      if (result.shared_gates.size() > 0) {
+        result.output.row(token) += result.shared_gates[token] * workspace.shared_output.row(token);
+      } else {
+        result.output.row(token) += workspace.shared_output.row(token);
       }
     });
     result.cached = keep_cache;
@@ -434,13 +499,18 @@ class DistributedMoELayer {
         detail::require(num_local_experts() == 0 || bank_.fits(expert), function,
                         "an expert gradient does not have the experts' shapes");
       }
+      detail::require(gradients.shared_experts.size() == static_cast<std::size_t>(shared_.num_experts()) &&
+                          (!has_shared_expert() || shared_.fits(gradients.shared_experts.front())) &&
+                          gradients.shared_expert_gate.size() == shared_gate_weight_.size(),
+                      function, "the shared expert's gradients do not have its shapes (use make_gradients())");
     });
     typename Traits::RoutingGradient& routing_gradient = workspace.routing_gradient;
     routing_gradient.set_zero(routing);
     distributed_topk_losses_backward(routing, result.losses, routing_gradient);
 
-    // ∂L/∂y rows and their gates to the experts.
+    // ∂L/∂y rows and their gates to the experts; ∂L/∂y itself to the shared expert.
     Stages::group(d_output, plan, workspace.grouped);
+    if (has_shared_expert()) workspace.shared_d_output = d_output;
     workspace.gate_of_row.resize(plan.num_rows());
     for (Index row = 0; row < plan.num_rows(); ++row) {
       workspace.gate_of_row[row] = routing.gates(plan.token_of_row[row], plan.slot_of_row[row]);
@@ -458,11 +528,41 @@ class DistributedMoELayer {
       routing_gradient.gates(plan.token_of_row[row], plan.slot_of_row[row]) += workspace.d_gate_of_row[row];
     }
     Stages::group_backward(plan, workspace.local_rows, d_input);
+    const bool gated = shared_gate_weight_.size() > 0;
+    if (has_shared_expert()) {  // + shared ∂x, + ∂L/∂(x·w_shared)·w_shared, in MoELayer's order
+      detail::parallel_for(tokens, static_cast<double>(2 * input_dim_), [&](Index token) {
+        d_input.row(token) += workspace.shared_d_input.row(token);
+        if (!gated) return;
+        const Scalar gate = result.shared_gates[token];
+        const Scalar d_logit = workspace.shared_d_gate[token] * gate * (Scalar(1) - gate);
+        workspace.shared_d_gate[token] = d_logit;
+        d_input.row(token) += d_logit * shared_gate_weight_.transpose();
+      });
+    }
+    workspace.shared_gate_share = Vector<Scalar>::Zero(shared_gate_weight_.size());
+    if (gated) {  // ∂w_shared share = Xᵀ·∂z over this rank's tokens, in order
+      detail::parallel_for(input_dim_, static_cast<double>(2 * tokens), [&](Index column) {
+        Scalar sum = 0;
+        for (Index token = 0; token < tokens; ++token) sum += result.input(token, column) * workspace.shared_d_gate[token];
+        workspace.shared_gate_share[column] = sum;
+      });
+    }
     // The router: this rank's share into a zeroed gradient, summed over the ranks in rank order.
     typename Traits::Gradients& share = workspace.router_gradient;
     share = Traits::make_gradients(router_);
     Traits::backward(router_, routing, result.input, routing_gradient, share, d_input);
-    add_router_gradient_sum(share, gradients.router(), workspace);
+    // The replicated parameters' gradients: router, shared expert, its gate, in one sum over ranks.
+    std::vector<TensorView<Scalar>> parts = share.tensors();
+    std::vector<TensorView<Scalar>> targets = gradients.router().tensors();
+    for (std::size_t i = 0; i < workspace.shared_share.size(); ++i) {
+      append_tensor_views(parts, "", workspace.shared_share[i].tensors());
+      append_tensor_views(targets, "", gradients.shared_experts[i].tensors());
+    }
+    if (gated) {
+      parts.push_back(make_tensor_view("", workspace.shared_gate_share));
+      targets.push_back(make_tensor_view("", gradients.shared_expert_gate));
+    }
+    add_sum_over_ranks(parts, targets, workspace);
   }
 
  private:
@@ -475,25 +575,67 @@ class DistributedMoELayer {
     return local;
   }
 
+  /// This rank's experts over the rows they received and, with a shared expert, the shared
+  /// expert over this rank's tokens as the bank's companion (as MoELayer runs it); a rank without
+  /// experts runs the shared expert alone.
   void run_bank_forward(const ExpertExchangePlan& exchange, const Matrix<Scalar>& expert_input,
-                        Matrix<Scalar>* pre_activations, Workspace& workspace) const {
+                        Matrix<Scalar>* pre_activations, ConstMatrixRef<Scalar> input,
+                        Matrix<Scalar>* shared_pre_activations, Workspace& workspace) const {
+    const Eigen::Matrix<Index, 2, 1> shared_offsets(0, input.rows());
     if (num_local_experts() == 0) {
       workspace.expert_rows.resize(0, input_dim_);
       if (pre_activations) pre_activations->resize(0, 0);
+      if (has_shared_expert()) {
+        shared_.forward(shared_offsets, input, shared_pre_activations, workspace.shared_output, workspace.shared_forward);
+      }
       return;
     }
-    bank_.forward(exchange.offsets, expert_input, pre_activations, workspace.expert_rows, workspace.bank_forward);
+    if (!has_shared_expert()) {
+      bank_.forward(exchange.offsets, expert_input, pre_activations, workspace.expert_rows, workspace.bank_forward);
+      return;
+    }
+    const typename Bank::ForwardCompanion companion{&shared_,         shared_offsets,           input,
+                                                    shared_pre_activations, &workspace.shared_output,
+                                                    &workspace.shared_forward};
+    bank_.forward(exchange.offsets, expert_input, pre_activations, workspace.expert_rows, workspace.bank_forward,
+                  nullptr, companion);
   }
 
+  /// The backward of run_bank_forward: the experts' and the shared expert's (into
+  /// workspace.shared_share, zeroed first: it is summed over the ranks afterwards).
   void run_bank_backward(const Result& result, Workspace& workspace, Gradients& gradients) const {
+    workspace.shared_share.clear();
+    if (has_shared_expert()) workspace.shared_share = shared_.make_gradients();
+    const Eigen::Matrix<Index, 2, 1> shared_offsets(0, result.input.rows());
     if (num_local_experts() == 0) {
       workspace.expert_d_input.resize(0, input_dim_);
       workspace.expert_d_gates.resize(0);
+      if (has_shared_expert()) {
+        shared_.backward(shared_offsets, result.input, result.shared_pre_activations, workspace.shared_d_output,
+                         result.shared_gates, workspace.shared_d_input, workspace.shared_d_gate, workspace.shared_share,
+                         workspace.shared_backward);
+      }
       return;
     }
+    if (!has_shared_expert()) {
+      bank_.backward(result.exchange.offsets, result.expert_input, result.pre_activations, workspace.expert_rows,
+                     workspace.expert_gates, workspace.expert_d_input, workspace.expert_d_gates, gradients.experts,
+                     workspace.bank_backward);
+      return;
+    }
+    const typename Bank::BackwardCompanion companion{&shared_,
+                                                     shared_offsets,
+                                                     result.input,
+                                                     result.shared_pre_activations,
+                                                     workspace.shared_d_output,
+                                                     result.shared_gates,
+                                                     &workspace.shared_d_input,
+                                                     &workspace.shared_d_gate,
+                                                     &workspace.shared_share,
+                                                     &workspace.shared_backward};
     bank_.backward(result.exchange.offsets, result.expert_input, result.pre_activations, workspace.expert_rows,
                    workspace.expert_gates, workspace.expert_d_input, workspace.expert_d_gates, gradients.experts,
-                   workspace.bank_backward);
+                   workspace.bank_backward, companion);
   }
 
   /// Throws unless `result` is shaped like a forward of this layer on this rank (every shape that
@@ -524,13 +666,16 @@ class DistributedMoELayer {
       detail::require_shape(result.pre_activations, rows, bank_.pre_activation_width(), function,
                             "result.pre_activations");
     }
+    detail::require_shape(result.shared_pre_activations, has_shared_expert() ? tokens : 0,
+                          has_shared_expert() ? shared_.pre_activation_width() : 0, function,
+                          "result.shared_pre_activations");
+    detail::require(result.shared_gates.size() == (shared_gate_weight_.size() > 0 ? tokens : 0), function,
+                    "result.shared_gates has ", result.shared_gates.size(), " entries");
   }
 
-  /// gradients += Σ over ranks of `share` (every tensor, flattened into one sum_over_ranks).
-  void add_router_gradient_sum(typename Traits::Gradients& share, typename Traits::Gradients& gradients,
-                               Workspace& workspace) const {
-    std::vector<TensorView<Scalar>> parts = share.tensors();
-    std::vector<TensorView<Scalar>> targets = gradients.tensors();
+  /// targets[i] += Σ over ranks of parts[i] (same shapes), all flattened into one sum_over_ranks.
+  void add_sum_over_ranks(const std::vector<TensorView<Scalar>>& parts, const std::vector<TensorView<Scalar>>& targets,
+                          Workspace& workspace) const {
     std::vector<Scalar>& flat = workspace.reduced;
     flat.clear();
     for (const TensorView<Scalar>& part : parts) flat.insert(flat.end(), part.data, part.data + part.size());
@@ -546,7 +691,8 @@ class DistributedMoELayer {
   /// Throws std::invalid_argument on every rank unless every rank holds the same config and the
   /// same router parameters (a 64-bit fingerprint of them, compared over the ranks).
   void require_replicated(const MoEConfig& config, const char* function) {
-    const Index sizes[] = {config.input_dim, config.hidden_dim, config.num_experts, config.k};
+    const Index sizes[] = {config.input_dim, config.hidden_dim, config.num_experts, config.k, config.shared_hidden_dim,
+                           static_cast<Index>(config.shared_expert_gate)};
     std::uint64_t hash = detail::fingerprint(sizes, sizeof(sizes));
     hash = detail::fingerprint(&config.seed, sizeof(config.seed), hash);
     for (const TensorView<Scalar>& view : router_.tensors()) {
@@ -555,6 +701,8 @@ class DistributedMoELayer {
     for (const TensorView<Scalar>& view : router_.state()) {
       hash = detail::fingerprint(view.data, static_cast<std::size_t>(view.size()) * sizeof(Scalar), hash);
     }
+    hash = detail::fingerprint(shared_gate_weight_.data(), static_cast<std::size_t>(shared_gate_weight_.size()) * sizeof(Scalar),
+                               hash);
     detail::require_same_on_all_ranks(comm_, hash, function,
                                       "configs or router parameters (build the router identically on every rank, "
                                       "e.g. initialize_uniform with the same seed)");
@@ -643,6 +791,8 @@ class DistributedMoELayer {
   MPI_Comm comm_ = MPI_COMM_NULL;  // owned_comm_.get()
   RouterT router_;
   Bank bank_;
+  Bank shared_;                        ///< none or one replicated shared expert
+  Vector<Scalar> shared_gate_weight_;  ///< w_shared (d), or empty
   ExpertPlacement placement_;
   int rank_ = 0;
   int ranks_ = 0;

@@ -75,7 +75,24 @@ struct Case {
   sparsemoe::BalanceLossOptions balance;
   double z_weight = 0.001;
   std::optional<sparsemoe::CapacityOptions> capacity;
+  Index shared_hidden = 0;  ///< a shared expert of this hidden width (0: none)
+  bool shared_gate = false;
   std::uint64_t seed = 1;
+
+  /// A router bias of `amount` on experts [first, last).
+  Case& favour_experts(Index first, Index last, double amount) {
+    bias = true;
+    favoured_first = first;
+    favoured_last = last;
+    favour = amount;
+    return *this;
+  }
+  /// A shared expert of hidden width `hidden`, gated or not.
+  Case& with_shared_expert(Index hidden, bool gate) {
+    shared_hidden = hidden;
+    shared_gate = gate;
+    return *this;
+  }
 };
 
 template <typename Scalar>
@@ -97,7 +114,8 @@ void check_against_one_process(const Case& c) {
   const int rank = world_rank();
   const sparsemoe_test::Split split =
       sparsemoe_test::uneven_split(world_size(), c.max_tokens, c.seed, c.empty_rank, c.multiple);
-  const bool exact = exact_split(c.multiple);
+  // The shared expert runs in 128-row tiles of each rank's tokens.
+  const bool exact = exact_split(c.multiple) && (c.shared_hidden == 0 || c.multiple % 128 == 0);
   const double tol = tolerance<Scalar>();
   sparsemoe::MoEConfig config;
   config.input_dim = c.d;
@@ -105,6 +123,8 @@ void check_against_one_process(const Case& c) {
   config.num_experts = c.experts;
   config.k = c.k;
   config.seed = c.seed + 7;
+  config.shared_hidden_dim = c.shared_hidden;
+  config.shared_expert_gate = c.shared_gate;
   typename Router::Options options;
   if constexpr (!std::is_same<Router, sparsemoe::SwitchRouter<Scalar>>::value) {  // Switch: k = 1, no renormalisation
     options.k = c.k;
@@ -177,6 +197,14 @@ void check_against_one_process(const Case& c) {
     EXPECT_EQ(result.rows_of_local_expert(local), expected.plan.tokens_per_expert[e]) << "expert " << e;
     EXPECT_TRUE(bitwise(layer.expert(e).w1(), reference.expert(e).w1())) << "initial w1 of expert " << e;
   }
+  // The replicated shared expert: its gradient is a sum over ranks.
+  EXPECT_EQ(gradients.shared_experts.size(), expected_gradients.shared_experts.size());
+  for (std::size_t i = 0; i < std::min(gradients.shared_experts.size(), expected_gradients.shared_experts.size()); ++i) {
+    EXPECT_TRUE(near_scaled(gradients.shared_experts[i].w1(), expected_gradients.shared_experts[i].w1(), tol));
+    EXPECT_TRUE(near_scaled(gradients.shared_experts[i].w2(), expected_gradients.shared_experts[i].w2(), tol));
+    EXPECT_TRUE(near_scaled(gradients.shared_experts[i].b2(), expected_gradients.shared_experts[i].b2(), tol));
+  }
+  EXPECT_TRUE(near_scaled(gradients.shared_expert_gate, expected_gradients.shared_expert_gate, tol));
   // The loads over all ranks (what update_selection_bias takes) are one process's loads.
   const sparsemoe::IndexVector loads = layer.tokens_per_expert_over_ranks(result);
   EXPECT_TRUE(loads == expected.plan.tokens_per_expert) << "rank " << rank;
@@ -259,24 +287,33 @@ TEST(DistributedMoELayer, SwitchRouterTopOne) {
   check_against_one_process<double, sparsemoe::Expert<double, sparsemoe::Relu>, sparsemoe::SwitchRouter<double>>(c);
 }
 
-/// A router bias of `amount` on experts [first, last).
-Case favouring(Index first, Index last, double amount, std::uint64_t seed) {
-  Case c;
-  c.bias = true;
-  c.favoured_first = first;
-  c.favoured_last = last;
-  c.favour = amount;
-  c.seed = seed;
-  return c;
+TEST(DistributedMoELayer, GatedSharedExpert) {
+  Case c = Case{}.with_shared_expert(24, true);
+  c.seed = 15;
+  check_against_one_process<float>(c);
+  c.multiple = 128;  // the shared expert's tiles: bitwise
+  c.max_tokens = 256;
+  check_against_one_process<double>(c);
+}
+
+TEST(DistributedMoELayer, SharedExpertWithoutGateFewerExpertsThanRanks) {
+  Case c = Case{}.with_shared_expert(16, false);
+  c.experts = 3;
+  c.seed = 16;
+  check_against_one_process<float>(c);
 }
 
 TEST(DistributedMoELayer, AllTokensToRankZerosExpertsBothSlotsOnOneRank) {
   // P ≤ 4, E = 8: experts 0 and 1 are rank 0's, and every token picks both.
-  check_against_one_process<float>(favouring(0, 2, 50, 5));
+  Case c = Case{}.favour_experts(0, 2, 50);
+  c.seed = 5;
+  check_against_one_process<float>(c);
 }
 
 TEST(DistributedMoELayer, ExpertWithoutRows) {
-  check_against_one_process<double>(favouring(3, 5, -50, 6));  // experts 3 and 4 never chosen
+  Case c = Case{}.favour_experts(3, 5, -50);  // experts 3 and 4 never chosen
+  c.seed = 6;
+  check_against_one_process<double>(c);
 }
 
 TEST(DistributedMoELayer, ManyRowsPerExpertPackedAndTiled) {
@@ -433,7 +470,7 @@ TEST(DistributedMoELayer, RejectsDifferentRoutersOnDifferentRanks) {
   if (world_size() > 1) {
     EXPECT_THROW(Layer(config, router, MPI_COMM_WORLD), std::invalid_argument);
   }
-  config.shared_hidden_dim = 4;
+  config.shared_expert_gate = true;  // without a shared expert
   router.initialize_uniform(1);
   EXPECT_THROW(Layer(config, router, MPI_COMM_WORLD), std::invalid_argument);
 }
