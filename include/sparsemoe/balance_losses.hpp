@@ -80,6 +80,48 @@ double score_row_sum(const TopKRouting<Scalar>& routing, Index token) {
   return sum;
 }
 
+/// Writes to `sums` (E entries) Σ_t p_ti over tokens [first, first + count), in double (p'_ti =
+/// p_ti/Σ_j p_tj with `normalize`): the P_i of the balance loss times the token count.
+template <typename Scalar>
+void sum_balance_scores(const TopKRouting<Scalar>& routing, bool normalize, Index first, Index count,
+                        Vector<double>& sums) {
+  const Index experts = routing.num_experts();
+  sums.setZero(experts);
+  for (Index token = first; token < first + count; ++token) {
+    const double normalizer = normalize ? 1.0 / score_row_sum(routing, token) : 1.0;
+    for (Index expert = 0; expert < experts; ++expert) {
+      sums[expert] += static_cast<double>(routing.scores(token, expert)) * normalizer;
+    }
+  }
+}
+
+/// Adds weight·counts_i (through p' = p/Σp with `normalize`) to gradient.scores(t, i) for the
+/// tokens t of [first, first + length): the balance loss's gradient, given the slot counts of
+/// the statistics the loss is defined on (its sequence, or the batch across all workers).
+template <typename Scalar>
+void add_balance_gradient(const TopKRouting<Scalar>& routing, const Vector<double>& counts, double weight,
+                          bool normalize, Index first, Index length, TopKRoutingGradient<Scalar>& gradient) {
+  const Index experts = routing.num_experts();
+  parallel_for(length, static_cast<double>(4 * experts), [&](Index offset) {
+    const Index token = first + offset;
+    if (!normalize) {
+      for (Index expert = 0; expert < experts; ++expert) {
+        gradient.scores(token, expert) += static_cast<Scalar>(weight * counts[expert]);
+      }
+      return;
+    }
+    const double sum = score_row_sum(routing, token);
+    double weighted = 0;
+    for (Index expert = 0; expert < experts; ++expert) {
+      weighted += counts[expert] * static_cast<double>(routing.scores(token, expert));
+    }
+    weighted /= sum;
+    for (Index expert = 0; expert < experts; ++expert) {
+      gradient.scores(token, expert) += static_cast<Scalar>(weight * (counts[expert] - weighted) / sum);
+    }
+  });
+}
+
 }  // namespace detail
 
 /// The Switch/GShard load-balancing loss α·E·Σ_i f_i·P_i, with f_i the fraction of slots routed
@@ -111,13 +153,7 @@ Scalar balance_loss(const TopKRouting<Scalar>& routing, double coefficient, cons
   for (Index sequence = 0; sequence < sequences; ++sequence) {
     const Index first = sequence * length;
     detail::count_balance_slots(routing, options.counts, first, length, workspace.counts);
-    workspace.score_sums.setZero(experts);
-    for (Index token = first; token < first + length; ++token) {
-      const double normalizer = options.normalize_scores ? 1.0 / detail::score_row_sum(routing, token) : 1.0;
-      for (Index expert = 0; expert < experts; ++expert) {
-        workspace.score_sums[expert] += static_cast<double>(routing.scores(token, expert)) * normalizer;
-      }
-    }
+    detail::sum_balance_scores(routing, options.normalize_scores, first, length, workspace.score_sums);
     // Σ_i f_i·P_i with f_i = count_i/(L·k), P_i = sum_i/L.
     total += workspace.counts.dot(workspace.score_sums) / (slots * static_cast<double>(length) * static_cast<double>(length));
   }
@@ -156,25 +192,7 @@ void balance_loss_backward(const TopKRouting<Scalar>& routing, double coefficien
   for (Index sequence = 0; sequence < sequences; ++sequence) {
     const Index first = sequence * length;
     detail::count_balance_slots(routing, options.counts, first, length, workspace.counts);
-    const Vector<double>& counts = workspace.counts;
-    detail::parallel_for(length, static_cast<double>(4 * experts), [&](Index offset) {
-      const Index token = first + offset;
-      if (!options.normalize_scores) {
-        for (Index expert = 0; expert < experts; ++expert) {
-          gradient.scores(token, expert) += static_cast<Scalar>(weight * counts[expert]);
-        }
-        return;
-      }
-      const double sum = detail::score_row_sum(routing, token);
-      double weighted = 0;
-      for (Index expert = 0; expert < experts; ++expert) {
-        weighted += counts[expert] * static_cast<double>(routing.scores(token, expert));
-      }
-      weighted /= sum;
-      for (Index expert = 0; expert < experts; ++expert) {
-        gradient.scores(token, expert) += static_cast<Scalar>(weight * (counts[expert] - weighted) / sum);
-      }
-    });
+    detail::add_balance_gradient(routing, workspace.counts, weight, options.normalize_scores, first, length, gradient);
   }
 }
 
@@ -199,6 +217,31 @@ double logsumexp_row(const Matrix<Scalar>& logits, Index token) {
   return top + std::log(sum);
 }
 
+/// Σ_t (log Σ_i e^{z_ti})² over all tokens of `routing`, in double, tokens in order.
+template <typename Scalar>
+double sum_squared_logsumexp(const TopKRouting<Scalar>& routing) {
+  double total = 0;
+  for (Index token = 0; token < routing.num_tokens(); ++token) {
+    const double lse = logsumexp_row(routing.logits, token);
+    total += lse * lse;
+  }
+  return total;
+}
+
+/// Adds scale·lse_t·softmax(z_t)_i to gradient.logits(t, i) for every token: the z-loss's
+/// gradient with scale = 2·coefficient/T, T the tokens the loss averages over.
+template <typename Scalar>
+void add_z_loss_gradient(const TopKRouting<Scalar>& routing, double scale, TopKRoutingGradient<Scalar>& gradient) {
+  const Index experts = routing.num_experts();
+  parallel_for(routing.num_tokens(), static_cast<double>(8 * experts), [&](Index token) {
+    const double lse = logsumexp_row(routing.logits, token);
+    for (Index expert = 0; expert < experts; ++expert) {
+      const double probability = std::exp(static_cast<double>(routing.logits(token, expert)) - lse);
+      gradient.logits(token, expert) += static_cast<Scalar>(scale * lse * probability);
+    }
+  });
+}
+
 }  // namespace detail
 
 /// The router z-loss of ST-MoE (Zoph et al.\ 2022): coefficient·(1/T)·Σ_t (log Σ_i e^{z_ti})²
@@ -211,12 +254,7 @@ Scalar z_loss(const TopKRouting<Scalar>& routing, double coefficient) {
   detail::require(std::isfinite(coefficient), function, "coefficient must be finite, got ", coefficient);
   const Index tokens = routing.num_tokens();
   if (tokens == 0) return Scalar(0);
-  double total = 0;
-  for (Index token = 0; token < tokens; ++token) {
-    const double lse = detail::logsumexp_row(routing.logits, token);
-    total += lse * lse;
-  }
-  return static_cast<Scalar>(coefficient * total / static_cast<double>(tokens));
+  return static_cast<Scalar>(coefficient * detail::sum_squared_logsumexp(routing) / static_cast<double>(tokens));
 }
 
 /// Adds the gradient of z_loss(routing, coefficient) to gradient.logits (T×E):
@@ -231,14 +269,7 @@ void z_loss_backward(const TopKRouting<Scalar>& routing, double coefficient, Top
   const Index experts = routing.num_experts();
   detail::require_shape(gradient.logits, tokens, experts, function, "gradient.logits");
   if (tokens == 0) return;
-  const double scale = 2.0 * coefficient / static_cast<double>(tokens);
-  detail::parallel_for(tokens, static_cast<double>(8 * experts), [&](Index token) {
-    const double lse = detail::logsumexp_row(routing.logits, token);
-    for (Index expert = 0; expert < experts; ++expert) {
-      const double probability = std::exp(static_cast<double>(routing.logits(token, expert)) - lse);
-      gradient.logits(token, expert) += static_cast<Scalar>(scale * lse * probability);
-    }
-  });
+  detail::add_z_loss_gradient(routing, 2.0 * coefficient / static_cast<double>(tokens), gradient);
 }
 
 /// @}

@@ -10,7 +10,7 @@
 #   sparsemoe_build_example NAME    builds examples/NAME.cpp in $BUILD_DIR, prints its path
 
 # Everything needed to configure, build and run the whole test suite
-# (tests, examples, benchmarks, consumer tests incl. pkg-config) with g++.
+# (tests, examples, benchmarks, consumer tests incl. pkg-config, the MPI tests) with g++.
 SPARSEMOE_DEPS=(
   cmake
   ninja-build
@@ -23,6 +23,8 @@ SPARSEMOE_DEPS=(
   libbenchmark-dev
   libomp-dev
   pkg-config
+  libopenmpi-dev
+  openmpi-bin
 )
 
 sparsemoe_repo_root() {

@@ -31,6 +31,9 @@
 #                         succeed and say that it turned the unit tests and benchmarks off
 #   MODE=macro_name       compiling the headers with SPARSEMOE_USE_LIBXSMM (the CMake option's
 #                         name) or SPARSEMOE_WITH_LIBXSMM=0 defined must fail with a message
+#   MODE=mpi_component    tests/cmake/mpi_component against the installed package (COMPONENTS
+#                         mpi, target sparsemoe::mpi), run with MPIEXEC -n 2 MPIEXEC_FLAGS;
+#                         skipped when WITH_MPI is off
 #   MODE=extern_templates tests/cmake/extern_templates at -O2: user.cpp with
 #                         SPARSEMOE_EXTERN_TEMPLATES plus instances.cpp builds and runs, user.cpp
 #                         alone fails to link
@@ -124,10 +127,14 @@ function(run_app bin)
 endfunction()
 
 # Configure + build the consumer project in <src> into <bin>, then run <bin>/app.
-function(build_and_run_consumer src bin)
+function(build_consumer src bin)
   file(REMOVE_RECURSE "${bin}")
   run_checked("${CMAKE_COMMAND}" -S "${src}" -B "${bin}" ${_common_args} ${ARGN})
   run_checked("${CMAKE_COMMAND}" --build "${bin}" ${_config_args})
+endfunction()
+
+function(build_and_run_consumer src bin)
+  build_consumer("${src}" "${bin}" ${ARGN})
   run_app("${bin}")
 endfunction()
 
@@ -440,6 +447,16 @@ elseif(MODE STREQUAL "extern_templates")
   if(NOT _out MATCHES "MoELayer")
     message(FATAL_ERROR "linking user.cpp alone failed, but not for want of MoELayer's members:\n${_out}")
   endif()
+
+elseif(MODE STREQUAL "mpi_component")
+  if(NOT WITH_MPI)
+    message("SPARSEMOE_TEST_SKIPPED: sparsemoe was built without MPI, so it installs no component mpi")
+    return()
+  endif()
+  set(_bin "${WORK_DIR}/build")
+  build_consumer("${_tests_dir}/mpi_component" "${_bin}" "-DCMAKE_PREFIX_PATH=${PREFIX}")
+  separate_arguments(_launcher_flags UNIX_COMMAND "${MPIEXEC_FLAGS}")
+  run_checked("${MPIEXEC}" -n 2 ${_launcher_flags} "${_bin}/app")
 
 else()
   message(FATAL_ERROR "consumer_test.cmake: unknown MODE '${MODE}'")
