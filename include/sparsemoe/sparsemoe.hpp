@@ -19,6 +19,7 @@
 #include "router/sigmoid_top_k.hpp"
 #include "router/softmax_top_k.hpp"
 #include "router/switch.hpp"
+#include "soft_moe.hpp"
 #include "dispatch.hpp"
 #include "training_losses.hpp"
 
