@@ -78,6 +78,34 @@ bool bitwise_equal(const Eigen::MatrixBase<A>& a, const Eigen::MatrixBase<B>& b)
   return std::memcmp(plain_a.data(), plain_b.data(), static_cast<std::size_t>(plain_a.size()) * sizeof(plain_a(0, 0))) == 0;
 }
 
+/// Runs `run(threads)` for 1, 2 and 3 OpenMP threads; it returns a list of named matrices (every
+/// number a forward and backward produced), which must be bitwise equal for every thread count.
+template <typename Scalar, typename Run>
+void expect_identical_across_thread_counts(const Run& run) {
+  using Named = std::vector<std::pair<std::string, std::vector<Scalar>>>;
+  Named first;
+  for (const int threads : {1, 2, 3}) {
+    ThreadCount scope(threads);
+    const Named current = run();
+    if (threads == 1) {
+      first = current;
+      continue;
+    }
+    ASSERT_EQ(current.size(), first.size());
+    for (std::size_t i = 0; i < current.size(); ++i) {
+      EXPECT_TRUE(current[i] == first[i]) << current[i].first << " differs with " << threads << " threads";
+    }
+  }
+}
+
+/// Appends the entries of a dense matrix to a named list (for expect_identical_across_thread_counts).
+template <typename Derived>
+void append(std::vector<std::pair<std::string, std::vector<typename Derived::Scalar>>>& list, std::string name,
+            const Eigen::PlainObjectBase<Derived>& matrix) {
+  list.emplace_back(std::move(name),
+                    std::vector<typename Derived::Scalar>(matrix.data(), matrix.data() + matrix.size()));
+}
+
 }  // namespace paradigm_reference
 
 #endif  // SPARSEMOE_TESTS_PARADIGM_REFERENCE_HPP

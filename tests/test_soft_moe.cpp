@@ -233,24 +233,15 @@ TYPED_TEST(SoftMoE, BitwiseIdenticalAcrossThreadCounts) {
     SoftMoELayer<Scalar> layer(config);
     const Mat<Scalar> x = reference::uniform<Scalar>(300, 32, 5);
     const Mat<Scalar> d_output = reference::uniform<Scalar>(300, 32, 6);
-    Mat<Scalar> first_output, first_d_input;
-    std::vector<std::pair<std::string, std::vector<Scalar>>> first_gradients;
-    for (const int threads : {1, 2, 3}) {
-      paradigm_reference::ThreadCount scope(threads);
+    paradigm_reference::expect_identical_across_thread_counts<Scalar>([&] {
       const auto result = layer.forward(x, Mode::training);
       auto gradients = layer.make_gradients();
       const Mat<Scalar> d_input = layer.backward(result, d_output, gradients);
-      const auto snapshot = paradigm_reference::snapshot(gradients.tensors());
-      if (threads == 1) {
-        first_output = result.output;
-        first_d_input = d_input;
-        first_gradients = snapshot;
-        continue;
-      }
-      EXPECT_TRUE(paradigm_reference::bitwise_equal(result.output, first_output)) << threads << " threads";
-      EXPECT_TRUE(paradigm_reference::bitwise_equal(d_input, first_d_input)) << threads << " threads";
-      EXPECT_TRUE(snapshot == first_gradients) << threads << " threads";
-    }
+      auto named = paradigm_reference::snapshot(gradients.tensors());
+      paradigm_reference::append(named, "output", result.output);
+      paradigm_reference::append(named, "d_input", d_input);
+      return named;
+    });
   }
 }
 

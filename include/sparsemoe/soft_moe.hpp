@@ -23,6 +23,22 @@
 
 namespace sparsemoe {
 
+namespace detail {
+
+/// "phi", "scale" (when it has an entry), "expert<e>.<name>": the tensors of a Soft MoE layer
+/// (its parameters or its gradients), in that order.
+template <typename Scalar, typename ExpertT>
+std::vector<TensorView<Scalar>> soft_moe_tensors(Matrix<Scalar>& phi, Vector<Scalar>& scale,
+                                                 std::vector<ExpertT>& experts) {
+  std::vector<TensorView<Scalar>> list;
+  list.push_back(make_tensor_view("phi", phi));
+  if (scale.size() > 0) list.push_back(make_tensor_view("scale", scale));
+  append_numbered_tensor_views(list, "expert", experts);
+  return list;
+}
+
+}  // namespace detail
+
 /// \addtogroup paradigms
 /// @{
 
@@ -71,15 +87,7 @@ struct SoftMoEGradients {
   std::vector<ExpertT> experts;  ///< ∂L/∂(each expert's tensors), as expert-shaped tensors
 
   /// All gradient tensors, with the names and in the order of SoftMoELayer::tensors().
-  std::vector<TensorView<Scalar>> tensors() {
-    std::vector<TensorView<Scalar>> list;
-    list.push_back(make_tensor_view("phi", phi));
-    if (scale.size() > 0) list.push_back(make_tensor_view("scale", scale));
-    for (std::size_t e = 0; e < experts.size(); ++e) {
-      append_tensor_views(list, "expert" + std::to_string(e) + ".", experts[e].tensors());
-    }
-    return list;
-  }
+  std::vector<TensorView<Scalar>> tensors() { return detail::soft_moe_tensors(phi, scale, experts); }
 
   /// Sets every gradient to zero.
   void set_zero() {
@@ -196,15 +204,7 @@ class SoftMoELayer {
 
   /// Φ ("phi"), the scale ("scale", normalised layers only), then each expert's tensors
   /// ("expert<e>.<name>"), in that order.
-  std::vector<TensorView<Scalar>> tensors() {
-    std::vector<TensorView<Scalar>> list;
-    list.push_back(make_tensor_view("phi", phi_));
-    if (normalized()) list.push_back(make_tensor_view("scale", scale_));
-    for (std::size_t e = 0; e < experts_.size(); ++e) {
-      append_tensor_views(list, "expert" + std::to_string(e) + ".", experts_[e].tensors());
-    }
-    return list;
-  }
+  std::vector<TensorView<Scalar>> tensors() { return detail::soft_moe_tensors(phi_, scale_, experts_); }
 
   /// Zero gradients shaped like every parameter.
   Gradients make_gradients() const {

@@ -11,6 +11,7 @@
 #include "config.hpp"
 #include "expert.hpp"
 #include "gate.hpp"
+#include "hierarchical_moe.hpp"
 #include "losses.hpp"
 #include "moe_layer.hpp"
 #include "optimizers.hpp"
