@@ -98,7 +98,7 @@ GateReference gate_reference(const sparsemoe::NoisyTopKGate<Scalar>& gate, const
   std::vector<double> chosen_logits;
   for (const Index id : r.chosen) chosen_logits.push_back(r.noisy[static_cast<std::size_t>(id)]);
   r.gates = reference::softmax(chosen_logits);
-  for (Index i = 0; i < width; ++i) {
+  for (Index i = 0; i < width && gate.k() < width; ++i) {  // the smooth load needs k < width
     const auto u = static_cast<std::size_t>(i);
     const double threshold = reference::kth_largest_excluding(r.noisy, gate.k(), i);
     r.probability.push_back(reference::phi_cdf((clean[u] - threshold) / scale[u]));
