@@ -509,7 +509,7 @@ void BM_ExpertCompute(benchmark::State& state, const Config& c, int threads) {
   sparsemoe::ForwardWorkspace<Scalar> workspace;
   Layer::group(s.input, plan, workspace.grouped_input);
   for (auto _ : state) {
-    s.layer->compute_experts(plan, nullptr, workspace);
+    s.layer->compute_experts(plan, workspace.grouped_input, nullptr, workspace.expert_output, workspace);
     benchmark::DoNotOptimize(workspace.expert_output.data());
   }
   add_rate_counters(state, expert_forward_flops(c), c.tokens, threads);

@@ -18,6 +18,7 @@
 
 #include "activation.hpp"
 #include "config.hpp"
+#include "detail/expert_kernels.hpp"
 #include "detail/gemm.hpp"
 #include "parameters.hpp"
 
@@ -230,16 +231,6 @@ class SwiGluExpert {
   Matrix<Scalar> w2_;
   Vector<Scalar> no_bias_;
 };
-
-namespace detail {
-
-/// ExpertT::activation_is_elementwise, or false when the type does not say.
-template <typename ExpertT, typename = void>
-struct activation_is_elementwise : std::false_type {};
-template <typename ExpertT>
-struct activation_is_elementwise<ExpertT, std::enable_if_t<ExpertT::activation_is_elementwise>> : std::true_type {};
-
-}  // namespace detail
 
 /// One expert over a block of rows, through the library's single-threaded GEMM:
 /// pre = x·W1 + b1 (rows×p), hidden = activate(pre) (rows×h), output = hidden·W2 + b2 (rows×d).

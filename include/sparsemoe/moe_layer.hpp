@@ -11,10 +11,12 @@
 #include "detail/gemm.hpp"
 #include "detail/parallel.hpp"
 #include "expert.hpp"
+#include "expert_bank.hpp"
 #include "gate.hpp"
 #include "layer_options.hpp"
 #include "layer_router.hpp"
 #include "losses.hpp"
+#include "packed_experts.hpp"
 #include "parameters.hpp"
 #include "dispatch.hpp"
 
@@ -203,89 +205,22 @@ struct ForwardResult {
   const RoutingStats& stats() const { return plan.stats; }
 };
 
-namespace detail {
-
-/// A block of consecutive grouped rows of one expert: the unit of parallel expert work.
-struct ExpertTile {
-  Index expert;
-  Index first_row;
-  Index rows;
-};
-
-/// Tiles of at most `tile_rows` rows per expert, biggest experts first (ties: lower id), so that
-/// the last tiles handed out are small. Reuses `expert_order` and `tiles`. O(E log E + tiles).
-inline void make_expert_tiles(const DispatchPlan& plan, Index tile_rows, std::vector<Index>& expert_order,
-                              std::vector<ExpertTile>& tiles) {
-  expert_order.resize(static_cast<std::size_t>(plan.num_experts));
-  for (Index e = 0; e < plan.num_experts; ++e) expert_order[static_cast<std::size_t>(e)] = e;
-  std::sort(expert_order.begin(), expert_order.end(), [&](Index a, Index b) {
-    const Index count_a = plan.tokens_per_expert[a];
-    const Index count_b = plan.tokens_per_expert[b];
-    return count_a != count_b ? count_a > count_b : a < b;
-  });
-  tiles.clear();
-  for (const Index expert : expert_order) {
-    const Index count = plan.tokens_per_expert[expert];
-    for (Index first = 0; first < count; first += tile_rows) {
-      tiles.push_back({expert, plan.offsets[expert] + first, std::min(tile_rows, count - first)});
-    }
-  }
-}
-
-/// A block of columns of one expert's W1 or W2, over all of the expert's rows: the unit of
-/// parallel expert work for small batches.
-struct ColumnTile {
-  Index expert;
-  Index first_column;
-  Index columns;
-};
-
-/// A block of columns of one expert's weight gradient (of W1 when first_layer, else of W2): the
-/// unit of parallel work of the weight-gradient phase of backward.
-struct GradientTile {
-  Index expert;
-  bool first_layer;
-  Index first_column;
-};
-
-}  // namespace detail
-
 /// Scratch memory of MoELayer::forward, reusable across calls: a forward of the same shape into
 /// the same workspace (and the same ForwardResult) allocates nothing. Not shared between threads:
 /// give each calling thread its own.
 template <typename Scalar>
 struct ForwardWorkspace {
-  Matrix<Scalar> grouped_input;              ///< T·k×d: each expert's tokens, contiguous
-  Matrix<Scalar> expert_output;              ///< T·k×d: E_i of each grouped row
-  std::vector<Matrix<Scalar>> hidden;        ///< per OpenMP thread, tile×h
-  std::vector<Matrix<Scalar>> pre;           ///< per OpenMP thread, tile×p (evaluation mode)
-  std::vector<detail::ExpertTile> tiles;     ///< this call's expert tiles
-  std::vector<Index> expert_order;           ///< experts by descending size
-  /** @{ */
-  /// Per expert, W1 and W2 packed for this call (only for experts with at least
-  /// MoELayer::pack_rows_threshold rows, whose GEMMs then stream contiguous panels).
-  std::vector<detail::PackedWeight<Scalar>> packed_w1, packed_w2;
-  /** @} */
-  std::vector<char> packed_this_call;        ///< per expert: packed_w1/w2 hold its current weights
-  Matrix<Scalar> split_pre;                  ///< T·k×p, small batches in evaluation mode
-  Matrix<Scalar> split_hidden;               ///< T·k×h, small batches
-  std::vector<detail::ColumnTile> column_tiles;  ///< small batches: this call's column tiles
-  Matrix<Scalar> shared_output;                  ///< T×d: the shared expert's output (without its gate)
-  std::vector<Matrix<Scalar>> shared_hidden;     ///< per OpenMP thread, tile×h_s
-  std::vector<Matrix<Scalar>> shared_pre;        ///< per OpenMP thread, tile×p_s (no cache kept)
+  Matrix<Scalar> grouped_input;              ///< T·k×d: each expert's tokens, contiguous (stage group)
+  Matrix<Scalar> expert_output;              ///< T·k×d: E_i of each grouped row (stage expert compute)
+  Matrix<Scalar> shared_output;              ///< T×d: the shared expert's output (without its gate)
+  ExpertBankForwardWorkspace<Scalar> experts;  ///< scratch of the routed experts' ExpertBank::forward
+  ExpertBankForwardWorkspace<Scalar> shared;   ///< scratch of the shared expert's bank (its companion)
 
   /// Bytes held by the matrices and packed weights above.
   std::size_t bytes() const {
-    std::size_t total = static_cast<std::size_t>(grouped_input.size() + expert_output.size() + shared_output.size());
-    for (const auto& block : shared_hidden) total += static_cast<std::size_t>(block.size());
-    for (const auto& block : shared_pre) total += static_cast<std::size_t>(block.size());
-    for (const auto& block : hidden) total += static_cast<std::size_t>(block.size());
-    for (const auto& block : pre) total += static_cast<std::size_t>(block.size());
-    total += static_cast<std::size_t>(split_pre.size() + split_hidden.size());
-    total *= sizeof(Scalar);
-    for (const auto& packed : packed_w1) total += packed.bytes();
-    for (const auto& packed : packed_w2) total += packed.bytes();
-    return total;
+    return static_cast<std::size_t>(grouped_input.size() + expert_output.size() + shared_output.size()) *
+               sizeof(Scalar) +
+           experts.bytes() + shared.bytes();
   }
 };
 
@@ -296,36 +231,23 @@ template <typename Scalar, typename RoutingGradientT = GateGradients<Scalar>>
 struct BackwardWorkspace {
   Matrix<Scalar> grouped_input;                              ///< T·k×d: the cached input, grouped
   Matrix<Scalar> grouped_d_output;                           ///< T·k×d: ∂L/∂y grouped, then times g
-  Matrix<Scalar> hidden;                                     ///< T·k×h: act(pre), recomputed
-  Matrix<Scalar> d_pre;                                      ///< T·k×p: ∂L/∂pre
+  Vector<Scalar> gate_of_row;                                ///< T·k: the combine weight g of each grouped row
   Matrix<Scalar> d_grouped_input;                            ///< T·k×d: ∂L/∂x of each grouped row
   Vector<Scalar> d_gate_of_row;                              ///< T·k: ⟨∂L/∂y, E(x)⟩ per grouped row
-  std::vector<Matrix<Scalar>> d_hidden;                      ///< per OpenMP thread, tile×h
-  std::vector<detail::PackedWeight<Scalar>> w1_transposed;   ///< per expert, W1ᵀ packed (p×d)
-  std::vector<detail::PackedWeight<Scalar>> w2_transposed;   ///< per expert, W2ᵀ packed (d×h)
   RoutingGradientT routing_gradient;                         ///< ∂L/∂(the router's outputs)
-  std::vector<detail::ExpertTile> tiles;                     ///< this call's expert tiles
-  std::vector<Index> expert_order;                           ///< experts by descending size
-  std::vector<detail::GradientTile> gradient_tiles;          ///< this call's weight-gradient tiles
-  Matrix<Scalar> shared_hidden;                              ///< T×h_s: the shared expert's act(pre), recomputed
-  Matrix<Scalar> shared_d_output;                            ///< T×d: ∂L/∂y times the shared expert's gate
-  Matrix<Scalar> shared_d_pre;                               ///< T×p_s: ∂L/∂pre of the shared expert
+  Matrix<Scalar> shared_d_output;                            ///< T×d: ∂L/∂y, then times the shared expert's gate
   Matrix<Scalar> shared_d_input;                             ///< T×d: ∂L/∂x through the shared expert
   Vector<Scalar> shared_d_gate;                              ///< T: ∂L/∂(the shared expert's gate)
-  std::vector<Matrix<Scalar>> shared_d_hidden;               ///< per OpenMP thread, tile×h_s
+  ExpertBankBackwardWorkspace<Scalar> experts;               ///< scratch of the routed experts' ExpertBank::backward
+  ExpertBankBackwardWorkspace<Scalar> shared;                ///< scratch of the shared expert's bank (its companion)
 
   /// Bytes held by the matrices and packed weights above.
   std::size_t bytes() const {
-    std::size_t total = static_cast<std::size_t>(grouped_input.size() + grouped_d_output.size() + hidden.size() +
-                                                  d_pre.size() + d_grouped_input.size() + d_gate_of_row.size() +
-                                                  shared_hidden.size() + shared_d_output.size() + shared_d_pre.size() +
-                                                  shared_d_input.size() + shared_d_gate.size()) *
-                        sizeof(Scalar);
-    for (const auto& block : shared_d_hidden) total += static_cast<std::size_t>(block.size()) * sizeof(Scalar);
-    for (const auto& block : d_hidden) total += static_cast<std::size_t>(block.size()) * sizeof(Scalar);
-    for (const auto& packed : w1_transposed) total += packed.bytes();
-    for (const auto& packed : w2_transposed) total += packed.bytes();
-    return total;
+    return static_cast<std::size_t>(grouped_input.size() + grouped_d_output.size() + gate_of_row.size() +
+                                    d_grouped_input.size() + d_gate_of_row.size() + shared_d_output.size() +
+                                    shared_d_input.size() + shared_d_gate.size()) *
+               sizeof(Scalar) +
+           experts.bytes() + shared.bytes();
   }
 };
 
@@ -344,51 +266,6 @@ struct LayerScratch {
 };
 
 }  // namespace detail
-
-template <typename Scalar_, typename ExpertT, typename RouterT>
-class MoELayer;
-
-/// A snapshot of every expert's parameters with W1 and W2 in the GEMM backend's packed layout
-/// (detail::PackedWeight: contiguous column panels), made by MoELayer::pack_experts() for
-/// serving. An evaluation-mode forward that is given it streams each weight panel front to back,
-/// which the hardware prefetchers follow: with libxsmm that is worth 1.2–1.7× on small batches
-/// whose weights come from memory (bench/NOTES.md). Memory: the experts' parameters once more,
-/// E·(2·d·h + h + d) scalars for Expert. It is a copy: after the layer's weights change, pack
-/// again. Immutable once made, so any number of threads may use one at once.
-template <typename Scalar>
-class PackedExperts {
- public:
-  /// No experts: pass MoELayer::pack_experts()'s result instead.
-  PackedExperts() = default;
-
-  /// Whether this holds nothing usable (default-constructed, or its layer is gone).
-  bool empty() const { return owner_.expired(); }
-  /// Number of experts held.
-  Index num_experts() const { return static_cast<Index>(experts_.size()); }
-  /// Bytes of the packed weights and biases.
-  std::size_t bytes() const {
-    std::size_t total = 0;
-    for (const Entry& entry : experts_) {
-      total += entry.w1.bytes() + entry.w2.bytes() + static_cast<std::size_t>(entry.b1.size() + entry.b2.size()) *
-                                                          sizeof(Scalar);
-    }
-    return total;
-  }
-
- private:
-  template <typename, typename, typename>
-  friend class MoELayer;
-
-  struct Entry {
-    detail::PackedWeight<Scalar> w1;
-    Vector<Scalar> b1;
-    detail::PackedWeight<Scalar> w2;
-    Vector<Scalar> b2;
-  };
-
-  std::weak_ptr<const void> owner_;  // identity of the layer that packed it
-  std::vector<Entry> experts_;
-};
 
 /// Gradients of every parameter of an MoELayer, laid out like the layer: the router's (the base,
 /// RouterTraits<RouterT>::Gradients: gate_weight and noise_weight for the default NoisyTopKGate,
@@ -459,13 +336,6 @@ struct MoEGradients : RouterTraits<RouterT>::Gradients {
 ///   RouterTraits specialisation (layer_router.hpp).
 template <typename Scalar_, typename ExpertT = Expert<Scalar_, Relu>, typename RouterT = NoisyTopKGate<Scalar_>>
 class MoELayer {
-  /// Shapes every expert's parameters must keep: p, and the sizes of b1 and b2 (0: no bias).
-  struct ExpertShape {
-    Index pre_activation_width = 0;
-    Index b1_size = 0;
-    Index b2_size = 0;
-  };
-
  public:
   /// float or double.
   using Scalar = Scalar_;
@@ -484,25 +354,27 @@ class MoELayer {
   static_assert(std::is_same<typename RouterT::Scalar, Scalar>::value, "RouterT::Scalar must be the layer's Scalar");
   static_assert(std::is_same<typename ExpertT::Scalar, Scalar>::value, "ExpertT::Scalar must be the layer's Scalar");
 
-  /// Rows of one expert tile (fixed, so results do not depend on the thread count).
-  static constexpr Index expert_row_tile = 128;
-  /// Columns of one weight-gradient tile in backward.
-  static constexpr Index gradient_column_tile = 128;
+  /// The expert bank type: the routed experts are one ExpertBank, the shared expert (if any) a
+  /// one-expert bank run as its companion.
+  using Bank = ExpertBank<Scalar, ExpertT>;
+  /// Rows of one expert tile (ExpertBank::row_tile; fixed, so results do not depend on the thread
+  /// count).
+  static constexpr Index expert_row_tile = Bank::row_tile;
+  /// Columns of one weight-gradient tile in backward (ExpertBank::gradient_column_tile).
+  static constexpr Index gradient_column_tile = Bank::gradient_column_tile;
   /// A forward without PackedExperts packs the W1 and W2 of each expert that has at least this
-  /// many rows into its workspace first: packing costs about as much as the GEMMs gain on
-  /// ~240 rows (bench/NOTES.md), and fewer rows are better served from the weights as stored.
-  static constexpr Index pack_rows_threshold = 256;
+  /// many rows into its workspace first (ExpertBank::pack_rows_threshold).
+  static constexpr Index pack_rows_threshold = Bank::pack_rows_threshold;
   /// A forward with at most this many grouped rows (T·k), all routed to at most
   /// column_split_max_experts experts, splits expert work by columns, so that all threads stream
-  /// the one expert's weights (T = 1, k = 1 at d = 1024, h = 4096, packed: 0.92 → 0.50 ms on
-  /// 2 threads). With two or more experts in use the row tiles already give every thread weights to
-  /// stream, and measured faster on 2 cores (bench/NOTES.md). Fixed by the problem, never by the
+  /// the one expert's weights; with two or more experts in use the row tiles already give every
+  /// thread weights to stream (ExpertBank::column_split_rows). Fixed by the problem, never by the
   /// thread count, so that results stay bitwise identical for any number of threads.
-  static constexpr Index column_split_rows = 256;
+  static constexpr Index column_split_rows = Bank::column_split_rows;
   /// See column_split_rows: the column split applies when at most this many experts have rows.
-  static constexpr Index column_split_max_experts = 1;
-  /// Columns of one tile of the column split (a multiple of the 64-column weight panels).
-  static constexpr Index column_tile = 256;
+  static constexpr Index column_split_max_experts = Bank::column_split_max_experts;
+  /// Columns of one tile of the column split (ExpertBank::column_tile).
+  static constexpr Index column_tile = Bank::column_tile;
 
   /// Builds the layer: gate weights zero (the paper's initialisation), expert i initialised by
   /// ExpertT::initialize_uniform with a seed derived from (config.seed, i).
@@ -526,19 +398,17 @@ class MoELayer {
         scratch_(std::make_shared<Scratch>()) {
     Traits::check_router(router_, config.input_dim, config.num_experts, config.k, "sparsemoe::MoELayer");
     std::uint64_t state = config.seed;
-    experts_.reserve(static_cast<std::size_t>(config.num_experts));
+    std::vector<ExpertT> experts;
+    experts.reserve(static_cast<std::size_t>(config.num_experts));
     for (Index e = 0; e < config.num_experts; ++e) {
-      experts_.emplace_back(config.input_dim, config.hidden_dim);
-      experts_.back().initialize_uniform(detail::splitmix64(state));
+      experts.emplace_back(config.input_dim, config.hidden_dim);
+      experts.back().initialize_uniform(detail::splitmix64(state));
     }
-    const ExpertT& first = experts_.front();
-    expert_shape_ = {first.pre_activation_width(), first.b1().size(), first.b2().size()};
+    experts_ = Bank(std::move(experts));
     if (config.shared_hidden_dim > 0) {
-      shared_hidden_dim_ = config.shared_hidden_dim;
-      shared_experts_.emplace_back(config.input_dim, config.shared_hidden_dim);
-      shared_experts_.back().initialize_uniform(detail::splitmix64(state));
-      const ExpertT& shared = shared_experts_.front();
-      shared_shape_ = {shared.pre_activation_width(), shared.b1().size(), shared.b2().size()};
+      std::vector<ExpertT> shared(1, ExpertT(config.input_dim, config.shared_hidden_dim));
+      shared.front().initialize_uniform(detail::splitmix64(state));
+      shared_ = Bank(std::move(shared));
       if (config.shared_expert_gate) {
         shared_gate_weight_.resize(config.input_dim);
         detail::fill_uniform(shared_gate_weight_.data(), shared_gate_weight_.size(),
@@ -556,11 +426,8 @@ class MoELayer {
         num_experts_(other.num_experts_),
         k_(other.k_),
         hidden_dim_(other.hidden_dim_),
-        expert_shape_(other.expert_shape_),
-        shared_experts_(other.shared_experts_),
-        shared_hidden_dim_(other.shared_hidden_dim_),
+        shared_(other.shared_),
         shared_gate_weight_(other.shared_gate_weight_),
-        shared_shape_(other.shared_shape_),
         scratch_(std::make_shared<Scratch>()),
         training_step_(other.training_step()) {}
 
@@ -573,11 +440,8 @@ class MoELayer {
         num_experts_(other.num_experts_),
         k_(other.k_),
         hidden_dim_(other.hidden_dim_),
-        expert_shape_(other.expert_shape_),
-        shared_experts_(std::move(other.shared_experts_)),
-        shared_hidden_dim_(other.shared_hidden_dim_),
+        shared_(std::move(other.shared_)),
         shared_gate_weight_(std::move(other.shared_gate_weight_)),
-        shared_shape_(other.shared_shape_),
         scratch_(std::move(other.scratch_)),
         training_step_(other.training_step()) {}
 
@@ -598,11 +462,8 @@ class MoELayer {
     num_experts_ = other.num_experts_;
     k_ = other.k_;
     hidden_dim_ = other.hidden_dim_;
-    expert_shape_ = other.expert_shape_;
-    shared_experts_ = std::move(other.shared_experts_);
-    shared_hidden_dim_ = other.shared_hidden_dim_;
+    shared_ = std::move(other.shared_);
     shared_gate_weight_ = std::move(other.shared_gate_weight_);
-    shared_shape_ = other.shared_shape_;
     scratch_ = std::move(other.scratch_);
     training_step_.store(other.training_step(), std::memory_order_relaxed);
     return *this;
@@ -615,13 +476,13 @@ class MoELayer {
   /// Hidden width h of each expert.
   Index hidden_dim() const { return hidden_dim_; }
   /// Whether the layer has a shared expert (MoEConfig::shared_hidden_dim > 0).
-  bool has_shared_expert() const { return !shared_experts_.empty(); }
+  bool has_shared_expert() const { return shared_.num_experts() > 0; }
   /// h_s, the shared expert's hidden width (0 without one).
-  Index shared_hidden_dim() const { return shared_hidden_dim_; }
+  Index shared_hidden_dim() const { return shared_.hidden_dim(); }
   /** @{ */
   /// The shared expert (throws std::out_of_range without one).
-  ExpertT& shared_expert() { return shared_experts_.at(0); }
-  const ExpertT& shared_expert() const { return shared_experts_.at(0); }
+  ExpertT& shared_expert() { return shared_.expert(0); }
+  const ExpertT& shared_expert() const { return shared_.expert(0); }
   /** @} */
   /** @{ */
   /// w_shared (d), the shared expert's gate σ(x·w_shared); empty without the gate.
@@ -678,8 +539,13 @@ class MoELayer {
   /** @{ */
   /// Expert `index`, 0 ≤ index < E (std::out_of_range otherwise; keep its shapes: forward and
   /// backward check them).
-  ExpertT& expert(Index index) { return experts_.at(static_cast<std::size_t>(index)); }
-  const ExpertT& expert(Index index) const { return experts_.at(static_cast<std::size_t>(index)); }
+  ExpertT& expert(Index index) { return experts_.expert(index); }
+  const ExpertT& expert(Index index) const { return experts_.expert(index); }
+  /** @} */
+  /** @{ */
+  /// The routed experts as one ExpertBank (the expert-compute stage; keep its experts' shapes).
+  Bank& expert_bank() { return experts_; }
+  const Bank& expert_bank() const { return experts_; }
   /** @} */
 
   /// Every parameter tensor: the router's under Traits::prefix (gate.gate_weight,
@@ -688,10 +554,8 @@ class MoELayer {
   std::vector<TensorView<Scalar>> tensors() {
     std::vector<TensorView<Scalar>> list;
     append_tensor_views(list, Traits::prefix, router_.tensors());
-    for (std::size_t e = 0; e < experts_.size(); ++e) {
-      append_tensor_views(list, "expert" + std::to_string(e) + ".", experts_[e].tensors());
-    }
-    for (auto& shared : shared_experts_) append_tensor_views(list, "shared_expert.", shared.tensors());
+    append_tensor_views(list, "", experts_.tensors());
+    if (has_shared_expert()) append_tensor_views(list, "shared_expert.", shared_.expert(0).tensors());
     if (shared_gate_weight_.size() > 0) list.push_back(make_tensor_view("shared_expert_gate", shared_gate_weight_));
     return list;
   }
@@ -700,7 +564,7 @@ class MoELayer {
   Gradients make_gradients() const {
     Gradients gradients;
     gradients.router() = Traits::make_gradients(router_);
-    gradients.experts.assign(experts_.size(), ExpertT(input_dim(), hidden_dim()));
+    gradients.experts = experts_.make_gradients();
     if (has_shared_expert()) gradients.shared_experts.assign(1, ExpertT(input_dim(), shared_hidden_dim()));
     gradients.shared_expert_gate = Vector<Scalar>::Zero(shared_gate_weight_.size());
     return gradients;
@@ -748,18 +612,9 @@ class MoELayer {
   PackedExperts<Scalar> pack_experts() const {
     check_parameter_shapes("sparsemoe::MoELayer::pack_experts");
     require_finite_parameters();
-    PackedExperts<Scalar> packed;
-    packed.experts_.resize(experts_.size());
-    const double work = 2.0 * static_cast<double>(input_dim()) * static_cast<double>(hidden_dim());
-    detail::parallel_for_dynamic(num_experts(), work, [&](Index e) {
-      const ExpertT& expert = experts_[static_cast<std::size_t>(e)];
-      auto& entry = packed.experts_[static_cast<std::size_t>(e)];
-      entry.w1 = detail::PackedWeight<Scalar>(expert.w1());
-      entry.b1 = expert.b1();
-      entry.w2 = detail::PackedWeight<Scalar>(expert.w2());
-      entry.b2 = expert.b2();
-    });
+    PackedExperts<Scalar> packed = experts_.pack();
     packed.owner_ = scratch_;
+    packed.made_by_layer_ = true;
     return packed;
   }
 
@@ -797,91 +652,22 @@ class MoELayer {
                          [&](Index row) { grouped.row(row) = input.row(plan.token_of_row[row]); });
   }
 
-  /// Stage 3, expert compute: workspace.expert_output (T·k×d) = E_i of every grouped row of
-  /// expert i, from workspace.grouped_input. When `pre_activations` is given (T·k×p), the
-  /// pre-activations are kept there for backward. With `packed` (from pack_experts()), the GEMMs
-  /// read its packed weights and biases. Bias and an element-wise activation run on each output
-  /// tile of the first GEMM while it is in cache.
+  /// Stage 3, expert compute: `expert_output` (resized to T·k×d) = E_i of every grouped row of
+  /// expert i of `grouped_input` (the group stage's rows, laid out by plan.offsets): the routed
+  /// ExpertBank's forward (see there for tiles, packing and the column split). When
+  /// `pre_activations` is given, it is resized to T·k×p and keeps the pre-activations for
+  /// backward. With `packed` (from pack_experts()), the GEMMs read its packed weights and biases.
   ///
-  /// Work is cut into tiles of up to 128 rows of one expert, biggest experts first. A small batch
-  /// on a single expert (see column_split_rows) is cut by columns instead: tiles of column_tile
-  /// columns of W1 (then, after all of them, of W2), so that every thread streams weights.
-  /// Either way the tiles depend on the routing only, never on the thread count.
-  void compute_experts(const DispatchPlan& plan, Matrix<Scalar>* pre_activations, ForwardWorkspace<Scalar>& workspace,
+  /// This stage sees grouped rows and their layout only, never tokens or slots: an
+  /// expert-parallel layer sends the grouped rows to the process that owns each expert between
+  /// group and this stage, runs the bank of its own experts on what it receives (ExpertBank), and
+  /// sends the outputs back before combine.
+  void compute_experts(const DispatchPlan& plan, ConstMatrixRef<Scalar> grouped_input, Matrix<Scalar>* pre_activations,
+                       Matrix<Scalar>& expert_output, ForwardWorkspace<Scalar>& workspace,
                        const PackedExperts<Scalar>* packed = nullptr) const {
-    compute_experts_and_shared(plan, pre_activations, workspace, packed, nullptr, nullptr);
+    experts_.forward(bank_offsets(plan), grouped_input, pre_activations, expert_output, workspace.experts, packed);
   }
 
- private:
-  /// compute_experts, and with `shared_input` (T×d) also the shared expert over every token into
-  /// workspace.shared_output (T×d; pre-activations into `shared_pre` when given, T×p_s). Its
-  /// tiles (128 tokens each, all of equal size) go first in the same dynamic schedule as the
-  /// routed tiles, so that neither waits for the other.
-  void compute_experts_and_shared(const DispatchPlan& plan, Matrix<Scalar>* pre_activations,
-                                  ForwardWorkspace<Scalar>& workspace, const PackedExperts<Scalar>* packed,
-                                  const ConstMatrixRef<Scalar>* shared_input, Matrix<Scalar>* shared_pre) const {
-    workspace.expert_output.resize(plan.num_rows(), input_dim());
-    detail::make_expert_tiles(plan, expert_row_tile, workspace.expert_order, workspace.tiles);
-    pack_large_experts(plan, packed == nullptr, workspace);
-    const auto threads = static_cast<std::size_t>(detail::max_threads());
-    const Index shared_tiles = shared_input ? detail::tile_count(shared_input->rows(), expert_row_tile) : 0;
-    if (shared_input) {
-      workspace.shared_output.resize(shared_input->rows(), input_dim());
-      workspace.shared_hidden.resize(threads);
-      workspace.shared_pre.resize(shared_pre ? 0 : threads);
-      for (auto& block : workspace.shared_hidden) block.resize(expert_row_tile, shared_hidden_dim());
-      for (auto& block : workspace.shared_pre) block.resize(expert_row_tile, shared_shape_.pre_activation_width);
-    }
-    const double shared_tile_flops = 2.0 * static_cast<double>(expert_row_tile * input_dim()) *
-                                     static_cast<double>(shared_shape_.pre_activation_width + shared_hidden_dim());
-    const auto shared_tile = [&](Index tile) {
-      const Index first = tile * expert_row_tile;
-      const Index rows = std::min(expert_row_tile, shared_input->rows() - first);
-      const auto thread = static_cast<std::size_t>(detail::thread_index());
-      const ExpertT& shared = shared_experts_.front();
-      const ExpertWeights weights{&shared, nullptr, &shared.b1(), nullptr, &shared.b2()};
-      auto hidden = workspace.shared_hidden[thread].topRows(rows);
-      auto pre = shared_pre ? shared_pre->middleRows(first, rows) : workspace.shared_pre[thread].topRows(rows);
-      auto output = workspace.shared_output.middleRows(first, rows);
-      first_layer(shared, weights, shared_input->middleRows(first, rows), pre, hidden, 0,
-                  shared_shape_.pre_activation_width);
-      if (!detail::activation_is_elementwise<ExpertT>::value) shared.activate(pre, hidden);
-      second_layer(weights, hidden, output, 0, input_dim());
-    };
-    const Index experts_used = (plan.tokens_per_expert.array() > 0).count();
-    if (plan.num_rows() <= column_split_rows && experts_used <= column_split_max_experts) {
-      compute_experts_by_columns(plan, pre_activations, workspace, packed);
-      detail::parallel_for_dynamic(shared_tiles, shared_tile_flops, shared_tile);
-      return;
-    }
-    workspace.hidden.resize(threads);
-    workspace.pre.resize(pre_activations ? 0 : threads);
-    for (auto& block : workspace.hidden) block.resize(expert_row_tile, hidden_dim());
-    for (auto& block : workspace.pre) block.resize(expert_row_tile, pre_activation_width());
-    const Index routed_tiles = static_cast<Index>(workspace.tiles.size());
-    const double work = (tile_flops(plan, 1) + static_cast<double>(shared_tiles) * shared_tile_flops) /
-                        static_cast<double>(std::max<Index>(1, routed_tiles + shared_tiles));
-    detail::parallel_for_dynamic(shared_tiles + routed_tiles, work, [&](Index index) {
-      if (index < shared_tiles) {
-        shared_tile(index);
-        return;
-      }
-      const detail::ExpertTile& tile = workspace.tiles[static_cast<std::size_t>(index - shared_tiles)];
-      const auto thread = static_cast<std::size_t>(detail::thread_index());
-      auto hidden = workspace.hidden[thread].topRows(tile.rows);
-      auto pre = pre_activations ? pre_activations->middleRows(tile.first_row, tile.rows)
-                                 : workspace.pre[thread].topRows(tile.rows);
-      auto output = workspace.expert_output.middleRows(tile.first_row, tile.rows);
-      const ExpertT& expert = experts_[static_cast<std::size_t>(tile.expert)];
-      const ExpertWeights weights = weights_of(tile.expert, packed, workspace);
-      first_layer(expert, weights, workspace.grouped_input.middleRows(tile.first_row, tile.rows), pre, hidden, 0,
-                  pre_activation_width());
-      if (!detail::activation_is_elementwise<ExpertT>::value) expert.activate(pre, hidden);
-      second_layer(weights, hidden, output, 0, input_dim());
-    });
-  }
-
- public:
   /// Stage 4, combine: output_t (T×d) = Σ_j g(t, j)·expert_output[row of (t, j)], slots in order.
   /// Slots that are not dispatched (row −1) contribute nothing.
   void combine(const Matrix<Scalar>& expert_output, const typename Traits::Routing& routing, const DispatchPlan& plan,
@@ -941,9 +727,10 @@ class MoELayer {
   /// overload above otherwise. Reusing `d_input` and `workspace` across steps of the same shape
   /// saves the allocation (and the page faults) of about T·k·(d + 2·p) + 2·E·d·p scalars per call.
   ///
-  /// Work: per expert, W1ᵀ and W2ᵀ are packed once (detail::PackedWeight); per 128-row tile,
-  /// ∂hidden = ∂Y·W2ᵀ, the gate gradient ⟨∂Y, E(x)⟩, ∂pre and ∂X rows; then the weight gradients
-  /// in (expert, 128-column) tiles, each reducing over the expert's rows in order.
+  /// Runs the backward stages in the mirror order of forward: combine_backward, then (after
+  /// grouping the cached input again) compute_experts_backward with the shared expert as the
+  /// bank's companion, group_backward (with the shared expert's ∂x and its gate), and
+  /// route_backward.
   void backward(const Result& forward_result, ConstMatrixRef<Scalar> d_output, Gradients& gradients,
                 Matrix<Scalar>& d_input, BackwardWorkspaceType& workspace) const {
     const char* function = "sparsemoe::MoELayer::backward";
@@ -955,94 +742,35 @@ class MoELayer {
     detail::require_shape(d_output, tokens, input_dim(), function, "d_output");
     check_gradients(gradients, function);
 
-    typename Traits::RoutingGradient& routing_gradient = workspace.routing_gradient;
-    routing_gradient.set_zero(routing);
-    Traits::losses_backward(routing, forward_result.losses, routing_gradient);
-
-    const Index rows = plan.num_rows();
-    group(cache.input, plan, workspace.grouped_input);
-    group(d_output, plan, workspace.grouped_d_output);
-    workspace.hidden.resize(rows, hidden_dim());
-    workspace.d_pre.resize(rows, pre_activation_width());
-    workspace.d_grouped_input.resize(rows, input_dim());
-    workspace.d_gate_of_row.resize(rows);
-    pack_transposed_weights(plan, workspace);
-
-    detail::make_expert_tiles(plan, expert_row_tile, workspace.expert_order, workspace.tiles);
-    const auto threads = static_cast<std::size_t>(detail::max_threads());
-    workspace.d_hidden.resize(threads);
-    for (auto& block : workspace.d_hidden) block.resize(expert_row_tile, hidden_dim());
     const bool shared = has_shared_expert();
     const bool gated = shared_gate_weight_.size() > 0;
-    const Index shared_tiles = shared ? detail::tile_count(tokens, expert_row_tile) : 0;
+    combine_backward_with_shared(d_output, routing, plan, workspace.grouped_d_output, workspace.gate_of_row,
+                                 shared ? &workspace.shared_d_output : nullptr);
+    group(cache.input, plan, workspace.grouped_input);
     if (shared) {
-      workspace.shared_hidden.resize(tokens, shared_hidden_dim());
-      workspace.shared_d_output.resize(tokens, input_dim());
-      workspace.shared_d_pre.resize(tokens, shared_shape_.pre_activation_width);
-      workspace.shared_d_input.resize(tokens, input_dim());
-      workspace.shared_d_hidden.resize(threads);
-      for (auto& block : workspace.shared_d_hidden) block.resize(expert_row_tile, shared_hidden_dim());
+      const Eigen::Matrix<Index, 2, 1> shared_offsets(0, tokens);  // one expert over all T tokens
+      const typename Bank::BackwardCompanion companion{&shared_,
+                                                       shared_offsets,
+                                                       cache.input,
+                                                       cache.shared_pre_activations,
+                                                       workspace.shared_d_output,
+                                                       &forward_result.shared_gates,
+                                                       &workspace.shared_d_input,
+                                                       &workspace.shared_d_gate,
+                                                       &gradients.shared_experts,
+                                                       &workspace.shared};
+      experts_.backward(bank_offsets(plan), workspace.grouped_input, cache.pre_activations, workspace.grouped_d_output,
+                        workspace.gate_of_row, workspace.d_grouped_input, workspace.d_gate_of_row, gradients.experts,
+                        workspace.experts, companion);
+    } else {
+      compute_experts_backward(plan, workspace.grouped_input, cache.pre_activations, workspace.grouped_d_output,
+                               workspace.gate_of_row, workspace.d_grouped_input, workspace.d_gate_of_row,
+                               gradients.experts, workspace.experts);
+      workspace.shared_d_gate.resize(0);
     }
-    workspace.shared_d_gate.resize(gated ? tokens : 0);
-    const auto no_epilogue = [](Index, Index, Index, Index) {};
-    const Index routed_tiles = static_cast<Index>(workspace.tiles.size());
-    const double shared_tile_flops = 4.0 * static_cast<double>(expert_row_tile * input_dim()) *
-                                     static_cast<double>(shared_shape_.pre_activation_width + shared_hidden_dim());
-    const double work = (2 * tile_flops(plan, 1) + static_cast<double>(shared_tiles) * shared_tile_flops) /
-                        static_cast<double>(std::max<Index>(1, routed_tiles + shared_tiles));
-    detail::parallel_for_dynamic(shared_tiles + routed_tiles, work, [&](Index index) {
-      if (index < shared_tiles) {
-        shared_backward_tile(index, cache, forward_result.shared_gates, d_output, workspace);
-        return;
-      }
-      const detail::ExpertTile& tile = workspace.tiles[static_cast<std::size_t>(index - shared_tiles)];
-      const auto expert_index = static_cast<std::size_t>(tile.expert);
-      const ExpertT& expert = experts_[expert_index];
-      auto d_hidden = workspace.d_hidden[static_cast<std::size_t>(detail::thread_index())].topRows(tile.rows);
-      auto d_out = workspace.grouped_d_output.middleRows(tile.first_row, tile.rows);
-      auto pre = cache.pre_activations.middleRows(tile.first_row, tile.rows);
-      auto hidden = workspace.hidden.middleRows(tile.first_row, tile.rows);
-      // Unscaled ∂L/∂hidden = dY·W2ᵀ gives both ⟨dY, E(x)⟩ and, times g, the expert's gradient.
-      detail::gemm_packed(detail::operand(d_out), workspace.w2_transposed[expert_index], d_hidden.data(),
-                          d_hidden.outerStride(), false, no_epilogue);
-      expert.activate(pre, hidden);
-      for (Index r = 0; r < tile.rows; ++r) {
-        const Index row = tile.first_row + r;
-        Scalar d_gate = d_hidden.row(r).dot(hidden.row(r));
-        if (expert.b2().size() > 0) d_gate += d_out.row(r).dot(expert.b2().transpose());
-        workspace.d_gate_of_row[row] = d_gate;
-        const Scalar gate = routing.gates(plan.token_of_row[row], plan.slot_of_row[row]);
-        d_hidden.row(r) *= gate;
-        d_out.row(r) *= gate;
-      }
-      auto d_pre = workspace.d_pre.middleRows(tile.first_row, tile.rows);
-      expert.activation_backward(pre, d_hidden, d_pre);
-      detail::gemm_packed(detail::operand(d_pre), workspace.w1_transposed[expert_index],
-                          workspace.d_grouped_input.row(tile.first_row).data(), workspace.d_grouped_input.outerStride(),
-                          false, no_epilogue);
-    });
-
-    accumulate_weight_gradients(plan, cache.input, workspace, gradients);
-
-    for (Index row = 0; row < rows; ++row) {
-      routing_gradient.gates(plan.token_of_row[row], plan.slot_of_row[row]) += workspace.d_gate_of_row[row];
-    }
-    d_input.resize(tokens, input_dim());
-    detail::parallel_for(tokens, static_cast<double>(plan.k * input_dim()), [&](Index token) {
-      d_input.row(token).setZero();  // then 0 + r₀ + r₁ + …: bitwise r₀ + r₁ + …
-      for (Index slot = 0; slot < plan.k; ++slot) {
-        const Index row = plan.row_of_slot(token, slot);
-        if (row >= 0) d_input.row(token) += workspace.d_grouped_input.row(row);
-      }
-      if (shared) d_input.row(token) += workspace.shared_d_input.row(token);
-      if (gated) {
-        // ∂L/∂(x·w_shared) = ∂L/∂s · s·(1 − s); kept in shared_d_gate for ∂w_shared below.
-        const Scalar gate = forward_result.shared_gates[token];
-        const Scalar d_logit = workspace.shared_d_gate[token] * gate * (Scalar(1) - gate);
-        workspace.shared_d_gate[token] = d_logit;
-        d_input.row(token) += d_logit * shared_gate_weight_.transpose();
-      }
-    });
+    group_backward_with_shared(plan, workspace.d_grouped_input, shared ? &workspace.shared_d_input : nullptr,
+                               gated ? &forward_result.shared_gates : nullptr, gated ? &workspace.shared_d_gate : nullptr,
+                               d_input);
     if (gated) {  // ∂w_shared += Xᵀ·∂z, each entry summed over the tokens in order
       detail::parallel_for(input_dim(), static_cast<double>(2 * tokens), [&](Index column) {
         Scalar sum = 0;
@@ -1050,137 +778,122 @@ class MoELayer {
         gradients.shared_expert_gate[column] += sum;
       });
     }
-    Traits::backward(router_, routing, cache.input, routing_gradient, gradients.router(), d_input);
+    route_backward(cache.input, routing, forward_result.losses, plan, workspace.d_gate_of_row,
+                   workspace.routing_gradient, gradients.router(), d_input);
+  }
+
+  /// Backward stage 1, combine backward (the mirror of combine): for every grouped row r of
+  /// (token t, slot j), grouped_d_output row r = ∂L/∂y_t (resized to T·k×d) and gate_of_row[r] =
+  /// g(t, j) (resized to T·k). Slots without a row get nothing. O(T·k·d) copies, parallel over
+  /// tokens. Throws std::invalid_argument unless d_output is T×d.
+  ///
+  /// What this stage writes is what an expert-parallel layer sends to the process that owns each
+  /// row's expert before compute_experts_backward (the gates travel with the rows).
+  void combine_backward(ConstMatrixRef<Scalar> d_output, const typename Traits::Routing& routing,
+                        const DispatchPlan& plan, Matrix<Scalar>& grouped_d_output, Vector<Scalar>& gate_of_row) const {
+    detail::require_shape(d_output, plan.num_tokens, input_dim(), "sparsemoe::MoELayer::combine_backward", "d_output");
+    combine_backward_with_shared(d_output, routing, plan, grouped_d_output, gate_of_row, nullptr);
+  }
+
+  /// Backward stage 2, expert backward: the routed ExpertBank's backward over the grouped rows
+  /// (see ExpertBank::backward). From the group stage's `grouped_input`, the pre-activations that
+  /// forward kept, and combine_backward's grouped_d_output (scaled in place by the gates) and
+  /// gate_of_row: d_grouped_input (resized to T·k×d), d_gate_of_row (⟨∂L/∂y, E(x)⟩ per row) and
+  /// the experts' gradients, ADDED to `expert_gradients` (E experts, e.g. gradients.experts),
+  /// accumulated from the grouped rows only: no tokens, no slots. An expert-parallel layer runs it
+  /// (through its own ExpertBank) on the rows it received and sends d_grouped_input and
+  /// d_gate_of_row back.
+  void compute_experts_backward(const DispatchPlan& plan, ConstMatrixRef<Scalar> grouped_input,
+                                ConstMatrixRef<Scalar> pre_activations, MatrixRef<Scalar> grouped_d_output,
+                                const Vector<Scalar>& gate_of_row, Matrix<Scalar>& d_grouped_input,
+                                Vector<Scalar>& d_gate_of_row, std::vector<ExpertT>& expert_gradients,
+                                ExpertBankBackwardWorkspace<Scalar>& workspace) const {
+    experts_.backward(bank_offsets(plan), grouped_input, pre_activations, grouped_d_output, gate_of_row,
+                      d_grouped_input, d_gate_of_row, expert_gradients, workspace);
+  }
+
+  /// Backward stage 3, group backward (the mirror of group, a scatter-add): d_input (resized to
+  /// T×d) row t = 0 + Σ_j d_grouped_input[row of (t, j)], slots in order, over the dispatched
+  /// slots (a token without any gets 0). One thread per token, so the sum order is fixed.
+  static void group_backward(const DispatchPlan& plan, ConstMatrixRef<Scalar> d_grouped_input,
+                             Matrix<Scalar>& d_input) {
+    detail::require(d_grouped_input.rows() == plan.num_rows(), "sparsemoe::MoELayer::group_backward",
+                    "d_grouped_input has ", d_grouped_input.rows(), " rows, the plan ", plan.num_rows());
+    group_backward_impl(plan, d_grouped_input, nullptr, nullptr, nullptr, nullptr, d_input);
+  }
+
+  /// Backward stage 4, route backward: ∂L/∂(the router's outputs), into `routing_gradient` (set
+  /// here), is the gradient of the auxiliary losses (with the weights forward used) plus
+  /// d_gate_of_row[r] at (t, j) of every grouped row r; the router's backward then ADDS ∂L/∂x
+  /// into `d_input` (T×d, as group_backward left it) and ∂L/∂(its parameters) into
+  /// `router_gradients` (e.g. gradients.router()). `input` is the forward's T×d input.
+  ///
+  /// With experts on several processes, d_gate_of_row must be back on the tokens' process
+  /// before this stage; the losses' statistics are the only part that needs the global batch.
+  void route_backward(ConstMatrixRef<Scalar> input, const typename Traits::Routing& routing,
+                      const typename Traits::Losses& losses, const DispatchPlan& plan,
+                      const Vector<Scalar>& d_gate_of_row, typename Traits::RoutingGradient& routing_gradient,
+                      typename Traits::Gradients& router_gradients, Matrix<Scalar>& d_input) const {
+    detail::require(d_gate_of_row.size() == plan.num_rows(), "sparsemoe::MoELayer::route_backward",
+                    "d_gate_of_row has ", d_gate_of_row.size(), " entries, the plan ", plan.num_rows(), " rows");
+    routing_gradient.set_zero(routing);
+    Traits::losses_backward(routing, losses, routing_gradient);
+    for (Index row = 0; row < plan.num_rows(); ++row) {
+      routing_gradient.gates(plan.token_of_row[row], plan.slot_of_row[row]) += d_gate_of_row[row];
+    }
+    Traits::backward(router_, routing, input, routing_gradient, router_gradients, d_input);
   }
 
  private:
-  /// Where one expert's weights come from in this call: packed (from PackedExperts or the
-  /// workspace) or, when w1/w2 are null, the expert's own matrices.
-  struct ExpertWeights {
-    const ExpertT* expert;
-    const detail::PackedWeight<Scalar>* w1;
-    const Vector<Scalar>* b1;
-    const detail::PackedWeight<Scalar>* w2;
-    const Vector<Scalar>* b2;
-  };
-
-  ExpertWeights weights_of(Index e, const PackedExperts<Scalar>* packed, const ForwardWorkspace<Scalar>& workspace) const {
-    const auto index = static_cast<std::size_t>(e);
-    const ExpertT& expert = experts_[index];
-    if (packed) {
-      const auto& entry = packed->experts_[index];
-      return {&expert, &entry.w1, &entry.b1, &entry.w2, &entry.b2};
-    }
-    if (workspace.packed_this_call[index]) {
-      return {&expert, &workspace.packed_w1[index], &expert.b1(), &workspace.packed_w2[index], &expert.b2()};
-    }
-    return {&expert, nullptr, &expert.b1(), nullptr, &expert.b2()};
-  }
-
-  /// Columns [first_col, first_col + cols) of pre = input·W1 + b1, and for an element-wise
-  /// activation the same columns of hidden = act(pre), each output tile while it is in cache.
-  template <typename Input, typename Pre, typename Hidden>
-  static void first_layer(const ExpertT& expert, const ExpertWeights& weights, const Input& input, Pre& pre,
-                          Hidden& hidden, Index first_col, Index cols) {
-    const auto epilogue = [&](Index row, Index rows, Index col, Index width) {
-      auto pre_tile = pre.block(row, col, rows, width);
-      if (weights.b1->size() > 0) pre_tile.rowwise() += weights.b1->segment(col, width).transpose();
-      if (detail::activation_is_elementwise<ExpertT>::value) expert.activate(pre_tile, hidden.block(row, col, rows, width));
-    };
-    if (input.rows() == 0) return;
-    if (weights.w1) {
-      detail::gemm_packed(detail::operand(input), *weights.w1, pre.data(), pre.outerStride(), false, epilogue, first_col,
-                          cols);
-      return;
-    }
-    detail::gemm(detail::operand(input), detail::operand(expert.w1().middleCols(first_col, cols)),
-                 pre.data() + first_col, pre.outerStride(), Scalar(1), false);
-    epilogue(0, input.rows(), first_col, cols);
-  }
-
-  /// Columns [first_col, first_col + cols) of output = hidden·W2 + b2.
-  template <typename Hidden, typename Output>
-  static void second_layer(const ExpertWeights& weights, const Hidden& hidden, Output& output, Index first_col,
-                           Index cols) {
-    const auto epilogue = [&](Index row, Index rows, Index col, Index width) {
-      if (weights.b2->size() > 0) {
-        output.block(row, col, rows, width).rowwise() += weights.b2->segment(col, width).transpose();
+  /// combine_backward, and with `shared_d_output` also ∂L/∂y into it (resized to T×d), for the
+  /// shared expert's backward.
+  void combine_backward_with_shared(const ConstMatrixRef<Scalar>& d_output, const typename Traits::Routing& routing,
+                                    const DispatchPlan& plan, Matrix<Scalar>& grouped_d_output,
+                                    Vector<Scalar>& gate_of_row, Matrix<Scalar>* shared_d_output) const {
+    grouped_d_output.resize(plan.num_rows(), input_dim());
+    gate_of_row.resize(plan.num_rows());
+    if (shared_d_output) shared_d_output->resize(plan.num_tokens, input_dim());
+    detail::parallel_for(plan.num_tokens, static_cast<double>((plan.k + 1) * input_dim()), [&](Index token) {
+      for (Index slot = 0; slot < plan.k; ++slot) {
+        const Index row = plan.row_of_slot(token, slot);
+        if (row < 0) continue;
+        grouped_d_output.row(row) = d_output.row(token);
+        gate_of_row[row] = routing.gates(token, slot);
       }
-    };
-    if (hidden.rows() == 0) return;
-    if (weights.w2) {
-      detail::gemm_packed(detail::operand(hidden), *weights.w2, output.data(), output.outerStride(), false, epilogue,
-                          first_col, cols);
-      return;
-    }
-    detail::gemm(detail::operand(hidden), detail::operand(weights.expert->w2().middleCols(first_col, cols)),
-                 output.data() + first_col, output.outerStride(), Scalar(1), false);
-    epilogue(0, hidden.rows(), first_col, cols);
+      if (shared_d_output) shared_d_output->row(token) = d_output.row(token);
+    });
   }
 
-  /// compute_experts for small batches: phase 1, tiles (expert, column_tile columns of W1) give
-  /// pre and hidden of all the expert's rows; after them (and, for a non-element-wise activation,
-  /// an activation pass per expert), phase 2, tiles (expert, column_tile columns of W2).
-  void compute_experts_by_columns(const DispatchPlan& plan, Matrix<Scalar>* pre_activations,
-                                  ForwardWorkspace<Scalar>& workspace, const PackedExperts<Scalar>* packed) const {
-    const Index rows = plan.num_rows();
-    workspace.split_hidden.resize(rows, hidden_dim());
-    workspace.split_pre.resize(pre_activations ? 0 : rows, pre_activation_width());
-    Matrix<Scalar>& pre_all = pre_activations ? *pre_activations : workspace.split_pre;
-    auto& tiles = workspace.column_tiles;
-    const auto make_tiles = [&](Index width) {
-      tiles.clear();
-      for (const Index expert : workspace.expert_order) {
-        if (plan.tokens_per_expert[expert] == 0) continue;
-        for (Index c = 0; c < width; c += column_tile) tiles.push_back({expert, c, std::min(column_tile, width - c)});
+  /// group_backward, then for each token + the shared expert's ∂x row (when `shared_d_input` is
+  /// given) and, with the shared expert's gate s = σ(x·w_shared) (`shared_gates`, `shared_d_gate`
+  /// holding ∂L/∂s on entry), + ∂L/∂(x·w_shared)·w_shared, where ∂L/∂(x·w_shared) = ∂L/∂s·s·(1 − s)
+  /// replaces ∂L/∂s in shared_d_gate (for ∂w_shared).
+  void group_backward_with_shared(const DispatchPlan& plan, const Matrix<Scalar>& d_grouped_input,
+                                  const Matrix<Scalar>* shared_d_input, const Vector<Scalar>* shared_gates,
+                                  Vector<Scalar>* shared_d_gate, Matrix<Scalar>& d_input) const {
+    group_backward_impl(plan, d_grouped_input, shared_d_input, shared_gates, shared_gates ? &shared_gate_weight_ : nullptr,
+                        shared_d_gate, d_input);
+  }
+
+  static void group_backward_impl(const DispatchPlan& plan, const ConstMatrixRef<Scalar>& d_grouped_input,
+                                  const Matrix<Scalar>* shared_d_input, const Vector<Scalar>* shared_gates,
+                                  const Vector<Scalar>* shared_gate_weight, Vector<Scalar>* shared_d_gate,
+                                  Matrix<Scalar>& d_input) {
+    const Index width = d_grouped_input.cols();
+    d_input.resize(plan.num_tokens, width);
+    detail::parallel_for(plan.num_tokens, static_cast<double>(plan.k * width), [&](Index token) {
+      d_input.row(token).setZero();  // then 0 + r₀ + r₁ + …: bitwise r₀ + r₁ + …
+      for (Index slot = 0; slot < plan.k; ++slot) {
+        const Index row = plan.row_of_slot(token, slot);
+        if (row >= 0) d_input.row(token) += d_grouped_input.row(row);
       }
-    };
-    const auto run = [&](Index width, bool first) {
-      make_tiles(width);
-      detail::parallel_for_dynamic(static_cast<Index>(tiles.size()), tile_flops(plan, tiles.size()), [&](Index index) {
-        const detail::ColumnTile& tile = tiles[static_cast<std::size_t>(index)];
-        const Index first_row = plan.offsets[tile.expert], count = plan.tokens_per_expert[tile.expert];
-        const ExpertWeights weights = weights_of(tile.expert, packed, workspace);
-        auto hidden = workspace.split_hidden.middleRows(first_row, count);
-        if (first) {
-          auto pre = pre_all.middleRows(first_row, count);
-          first_layer(*weights.expert, weights, workspace.grouped_input.middleRows(first_row, count), pre, hidden,
-                      tile.first_column, tile.columns);
-        } else {
-          auto output = workspace.expert_output.middleRows(first_row, count);
-          second_layer(weights, hidden, output, tile.first_column, tile.columns);
-        }
-      });
-    };
-    run(pre_activation_width(), true);
-    if (!detail::activation_is_elementwise<ExpertT>::value) {
-      // About one operation per pre-activation of the expert's rows.
-      const double work = static_cast<double>(rows) * static_cast<double>(pre_activation_width()) /
-                          static_cast<double>(num_experts());
-      detail::parallel_for_dynamic(num_experts(), work, [&](Index e) {
-        const Index first_row = plan.offsets[e], count = plan.tokens_per_expert[e];
-        experts_[static_cast<std::size_t>(e)].activate(pre_all.middleRows(first_row, count),
-                                                       workspace.split_hidden.middleRows(first_row, count));
-      });
-    }
-    run(input_dim(), false);
-  }
-
-  /// Packs W1 and W2 of every expert with at least pack_rows_threshold rows into the workspace
-  /// (when `enabled`), marking them in workspace.packed_this_call. Parallel over experts.
-  void pack_large_experts(const DispatchPlan& plan, bool enabled, ForwardWorkspace<Scalar>& workspace) const {
-    const auto experts = experts_.size();
-    workspace.packed_this_call.assign(experts, 0);
-    if (!enabled) return;
-    workspace.packed_w1.resize(experts);
-    workspace.packed_w2.resize(experts);
-    const double work = 2.0 * static_cast<double>(input_dim()) * static_cast<double>(pre_activation_width() + hidden_dim());
-    detail::parallel_for_dynamic(num_experts(), work, [&](Index e) {
-      if (plan.tokens_per_expert[e] < pack_rows_threshold) return;
-      const auto index = static_cast<std::size_t>(e);
-      workspace.packed_w1[index].assign(experts_[index].w1(), detail::Op::none);
-      workspace.packed_w2[index].assign(experts_[index].w2(), detail::Op::none);
-      workspace.packed_this_call[index] = 1;
+      if (shared_d_input) d_input.row(token) += shared_d_input->row(token);
+      if (shared_gates) {
+        const Scalar gate = (*shared_gates)[token];
+        const Scalar d_logit = (*shared_d_gate)[token] * gate * (Scalar(1) - gate);
+        (*shared_d_gate)[token] = d_logit;
+        d_input.row(token) += d_logit * shared_gate_weight->transpose();
+      }
     });
   }
 
@@ -1216,7 +929,7 @@ class MoELayer {
     if (keep_cache) {
       cache.input = input;
       cache.pre_activations.resize(result.plan.num_rows(), pre_activation_width());
-      cache.shared_pre_activations.resize(shared ? input.rows() : 0, shared_shape_.pre_activation_width);
+      cache.shared_pre_activations.resize(shared ? input.rows() : 0, shared_.pre_activation_width());
     } else {
       cache.input.resize(0, 0);
       cache.pre_activations.resize(0, 0);
@@ -1228,9 +941,19 @@ class MoELayer {
         result.shared_gates[token] = sigmoid(input.row(token).dot(shared_gate_weight_.transpose()));
       });
     }
-    compute_experts_and_shared(result.plan, keep_cache ? &cache.pre_activations : nullptr, workspace, packed,
-                               shared ? &input : nullptr,
-                               shared && keep_cache ? &cache.shared_pre_activations : nullptr);
+    Matrix<Scalar>* pre_activations = keep_cache ? &cache.pre_activations : nullptr;
+    if (shared) {
+      // The shared expert: a one-expert bank over all T tokens, its tiles first in the schedule.
+      const Eigen::Matrix<Index, 2, 1> shared_offsets(0, input.rows());
+      const typename Bank::ForwardCompanion companion{
+          &shared_, shared_offsets, input, keep_cache ? &cache.shared_pre_activations : nullptr,
+          &workspace.shared_output, &workspace.shared};
+      experts_.forward(bank_offsets(result.plan), workspace.grouped_input, pre_activations, workspace.expert_output,
+                       workspace.experts, packed, companion);
+    } else {
+      compute_experts(result.plan, workspace.grouped_input, pre_activations, workspace.expert_output, workspace,
+                      packed);
+    }
     combine_with_shared(workspace.expert_output, result.routing, result.plan, shared ? &workspace.shared_output : nullptr,
                         &result.shared_gates, result.output);
     if (keep_cache) cache.owner = scratch_;
@@ -1250,7 +973,7 @@ class MoELayer {
     return config;
   }
 
-  Index pre_activation_width() const { return expert_shape_.pre_activation_width; }
+  Index pre_activation_width() const { return experts_.pre_activation_width(); }
 
   /// Whether `owner` names this layer (and not a layer that is gone, even at the same address).
   bool made_by_this(const std::weak_ptr<const void>& owner) const {
@@ -1262,17 +985,9 @@ class MoELayer {
   void check_parameter_shapes(const char* function) const {
     const Index d = input_dim(), experts = num_experts();
     Traits::check_router(router_, d, experts, k(), function);
-    for (std::size_t e = 0; e < experts_.size(); ++e) {
-      const ExpertT& expert = experts_[e];
-      detail::require(fits(expert, hidden_dim(), expert_shape_), function, "expert ", e, " has been resized: w1 ", expert.w1().rows(), "x",
-                      expert.w1().cols(), ", b1 ", expert.b1().size(), ", w2 ", expert.w2().rows(), "x",
-                      expert.w2().cols(), ", b2 ", expert.b2().size(), "; the layer needs w1 ", d, "x",
-                      expert_shape_.pre_activation_width, ", b1 ", expert_shape_.b1_size, ", w2 ", hidden_dim(), "x",
-                      d, ", b2 ", expert_shape_.b2_size);
-    }
+    experts_.require_expert_shapes(function);
     if (has_shared_expert()) {
-      detail::require(fits(shared_experts_.front(), shared_hidden_dim_, shared_shape_), function,
-                      "the shared expert has been resized");
+      detail::require(shared_.fits(shared_.expert(0)), function, "the shared expert has been resized");
     }
     detail::require(shared_gate_weight_.size() == 0 || shared_gate_weight_.size() == d, function,
                     "the shared expert's gate has ", shared_gate_weight_.size(), " entries, expected ", d);
@@ -1298,7 +1013,7 @@ class MoELayer {
     const Index rows = result.plan.num_rows();
     detail::require_shape(cache.input, tokens, input_dim(), function, "result.cache.input");
     detail::require_shape(cache.shared_pre_activations, has_shared_expert() ? tokens : 0,
-                          has_shared_expert() ? shared_shape_.pre_activation_width : 0, function,
+                          shared_.pre_activation_width(), function,
                           "result.cache.shared_pre_activations");
     detail::require(result.shared_gates.size() == (shared_gate_weight_.size() > 0 ? tokens : 0), function,
                     "result.shared_gates has ", result.shared_gates.size(), " entries, expected ",
@@ -1343,136 +1058,32 @@ class MoELayer {
                     function, "result.plan and result.routing disagree (was the result edited?)");
   }
 
-  /// Average flops of one of `tiles` tiles sharing the expert forward of `plan`'s rows.
-  double tile_flops(const DispatchPlan& plan, std::size_t tiles) const {
-    const double total = 2.0 * static_cast<double>(plan.num_rows()) * static_cast<double>(input_dim()) *
-                         static_cast<double>(pre_activation_width() + hidden_dim());
-    return tiles == 0 ? 0.0 : total / static_cast<double>(tiles);
-  }
-
   void check_gradients(Gradients& gradients, const char* function) const {
     Traits::check_gradients(router_, gradients.router(), function);
     detail::require(static_cast<Index>(gradients.experts.size()) == num_experts(), function, "gradients has ",
                     gradients.experts.size(), " experts, the layer ", num_experts());
     for (const ExpertT& expert : gradients.experts) {
-      detail::require(fits(expert, hidden_dim(), expert_shape_), function, "an expert gradient is ", expert.input_dim(),
+      detail::require(experts_.fits(expert), function, "an expert gradient is ", expert.input_dim(),
                       "x", expert.hidden_dim(), " or has resized tensors, expected ", input_dim(), "x", hidden_dim());
     }
-    detail::require(gradients.shared_experts.size() == shared_experts_.size() &&
-                        (!has_shared_expert() || fits(gradients.shared_experts.front(), shared_hidden_dim_, shared_shape_)),
+    detail::require(static_cast<Index>(gradients.shared_experts.size()) == shared_.num_experts() &&
+                        (!has_shared_expert() || shared_.fits(gradients.shared_experts.front())),
                     function, "the shared expert's gradient does not have the shared expert's shapes");
     detail::require(gradients.shared_expert_gate.size() == shared_gate_weight_.size(), function,
                     "gradients.shared_expert_gate has ", gradients.shared_expert_gate.size(), " entries, expected ",
                     shared_gate_weight_.size());
   }
 
-  /// Whether `expert`'s tensors have the shapes of an expert of this layer with hidden width
-  /// `hidden` (every tensor: they are reachable through non-const references).
-  bool fits(const ExpertT& expert, Index hidden, const ExpertShape& shape) const {
-    return expert.w1().rows() == input_dim() && expert.w1().cols() == shape.pre_activation_width &&
-           expert.w2().rows() == hidden && expert.w2().cols() == input_dim() && expert.b1().size() == shape.b1_size &&
-           expert.b2().size() == shape.b2_size;
-  }
-
-  /// Backward of the shared expert over tokens [128·tile, 128·tile + 128): ∂hidden = ∂Y·W2ᵀ
-  /// (unscaled), the gate's ∂s = ⟨∂Y, E_s(x)⟩ when gated, then times s: ∂pre, ∂X rows; the
-  /// recomputed hidden rows and s ⊙ ∂Y are kept for the weight gradients.
-  void shared_backward_tile(Index tile, const ForwardCache<Scalar>& cache, const Vector<Scalar>& shared_gates,
-                            ConstMatrixRef<Scalar> d_output, BackwardWorkspaceType& workspace) const {
-    const Index first = tile * expert_row_tile;
-    const Index rows = std::min(expert_row_tile, cache.input.rows() - first);
-    const ExpertT& shared = shared_experts_.front();
-    auto d_hidden = workspace.shared_d_hidden[static_cast<std::size_t>(detail::thread_index())].topRows(rows);
-    auto d_out = workspace.shared_d_output.middleRows(first, rows);
-    const auto pre = cache.shared_pre_activations.middleRows(first, rows);
-    auto hidden = workspace.shared_hidden.middleRows(first, rows);
-    d_out = d_output.middleRows(first, rows);
-    detail::gemm(detail::operand(d_out), detail::operand(shared.w2(), detail::Op::transpose), d_hidden.data(),
-                 d_hidden.outerStride(), Scalar(1), false);
-    shared.activate(pre, hidden);
-    if (shared_gates.size() > 0) {
-      for (Index r = 0; r < rows; ++r) {
-        Scalar d_gate = d_hidden.row(r).dot(hidden.row(r));
-        if (shared.b2().size() > 0) d_gate += d_out.row(r).dot(shared.b2().transpose());
-        workspace.shared_d_gate[first + r] = d_gate;
-        d_hidden.row(r) *= shared_gates[first + r];
-        d_out.row(r) *= shared_gates[first + r];
-      }
-    }
-    auto d_pre = workspace.shared_d_pre.middleRows(first, rows);
-    shared.activation_backward(pre, d_hidden, d_pre);
-    detail::gemm(detail::operand(d_pre), detail::operand(shared.w1(), detail::Op::transpose),
-                 workspace.shared_d_input.row(first).data(), workspace.shared_d_input.outerStride(), Scalar(1), false);
-  }
-
-  /// W1ᵀ and W2ᵀ of every expert that has rows, packed for the backward products (parallel
-  /// over experts; storage reused from call to call).
-  void pack_transposed_weights(const DispatchPlan& plan, BackwardWorkspaceType& workspace) const {
-    workspace.w1_transposed.resize(experts_.size());
-    workspace.w2_transposed.resize(experts_.size());
-    const double work = 2.0 * static_cast<double>(input_dim()) * static_cast<double>(pre_activation_width() + hidden_dim());
-    detail::parallel_for_dynamic(num_experts(), work, [&](Index e) {
-      if (plan.tokens_per_expert[e] == 0) return;
-      const auto index = static_cast<std::size_t>(e);
-      workspace.w1_transposed[index].assign(experts_[index].w1(), detail::Op::transpose);
-      workspace.w2_transposed[index].assign(experts_[index].w2(), detail::Op::transpose);
-    });
-  }
-
-  /// ∂W1 += X_iᵀ·∂pre, ∂b1 += Σ ∂pre, ∂W2 += hiddenᵀ·∂out, ∂b2 += Σ ∂out for each expert i, in
-  /// tiles of gradient_column_tile columns; each tile reduces over all of the expert's rows in
-  /// row order, so no two threads touch one gradient element and the sum order is fixed.
-  ///
-  /// With a shared expert (tiles with expert = E, first in the list): ∂W1_s += Xᵀ·∂pre_s, ∂b1_s,
-  /// ∂W2_s += hidden_sᵀ·(s ⊙ ∂Y), ∂b2_s, over all T tokens in order.
-  void accumulate_weight_gradients(const DispatchPlan& plan, const Matrix<Scalar>& input,
-                                   BackwardWorkspaceType& workspace, Gradients& gradients) const {
-    auto& tiles = workspace.gradient_tiles;
-    tiles.clear();
-    const Index shared = num_experts();  // the shared expert's tile id
-    if (has_shared_expert()) {
-      for (Index c = 0; c < shared_shape_.pre_activation_width; c += gradient_column_tile) tiles.push_back({shared, true, c});
-      for (Index c = 0; c < input_dim(); c += gradient_column_tile) tiles.push_back({shared, false, c});
-    }
-    for (Index expert = 0; expert < num_experts(); ++expert) {
-      if (plan.tokens_per_expert[expert] == 0) continue;
-      for (Index c = 0; c < pre_activation_width(); c += gradient_column_tile) tiles.push_back({expert, true, c});
-      for (Index c = 0; c < input_dim(); c += gradient_column_tile) tiles.push_back({expert, false, c});
-    }
-    detail::parallel_for_dynamic(static_cast<Index>(tiles.size()), tile_flops(plan, tiles.size()), [&](Index index) {
-      const detail::GradientTile& tile = tiles[static_cast<std::size_t>(index)];
-      const bool is_shared = tile.expert == shared;
-      ExpertT& gradient = is_shared ? gradients.shared_experts.front() : gradients.experts[static_cast<std::size_t>(tile.expert)];
-      const Index first_row = is_shared ? 0 : plan.offsets[tile.expert];
-      const Index rows = is_shared ? input.rows() : plan.tokens_per_expert[tile.expert];
-      const Matrix<Scalar>& left = tile.first_layer ? (is_shared ? input : workspace.grouped_input)
-                                                    : (is_shared ? workspace.shared_hidden : workspace.hidden);
-      const Matrix<Scalar>& right = tile.first_layer ? (is_shared ? workspace.shared_d_pre : workspace.d_pre)
-                                                     : (is_shared ? workspace.shared_d_output : workspace.grouped_d_output);
-      Matrix<Scalar>& weight = tile.first_layer ? gradient.w1() : gradient.w2();
-      Vector<Scalar>& bias = tile.first_layer ? gradient.b1() : gradient.b2();
-      const Index columns = std::min(gradient_column_tile, right.cols() - tile.first_column);
-      const auto right_block = right.block(first_row, tile.first_column, rows, columns);
-      detail::gemm(detail::operand(left.middleRows(first_row, rows), detail::Op::transpose),
-                   detail::operand(right_block), weight.data() + tile.first_column, weight.outerStride(), Scalar(1),
-                   true);
-      if (bias.size() > 0) bias.segment(tile.first_column, columns) += right_block.colwise().sum().transpose();
-    });
-  }
-
   using Scratch = detail::LayerScratch<Scalar, typename Traits::RoutingGradient>;
 
   RouterT router_;
-  std::vector<ExpertT> experts_;
+  Bank experts_;  ///< the E routed experts
   Index input_dim_ = 0;
   Index num_experts_ = 0;
   Index k_ = 0;
   Index hidden_dim_ = 0;
-  ExpertShape expert_shape_;
-  std::vector<ExpertT> shared_experts_;  ///< none or one always-on expert
-  Index shared_hidden_dim_ = 0;
+  Bank shared_;                          ///< none or one always-on expert (a bank of 0 or 1)
   Vector<Scalar> shared_gate_weight_;    ///< w_shared (d), or empty: no gate on the shared expert
-  ExpertShape shared_shape_;
   /// Identity (never shared with another layer) and the workspace pool.
   std::shared_ptr<Scratch> scratch_;
   /// Next training step; forward (const) advances it, atomically.
