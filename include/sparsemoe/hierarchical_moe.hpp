@@ -9,11 +9,11 @@
 /// gate inside each chosen group chooses its experts; with the appendix's importance and load.
 
 #include "config.hpp"
-#include "detail/expert_rows.hpp"
 #include "detail/parallel.hpp"
 #include "detail/philox.hpp"
 #include "dispatch.hpp"
 #include "expert.hpp"
+#include "expert_bank.hpp"
 #include "gate.hpp"
 #include "losses.hpp"
 #include "parameters.hpp"
@@ -23,23 +23,6 @@
 #include <vector>
 
 namespace sparsemoe {
-
-namespace detail {
-
-/// "primary.<name>", "group<i>.<name>", "expert<e>.<name>": the tensors of a hierarchical MoE's
-/// gates and experts (its parameters or its gradients), in that order.
-template <typename Scalar, typename ExpertT>
-std::vector<TensorView<Scalar>> hierarchical_tensors(NoisyTopKGate<Scalar>& primary,
-                                                     std::vector<NoisyTopKGate<Scalar>>& secondary,
-                                                     std::vector<ExpertT>& experts) {
-  std::vector<TensorView<Scalar>> list;
-  append_tensor_views(list, "primary.", primary.tensors());
-  append_numbered_tensor_views(list, "group", secondary);
-  append_numbered_tensor_views(list, "expert", experts);
-  return list;
-}
-
-}  // namespace detail
 
 /// \addtogroup paradigms
 /// @{
@@ -117,7 +100,13 @@ struct HierarchicalMoEGradients {
   std::vector<ExpertT> experts;              ///< ∂L/∂(each expert's tensors)
 
   /// All gradient tensors, with the names and in the order of HierarchicalMoELayer::tensors().
-  std::vector<TensorView<Scalar>> tensors() { return detail::hierarchical_tensors(primary, secondary, experts); }
+  std::vector<TensorView<Scalar>> tensors() {
+    std::vector<TensorView<Scalar>> list;
+    append_tensor_views(list, "primary.", primary.tensors());
+    detail::append_numbered_tensor_views(list, "group", secondary);
+    detail::append_numbered_tensor_views(list, "expert", experts);
+    return list;
+  }
 
   /// Sets every gradient to zero.
   void set_zero() {
@@ -173,19 +162,21 @@ class HierarchicalMoELayer {
                               static_cast<Scalar>(config.noise_epsilon), derived_seed(config.seed, 1 + i));
     }
     std::uint64_t state = derived_seed(config.seed, 1 + groups);
-    experts_.reserve(static_cast<std::size_t>(config.num_experts));
+    std::vector<ExpertT> experts;
+    experts.reserve(static_cast<std::size_t>(config.num_experts));
     for (Index e = 0; e < config.num_experts; ++e) {
-      experts_.emplace_back(config.input_dim, config.hidden_dim);
-      experts_.back().initialize_uniform(detail::splitmix64(state));
+      experts.emplace_back(config.input_dim, config.hidden_dim);
+      experts.back().initialize_uniform(detail::splitmix64(state));
     }
+    bank_ = ExpertBank<Scalar, ExpertT>(std::move(experts));
   }
 
   /// Token width d.
   Index input_dim() const { return primary_.input_dim(); }
   /// Hidden width h of each expert.
-  Index hidden_dim() const { return experts_.front().hidden_dim(); }
+  Index hidden_dim() const { return bank_.hidden_dim(); }
   /// Number of experts E = a·b.
-  Index num_experts() const { return static_cast<Index>(experts_.size()); }
+  Index num_experts() const { return bank_.num_experts(); }
   /// Number of groups a.
   Index num_groups() const { return primary_.num_experts(); }
   /// Experts per group b.
@@ -207,17 +198,25 @@ class HierarchicalMoELayer {
   /** @} */
   /** @{ */
   /// Expert j of group i is expert(i·b + j) (throws std::out_of_range for a bad index).
-  ExpertT& expert(Index e) { return experts_.at(static_cast<std::size_t>(e)); }
-  const ExpertT& expert(Index e) const { return experts_.at(static_cast<std::size_t>(e)); }
+  ExpertT& expert(Index e) { return bank_.expert(e); }
+  const ExpertT& expert(Index e) const { return bank_.expert(e); }
   /** @} */
+  /// The E experts as one ExpertBank, expert (i, j) at i·b + j; rows are grouped by that index.
+  const ExpertBank<Scalar, ExpertT>& expert_bank() const { return bank_; }
 
   /// The primary gate's tensors ("primary.gate_weight", "primary.noise_weight"), each group's
   /// ("group<i>.…"), then each expert's ("expert<e>.…"), in that order.
-  std::vector<TensorView<Scalar>> tensors() { return detail::hierarchical_tensors(primary_, secondary_, experts_); }
+  std::vector<TensorView<Scalar>> tensors() {
+    std::vector<TensorView<Scalar>> list;
+    append_tensor_views(list, "primary.", primary_.tensors());
+    detail::append_numbered_tensor_views(list, "group", secondary_);
+    append_tensor_views(list, "", bank_.tensors());
+    return list;
+  }
 
   /// Zero gradients shaped like every parameter.
   Gradients make_gradients() const {
-    Gradients gradients{primary_, secondary_, experts_};
+    Gradients gradients{primary_, secondary_, bank_.make_gradients()};
     gradients.set_zero();
     return gradients;
   }
@@ -227,12 +226,15 @@ class HierarchicalMoELayer {
   /// or non-finite loss weight.
   Result forward(ConstMatrixRef<Scalar> input, const HierarchicalForwardOptions& options = {}) const {
     Result result;
-    forward(input, options, result);
+    ExpertBankForwardWorkspace<Scalar> workspace;
+    forward(input, options, result, workspace);
     return result;
   }
 
-  /// Like forward(input, options), writing into `result` and reusing its storage.
-  void forward(ConstMatrixRef<Scalar> input, const HierarchicalForwardOptions& options, Result& result) const {
+  /// Like forward(input, options), writing into `result` and reusing its storage and the experts'
+  /// `workspace`.
+  void forward(ConstMatrixRef<Scalar> input, const HierarchicalForwardOptions& options, Result& result,
+               ExpertBankForwardWorkspace<Scalar>& workspace) const {
     const char* function = "sparsemoe::HierarchicalMoELayer::forward";
     detail::require(input.cols() == input_dim(), function, "input must have ", input_dim(),
                     " columns (the layer's input_dim), got ", input.rows(), "x", input.cols());
@@ -274,15 +276,13 @@ class HierarchicalMoELayer {
 
     // Experts over the grouped rows, then each token's weighted sum in slot order.
     const Index rows = result.plan.rows;
-    Matrix<Scalar> local_input, local_pre;
-    Matrix<Scalar>& grouped_input = training ? result.grouped_input : local_input;
-    Matrix<Scalar>& pre = training ? result.pre_activations : local_pre;
+    Matrix<Scalar>& grouped_input = result.grouped_input;
     grouped_input.resize(rows, input_dim());
-    pre.resize(rows, experts_.front().pre_activation_width());
     detail::parallel_for(rows, static_cast<double>(input_dim()),
                          [&](Index r) { grouped_input.row(r) = input.row(result.plan.token_of_row[r]); });
-    Matrix<Scalar> expert_output(rows, input_dim());
-    detail::grouped_experts_forward(experts_, result.plan.offsets, grouped_input, pre, expert_output);
+    Matrix<Scalar> expert_output;
+    bank_.forward(result.plan.offsets, grouped_input, training ? &result.pre_activations : nullptr, expert_output,
+                  workspace);
     result.output.resize(tokens, input_dim());
     detail::parallel_for(tokens, 2.0 * static_cast<double>(kp * ks * input_dim()), [&](Index t) {
       result.output.row(t).setZero();
@@ -294,7 +294,7 @@ class HierarchicalMoELayer {
       result.input = input;
     } else {
       result.input.resize(0, 0);
-      result.grouped_input.resize(0, 0);
+      result.grouped_input.resize(0, 0);  // the result keeps what backward needs in training only
       result.pre_activations.resize(0, 0);
     }
     compute_losses(result, options);
@@ -339,11 +339,11 @@ class HierarchicalMoELayer {
       grouped_d_output.row(r) = d_output.row(token);
       gate_of_row[r] = result.gates(token, plan.slot_of_row[r]);
     });
-    Matrix<Scalar> d_grouped_input(rows, input_dim());
-    Vector<Scalar> d_gate_of_row(rows);
-    detail::grouped_experts_backward(experts_, plan.offsets, result.grouped_input, result.pre_activations,
-                                     grouped_d_output, gate_of_row, d_grouped_input, &d_gate_of_row,
-                                     gradients.experts);
+    Matrix<Scalar> d_grouped_input;
+    Vector<Scalar> d_gate_of_row;
+    ExpertBankBackwardWorkspace<Scalar> workspace;
+    bank_.backward(plan.offsets, result.grouped_input, result.pre_activations, grouped_d_output, gate_of_row,
+                   d_grouped_input, d_gate_of_row, gradients.experts, workspace);
     Matrix<Scalar> d_input(tokens, input_dim());
     detail::parallel_for(tokens, static_cast<double>(slots * input_dim()), [&](Index t) {
       d_input.row(t).setZero();
@@ -497,7 +497,7 @@ class HierarchicalMoELayer {
 
   NoisyTopKGate<Scalar> primary_;
   std::vector<NoisyTopKGate<Scalar>> secondary_;
-  std::vector<ExpertT> experts_;
+  ExpertBank<Scalar, ExpertT> bank_;
 };
 
 /// @}

@@ -9,11 +9,11 @@
 /// a convex combination of all slot outputs. Fully differentiable, nothing dropped.
 
 #include "config.hpp"
-#include "detail/expert_rows.hpp"
 #include "detail/gemm.hpp"
 #include "detail/parallel.hpp"
 #include "detail/philox.hpp"
 #include "expert.hpp"
+#include "expert_bank.hpp"
 #include "parameters.hpp"
 
 #include <algorithm>
@@ -22,22 +22,6 @@
 #include <vector>
 
 namespace sparsemoe {
-
-namespace detail {
-
-/// "phi", "scale" (when it has an entry), "expert<e>.<name>": the tensors of a Soft MoE layer
-/// (its parameters or its gradients), in that order.
-template <typename Scalar, typename ExpertT>
-std::vector<TensorView<Scalar>> soft_moe_tensors(Matrix<Scalar>& phi, Vector<Scalar>& scale,
-                                                 std::vector<ExpertT>& experts) {
-  std::vector<TensorView<Scalar>> list;
-  list.push_back(make_tensor_view("phi", phi));
-  if (scale.size() > 0) list.push_back(make_tensor_view("scale", scale));
-  append_numbered_tensor_views(list, "expert", experts);
-  return list;
-}
-
-}  // namespace detail
 
 /// \addtogroup paradigms
 /// @{
@@ -87,7 +71,13 @@ struct SoftMoEGradients {
   std::vector<ExpertT> experts;  ///< ∂L/∂(each expert's tensors), as expert-shaped tensors
 
   /// All gradient tensors, with the names and in the order of SoftMoELayer::tensors().
-  std::vector<TensorView<Scalar>> tensors() { return detail::soft_moe_tensors(phi, scale, experts); }
+  std::vector<TensorView<Scalar>> tensors() {
+    std::vector<TensorView<Scalar>> list;
+    list.push_back(make_tensor_view("phi", phi));
+    if (scale.size() > 0) list.push_back(make_tensor_view("scale", scale));
+    detail::append_numbered_tensor_views(list, "expert", experts);
+    return list;
+  }
 
   /// Sets every gradient to zero.
   void set_zero() {
@@ -105,7 +95,9 @@ struct SoftMoEBackwardWorkspace {
   Matrix<Scalar> d_logits;          ///< T×S: ∂L/∂L through both softmaxes
   Matrix<Scalar> d_slot_outputs;    ///< S×d: ∂L/∂Ỹ
   Matrix<Scalar> d_slot_inputs;     ///< S×d: ∂L/∂X̃
-  Vector<Scalar> slot_gates;        ///< S: all ones (every slot output enters with weight 1)
+  Vector<Scalar> slot_gates;        ///< empty: every slot output enters with weight 1
+  Vector<Scalar> d_slot_gates;      ///< empty (no gate to differentiate)
+  ExpertBankBackwardWorkspace<Scalar> experts;  ///< scratch of the experts' backward
   Matrix<Scalar> d_phi_normalized;  ///< d×S: X̂ᵀ·∂L (normalised layers only)
   Matrix<Scalar> d_input_normalized;  ///< T×d: ∂L/∂X̂ (normalised layers only)
 };
@@ -144,6 +136,8 @@ class SoftMoELayer {
   using Gradients = SoftMoEGradients<Scalar, ExpertT>;
   /// Scratch of backward.
   using BackwardWorkspace = SoftMoEBackwardWorkspace<Scalar>;
+  /// Scratch of forward (the experts' stage).
+  using ForwardWorkspace = ExpertBankForwardWorkspace<Scalar>;
   static_assert(std::is_same<typename ExpertT::Scalar, Scalar>::value, "ExpertT::Scalar must be the layer's Scalar");
 
   /// ε of the l2 normalisation x/√(‖x‖² + ε) (the Soft MoE reference code's value).
@@ -166,19 +160,23 @@ class SoftMoELayer {
     detail::fill_uniform(phi_.data(), phi_.size(), Scalar(1) / std::sqrt(static_cast<Scalar>(config.input_dim)),
                          detail::splitmix64(state), 0);
     if (config.normalize) scale_ = Vector<Scalar>::Ones(1);
-    experts_.reserve(static_cast<std::size_t>(config.num_experts));
+    std::vector<ExpertT> experts;
+    experts.reserve(static_cast<std::size_t>(config.num_experts));
     for (Index e = 0; e < config.num_experts; ++e) {
-      experts_.emplace_back(config.input_dim, config.hidden_dim);
-      experts_.back().initialize_uniform(detail::splitmix64(state));
+      experts.emplace_back(config.input_dim, config.hidden_dim);
+      experts.back().initialize_uniform(detail::splitmix64(state));
     }
+    bank_ = ExpertBank<Scalar, ExpertT>(std::move(experts));
+    slot_offsets_.resize(config.num_experts + 1);
+    for (Index e = 0; e <= config.num_experts; ++e) slot_offsets_[e] = e * slots_per_expert_;
   }
 
   /// Token width d.
   Index input_dim() const { return phi_.rows(); }
   /// Hidden width h of each expert.
-  Index hidden_dim() const { return experts_.front().hidden_dim(); }
+  Index hidden_dim() const { return bank_.hidden_dim(); }
   /// Number of experts E.
-  Index num_experts() const { return static_cast<Index>(experts_.size()); }
+  Index num_experts() const { return bank_.num_experts(); }
   /// Slots per expert n.
   Index slots_per_expert() const { return slots_per_expert_; }
   /// Slots in all, S = E·n.
@@ -198,21 +196,28 @@ class SoftMoELayer {
   /** @} */
   /** @{ */
   /// Expert e (0 ≤ e < E; throws std::out_of_range otherwise).
-  ExpertT& expert(Index e) { return experts_.at(static_cast<std::size_t>(e)); }
-  const ExpertT& expert(Index e) const { return experts_.at(static_cast<std::size_t>(e)); }
+  ExpertT& expert(Index e) { return bank_.expert(e); }
+  const ExpertT& expert(Index e) const { return bank_.expert(e); }
   /** @} */
+  /// The E experts as one ExpertBank: expert e owns the slot rows [e·n, (e+1)·n).
+  const ExpertBank<Scalar, ExpertT>& expert_bank() const { return bank_; }
 
   /// Φ ("phi"), the scale ("scale", normalised layers only), then each expert's tensors
   /// ("expert<e>.<name>"), in that order.
-  std::vector<TensorView<Scalar>> tensors() { return detail::soft_moe_tensors(phi_, scale_, experts_); }
+  std::vector<TensorView<Scalar>> tensors() {
+    std::vector<TensorView<Scalar>> list;
+    list.push_back(make_tensor_view("phi", phi_));
+    if (normalized()) list.push_back(make_tensor_view("scale", scale_));
+    append_tensor_views(list, "", bank_.tensors());
+    return list;
+  }
 
   /// Zero gradients shaped like every parameter.
   Gradients make_gradients() const {
     Gradients gradients;
     gradients.phi = Matrix<Scalar>::Zero(phi_.rows(), phi_.cols());
     gradients.scale = Vector<Scalar>::Zero(scale_.size());
-    gradients.experts = experts_;
-    for (auto& expert : gradients.experts) expert.set_zero();
+    gradients.experts = bank_.make_gradients();
     return gradients;
   }
 
@@ -221,12 +226,13 @@ class SoftMoELayer {
   /// width, T = 0 or a non-finite input entry (naming its token row).
   Result forward(ConstMatrixRef<Scalar> input, Mode mode = Mode::evaluation) const {
     Result result;
-    forward(input, mode, result);
+    ForwardWorkspace workspace;
+    forward(input, mode, result, workspace);
     return result;
   }
 
-  /// Like forward(input, mode), writing into `result` and reusing its storage.
-  void forward(ConstMatrixRef<Scalar> input, Mode mode, Result& result) const {
+  /// Like forward(input, mode), writing into `result` and reusing its storage and `workspace`'s.
+  void forward(ConstMatrixRef<Scalar> input, Mode mode, Result& result, ForwardWorkspace& workspace) const {
     const char* function = "sparsemoe::SoftMoELayer::forward";
     check_input(input, function);
     const Index tokens = input.rows();
@@ -279,11 +285,9 @@ class SoftMoELayer {
     // X̃ = Dᵀ·X, experts over their n slots each, Y = C·Ỹ.
     row_tiled_product(detail::operand(result.dispatch_weights, detail::Op::transpose), detail::operand(input),
                       result.slot_inputs, Scalar(1), false);
-    Matrix<Scalar> scratch_pre;
-    Matrix<Scalar>& pre = training ? result.pre_activations : scratch_pre;
-    pre.resize(slots, experts_.front().pre_activation_width());
     if (!training) result.pre_activations.resize(0, 0);
-    detail::grouped_experts_forward(experts_, slot_offsets(), result.slot_inputs, pre, result.slot_outputs);
+    bank_.forward(slot_offsets_, result.slot_inputs, training ? &result.pre_activations : nullptr,
+                  result.slot_outputs, workspace);
     row_tiled_product(detail::operand(result.combine_weights), detail::operand(result.slot_outputs), result.output,
                       Scalar(1), false);
   }
@@ -329,8 +333,7 @@ class SoftMoELayer {
     workspace.d_dispatch.resize(tokens, slots);
     workspace.d_logits.resize(tokens, slots);
     workspace.d_slot_outputs.resize(slots, width);
-    workspace.d_slot_inputs.resize(slots, width);
-    workspace.slot_gates.setOnes(slots);
+    workspace.slot_gates.resize(0);
 
     // Y = C·Ỹ: ∂C = ∂Y·Ỹᵀ, ∂Ỹ = Cᵀ·∂Y.
     row_tiled_product(detail::operand(d_output), detail::operand(result.slot_outputs, detail::Op::transpose),
@@ -338,9 +341,9 @@ class SoftMoELayer {
     row_tiled_product(detail::operand(combine, detail::Op::transpose), detail::operand(d_output),
                       workspace.d_slot_outputs, Scalar(1), false);
     // The experts, each slot with weight 1.
-    detail::grouped_experts_backward(experts_, slot_offsets(), result.slot_inputs, result.pre_activations,
-                                     workspace.d_slot_outputs, workspace.slot_gates, workspace.d_slot_inputs, nullptr,
-                                     gradients.experts);
+    bank_.backward(slot_offsets_, result.slot_inputs, result.pre_activations, workspace.d_slot_outputs,
+                   workspace.slot_gates, workspace.d_slot_inputs, workspace.d_slot_gates, gradients.experts,
+                   workspace.experts);
     // X̃ = Dᵀ·X: ∂D = X·∂X̃ᵀ, ∂X = D·∂X̃.
     row_tiled_product(detail::operand(input), detail::operand(workspace.d_slot_inputs, detail::Op::transpose),
                       workspace.d_dispatch, Scalar(1), false);
@@ -401,13 +404,6 @@ class SoftMoELayer {
     }
   }
 
-  /// offsets of the slot rows: expert e owns [e·n, (e+1)·n).
-  IndexVector slot_offsets() const {
-    IndexVector offsets(num_experts() + 1);
-    for (Index e = 0; e <= num_experts(); ++e) offsets[e] = e * slots_per_expert_;
-    return offsets;
-  }
-
   /// result = alpha·op(A)·op(B) (+ result when accumulate), in row tiles of 64 spread over threads.
   static void row_tiled_product(const detail::ConstOperand<Scalar>& a, const detail::ConstOperand<Scalar>& b,
                                 MatrixRef<Scalar> result, Scalar alpha, bool accumulate) {
@@ -446,7 +442,8 @@ class SoftMoELayer {
   Index slots_per_expert_ = 1;
   Matrix<Scalar> phi_;
   Vector<Scalar> scale_;
-  std::vector<ExpertT> experts_;
+  ExpertBank<Scalar, ExpertT> bank_;
+  IndexVector slot_offsets_;  ///< E+1: expert e owns the slot rows [e·n, (e+1)·n)
 };
 
 /// @}
