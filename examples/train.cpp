@@ -632,7 +632,9 @@ int run_hierarchical(const Options& options) {
   forward_options.importance_weight = options.importance_weight;
   forward_options.load_weight = options.load_weight;
   sparsemoe::HierarchicalMoEResult<Scalar> result;
-  sparsemoe::ExpertBankForwardWorkspace<Scalar> workspace;
+  sparsemoe::HierarchicalMoELayer<Scalar>::ForwardWorkspace workspace;
+  sparsemoe::HierarchicalMoELayer<Scalar>::BackwardWorkspace backward_workspace;
+  Matrix d_input(options.batch, input_dim);
   const auto train_step = [&](const Matrix& x, const Matrix& y, std::uint64_t step) {
     forward_options.step = step;
     layer.forward(x, forward_options, result, workspace);
@@ -640,7 +642,8 @@ int run_hierarchical(const Options& options) {
     record.loss = static_cast<double>(sparsemoe::mean_squared_error(result.output, y));
     record.aux_loss = static_cast<double>(result.losses.total());
     gradients.set_zero();
-    layer.backward(result, sparsemoe::mean_squared_error_gradient(result.output, y), gradients);
+    layer.backward(result, sparsemoe::mean_squared_error_gradient(result.output, y), gradients, backward_workspace,
+                   d_input);
     record.load = result.plan.tokens_per_expert;
     return record;
   };

@@ -83,12 +83,33 @@ struct HierarchicalMoEResult {
   DispatchPlan plan;                  ///< the grouped rows of each expert
   HierarchicalLosses<Scalar> losses;  ///< the appendix's importance and load losses
   Matrix<Scalar> input;               ///< T×d: a copy of X (training mode only)
-  Matrix<Scalar> grouped_input;       ///< rows×d: the input row of each grouped row (training mode only)
+  Matrix<Scalar> grouped_input;       ///< rows×d: the input row of each grouped row
   Matrix<Scalar> pre_activations;     ///< rows×p: x·W1 + b1 of each grouped row (training mode only)
   bool training = false;              ///< whether the forward kept what backward needs
 
   /// Number of tokens T.
   Index num_tokens() const { return output.rows(); }
+};
+
+/// Scratch of HierarchicalMoELayer::forward, reused across calls (a forward of the same shape
+/// into the same result and workspace allocates nothing).
+template <typename Scalar>
+struct HierarchicalForwardWorkspace {
+  ExpertBankForwardWorkspace<Scalar> experts;  ///< scratch of the experts' stage
+  Matrix<Scalar> expert_output;                ///< rows×d: E_{i,j}(x) of each grouped row
+};
+
+/// Scratch of HierarchicalMoELayer::backward, reused across calls (no allocation when the shapes
+/// repeat).
+template <typename Scalar>
+struct HierarchicalBackwardWorkspace {
+  ExpertBankBackwardWorkspace<Scalar> experts;  ///< scratch of the experts' stage
+  Matrix<Scalar> grouped_d_output;              ///< rows×d: ∂L/∂y of each grouped row's token
+  Vector<Scalar> gate_of_row;                   ///< rows: G_p·G_i of each grouped row
+  Matrix<Scalar> d_grouped_input;               ///< rows×d: ∂L/∂x through each row's expert
+  Vector<Scalar> d_gate_of_row;                 ///< rows: ⟨∂L/∂y, E_{i,j}(x)⟩
+  GateGradients<Scalar> primary;                ///< ∂L/∂(the primary gate's outputs)
+  std::vector<GateGradients<Scalar>> secondary;  ///< ∂L/∂(each secondary gate's outputs)
 };
 
 /// Gradients of every parameter of a HierarchicalMoELayer (make_gradients()): gate-shaped and
@@ -108,9 +129,15 @@ struct HierarchicalMoEGradients {
     return list;
   }
 
-  /// Sets every gradient to zero.
+  /// Sets every gradient to zero (allocates nothing).
   void set_zero() {
-    for (const TensorView<Scalar>& view : tensors()) view.flat().setZero();
+    primary.gate_weight().setZero();
+    primary.noise_weight().setZero();
+    for (auto& gate : secondary) {
+      gate.gate_weight().setZero();
+      gate.noise_weight().setZero();
+    }
+    for (auto& expert : experts) expert.set_zero();
   }
 };
 
@@ -145,6 +172,10 @@ class HierarchicalMoELayer {
   using Result = HierarchicalMoEResult<Scalar>;
   /// What make_gradients() returns.
   using Gradients = HierarchicalMoEGradients<Scalar, ExpertT>;
+  /// Scratch of forward.
+  using ForwardWorkspace = HierarchicalForwardWorkspace<Scalar>;
+  /// Scratch of backward.
+  using BackwardWorkspace = HierarchicalBackwardWorkspace<Scalar>;
   static_assert(std::is_same<typename ExpertT::Scalar, Scalar>::value, "ExpertT::Scalar must be the layer's Scalar");
 
   /// Builds the layer: every gate weight zero (the paper's initialisation), expert e initialised by
@@ -226,15 +257,15 @@ class HierarchicalMoELayer {
   /// or non-finite loss weight.
   Result forward(ConstMatrixRef<Scalar> input, const HierarchicalForwardOptions& options = {}) const {
     Result result;
-    ExpertBankForwardWorkspace<Scalar> workspace;
+    ForwardWorkspace workspace;
     forward(input, options, result, workspace);
     return result;
   }
 
-  /// Like forward(input, options), writing into `result` and reusing its storage and the experts'
-  /// `workspace`.
+  /// Like forward(input, options), writing into `result` and reusing its storage and
+  /// `workspace`'s: no allocation when the shapes and the mode are those of the previous call.
   void forward(ConstMatrixRef<Scalar> input, const HierarchicalForwardOptions& options, Result& result,
-               ExpertBankForwardWorkspace<Scalar>& workspace) const {
+               ForwardWorkspace& workspace) const {
     const char* function = "sparsemoe::HierarchicalMoELayer::forward";
     detail::require(input.cols() == input_dim(), function, "input must have ", input_dim(),
                     " columns (the layer's input_dim), got ", input.rows(), "x", input.cols());
@@ -280,9 +311,9 @@ class HierarchicalMoELayer {
     grouped_input.resize(rows, input_dim());
     detail::parallel_for(rows, static_cast<double>(input_dim()),
                          [&](Index r) { grouped_input.row(r) = input.row(result.plan.token_of_row[r]); });
-    Matrix<Scalar> expert_output;
+    Matrix<Scalar>& expert_output = workspace.expert_output;
     bank_.forward(result.plan.offsets, grouped_input, training ? &result.pre_activations : nullptr, expert_output,
-                  workspace);
+                  workspace.experts);
     result.output.resize(tokens, input_dim());
     detail::parallel_for(tokens, 2.0 * static_cast<double>(kp * ks * input_dim()), [&](Index t) {
       result.output.row(t).setZero();
@@ -294,7 +325,6 @@ class HierarchicalMoELayer {
       result.input = input;
     } else {
       result.input.resize(0, 0);
-      result.grouped_input.resize(0, 0);  // the result keeps what backward needs in training only
       result.pre_activations.resize(0, 0);
     }
     compute_losses(result, options);
@@ -311,6 +341,16 @@ class HierarchicalMoELayer {
   /// parameters must be those of the forward. Throws std::invalid_argument for a result of
   /// evaluation mode or of another layer shape, or arguments of the wrong shape.
   Matrix<Scalar> backward(const Result& result, ConstMatrixRef<Scalar> d_output, Gradients& gradients) const {
+    BackwardWorkspace workspace;
+    Matrix<Scalar> d_input(result.num_tokens(), input_dim());
+    backward(result, d_output, gradients, workspace, d_input);
+    return d_input;
+  }
+
+  /// Like backward(result, d_output, gradients), writing ∂L/∂X into `d_input` (T×d) and reusing
+  /// `workspace`: no allocation when the shapes are those of the previous call.
+  void backward(const Result& result, ConstMatrixRef<Scalar> d_output, Gradients& gradients,
+                BackwardWorkspace& workspace, MatrixRef<Scalar> d_input) const {
     const char* function = "sparsemoe::HierarchicalMoELayer::backward";
     const Index tokens = result.num_tokens();
     const Index groups = num_groups();
@@ -324,6 +364,7 @@ class HierarchicalMoELayer {
                     function, "the result does not come from a layer of this shape (a = ", groups, ", E = ",
                     num_experts(), ", d = ", input_dim(), ")");
     detail::require_shape(d_output, tokens, input_dim(), function, "d_output");
+    detail::require_shape(d_input, tokens, input_dim(), function, "d_input");
     detail::require(static_cast<Index>(gradients.secondary.size()) == groups &&
                         static_cast<Index>(gradients.experts.size()) == num_experts(),
                     function, "gradients have ", gradients.secondary.size(), " groups and ", gradients.experts.size(),
@@ -332,19 +373,19 @@ class HierarchicalMoELayer {
     const Index rows = plan.rows;
 
     // The experts: unscaled ∂L/∂y rows in, ⟨∂L/∂y, E(x)⟩ per row and ∂L/∂x rows out.
-    Matrix<Scalar> grouped_d_output(rows, input_dim());
-    Vector<Scalar> gate_of_row(rows);
+    Matrix<Scalar>& grouped_d_output = workspace.grouped_d_output;
+    Vector<Scalar>& gate_of_row = workspace.gate_of_row;
+    grouped_d_output.resize(rows, input_dim());
+    gate_of_row.resize(rows);
     detail::parallel_for(rows, static_cast<double>(input_dim()), [&](Index r) {
       const Index token = plan.token_of_row[r];
       grouped_d_output.row(r) = d_output.row(token);
       gate_of_row[r] = result.gates(token, plan.slot_of_row[r]);
     });
-    Matrix<Scalar> d_grouped_input;
-    Vector<Scalar> d_gate_of_row;
-    ExpertBankBackwardWorkspace<Scalar> workspace;
+    Matrix<Scalar>& d_grouped_input = workspace.d_grouped_input;
+    Vector<Scalar>& d_gate_of_row = workspace.d_gate_of_row;
     bank_.backward(plan.offsets, result.grouped_input, result.pre_activations, grouped_d_output, gate_of_row,
-                   d_grouped_input, d_gate_of_row, gradients.experts, workspace);
-    Matrix<Scalar> d_input(tokens, input_dim());
+                   d_grouped_input, d_gate_of_row, gradients.experts, workspace.experts);
     detail::parallel_for(tokens, static_cast<double>(slots * input_dim()), [&](Index t) {
       d_input.row(t).setZero();
       for (Index slot = 0; slot < slots; ++slot) d_input.row(t) += d_grouped_input.row(plan.row_of_token_slot[t * slots + slot]);
@@ -363,10 +404,13 @@ class HierarchicalMoELayer {
     const auto d_load = [&](Index e) { return load_weight * (load_slope * losses.load[e] + load_offset); };
 
     // Both gates' weights: the product rule on G_p·G_i.
-    GateGradients<Scalar> primary_gradient = GateGradients<Scalar>::zeros(result.primary);
-    std::vector<GateGradients<Scalar>> secondary_gradients;
-    secondary_gradients.reserve(static_cast<std::size_t>(groups));
-    for (const Routing<Scalar>& routing : result.secondary) secondary_gradients.push_back(GateGradients<Scalar>::zeros(routing));
+    GateGradients<Scalar>& primary_gradient = workspace.primary;
+    std::vector<GateGradients<Scalar>>& secondary_gradients = workspace.secondary;
+    primary_gradient.set_zero(result.primary);
+    secondary_gradients.resize(static_cast<std::size_t>(groups));
+    for (Index i = 0; i < groups; ++i) {
+      secondary_gradients[static_cast<std::size_t>(i)].set_zero(result.secondary[static_cast<std::size_t>(i)]);
+    }
     const Index ks = k_per_group();
     for (Index t = 0; t < tokens; ++t) {
       for (Index slot = 0; slot < slots; ++slot) {
@@ -414,7 +458,6 @@ class HierarchicalMoELayer {
                                  gradients.secondary[index].gate_weight(), gradients.secondary[index].noise_weight(),
                                  d_input);
     }
-    return d_input;
   }
 
  private:

@@ -252,10 +252,14 @@ class SoftMoELayer {
     // Logits.
     if (normalized()) {
       normalize_rows(input, result.normalized_input, result.input_inverse_norms);
-      const Matrix<Scalar> phi_transposed = phi_.transpose();
-      Matrix<Scalar> normalized_transposed;
-      normalize_rows(phi_transposed, normalized_transposed, result.phi_inverse_norms);
-      result.normalized_phi = normalized_transposed.transpose();
+      result.normalized_phi.resize(width, slots);
+      result.phi_inverse_norms.resize(slots);
+      detail::parallel_for(slots, 4.0 * static_cast<double>(width), [&](Index s) {
+        const Scalar inverse =
+            Scalar(1) / std::sqrt(phi_.col(s).squaredNorm() + static_cast<Scalar>(normalization_epsilon));
+        result.phi_inverse_norms[s] = inverse;
+        result.normalized_phi.col(s) = phi_.col(s) * inverse;
+      });
       row_tiled_product(detail::operand(result.normalized_input), detail::operand(result.normalized_phi),
                         result.logits, scale_[0], false);
     } else {
@@ -306,7 +310,7 @@ class SoftMoELayer {
   }
 
   /// Like backward(result, d_output, gradients), writing ∂L/∂X into `d_input` (T×d) and reusing
-  /// `workspace` (no allocation in the workspace when T and S repeat).
+  /// `workspace`: no allocation when T and S are those of the previous call.
   void backward(const Result& result, ConstMatrixRef<Scalar> d_output, Gradients& gradients,
                 BackwardWorkspace& workspace, MatrixRef<Scalar> d_input) const {
     const char* function = "sparsemoe::SoftMoELayer::backward";
