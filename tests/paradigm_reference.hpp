@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace paradigm_reference {
@@ -95,6 +96,25 @@ void expect_identical_across_thread_counts(const Run& run) {
     for (std::size_t i = 0; i < current.size(); ++i) {
       EXPECT_TRUE(current[i] == first[i]) << current[i].first << " differs with " << threads << " threads";
     }
+  }
+}
+
+/// Runs `run(i)` for i = 0..3 one after the other, then all four at once on std::threads (one
+/// shared layer, each call with its own data): the concurrent results must be bitwise the serial
+/// ones. Under ThreadSanitizer this is the data-race check of "one layer serves many threads".
+template <typename Scalar, typename Run>
+void expect_concurrent_calls_match_serial(const Run& run) {
+  using Named = std::vector<std::pair<std::string, std::vector<Scalar>>>;
+  constexpr int calls = 4;
+  std::vector<Named> serial(calls), concurrent(calls);
+  for (int i = 0; i < calls; ++i) serial[static_cast<std::size_t>(i)] = run(i);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < calls; ++i) {
+    threads.emplace_back([&, i] { concurrent[static_cast<std::size_t>(i)] = run(i); });
+  }
+  for (auto& thread : threads) thread.join();
+  for (int i = 0; i < calls; ++i) {
+    EXPECT_TRUE(concurrent[static_cast<std::size_t>(i)] == serial[static_cast<std::size_t>(i)]) << "call " << i;
   }
 }
 

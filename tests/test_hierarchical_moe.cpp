@@ -55,8 +55,9 @@ HierarchicalMoEConfig make_config(Index groups, Index per_group, Index k_groups,
 }
 
 // Random gate weights (the zero initialisation would make every logit a tie).
-template <typename Scalar>
-void randomize_gates(HierarchicalMoELayer<Scalar>& layer, std::uint64_t seed) {
+template <typename Layer>
+void randomize_gates(Layer& layer, std::uint64_t seed) {
+  using Scalar = typename Layer::Scalar;
   auto& primary = layer.primary_gate();
   primary.gate_weight() = reference::uniform<Scalar>(layer.input_dim(), layer.num_groups(), seed);
   primary.noise_weight() = reference::uniform<Scalar>(layer.input_dim(), layer.num_groups(), seed + 1);
@@ -335,6 +336,48 @@ TYPED_TEST(HierarchicalMoE, BitwiseIdenticalAcrossThreadCounts) {
     paradigm_reference::append(named, "output", result.output);
     paradigm_reference::append(named, "d_input", d_input);
     paradigm_reference::append(named, "gates", result.gates);
+    return named;
+  });
+}
+
+TEST(HierarchicalMoEGradients, MatchFiniteDifferencesWithSwiGluExperts) {
+  HierarchicalMoELayer<double, sparsemoe::SwiGluExpert<double>> layer(make_config(2, 2, 1, 1));
+  randomize_gates(layer, 31);
+  Mat<double> x = reference::uniform<double>(6, 4, 32, -1.5, 1.5);
+  const Mat<double> weights = reference::uniform<double>(6, 4, 33);
+  HierarchicalForwardOptions options;
+  options.mode = Mode::training;
+  const auto result = layer.forward(x, options);
+  auto gradients = layer.make_gradients();
+  const Mat<double> d_input = layer.backward(result, weights, gradients);
+  const auto loss = [&] {
+    const auto r = layer.forward(x, options);
+    return r.output.cwiseProduct(weights).sum() + r.losses.total();
+  };
+  EXPECT_LT(sparsemoe_test::check_gradient(loss, x, d_input).worst_relative_error, 1e-6);
+  const auto parameters = layer.tensors();
+  const auto analytic = gradients.tensors();
+  for (std::size_t i = 0; i < parameters.size(); ++i) {
+    const auto check = sparsemoe_test::check_gradient(loss, parameters[i], analytic[i]);
+    EXPECT_LT(check.worst_relative_error, 1e-6) << parameters[i].name << ": " << check;
+  }
+}
+
+TEST(HierarchicalMoEConcurrency, OneLayerServesManyThreads) {
+  HierarchicalMoELayer<float> layer(make_config(3, 2, 2, 1));
+  randomize_gates(layer, 41);
+  const HierarchicalMoELayer<float>& shared = layer;
+  paradigm_reference::expect_concurrent_calls_match_serial<float>([&](int call) {
+    const Mat<float> x = reference::uniform<float>(30 + 5 * call, 4, 200 + static_cast<std::uint64_t>(call));
+    HierarchicalForwardOptions options;
+    options.mode = Mode::training;
+    options.step = static_cast<std::uint64_t>(call);
+    const auto result = shared.forward(x, options);
+    auto gradients = shared.make_gradients();
+    const Mat<float> d_input = shared.backward(result, x, gradients);
+    auto named = paradigm_reference::snapshot(gradients.tensors());
+    paradigm_reference::append(named, "output", result.output);
+    paradigm_reference::append(named, "d_input", d_input);
     return named;
   });
 }

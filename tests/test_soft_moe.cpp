@@ -245,6 +245,22 @@ TYPED_TEST(SoftMoE, BitwiseIdenticalAcrossThreadCounts) {
   }
 }
 
+TEST(SoftMoEConcurrency, OneLayerServesManyThreads) {
+  SoftMoEConfig config = small_config(true);
+  config.input_dim = 16;
+  const SoftMoELayer<float> layer(config);
+  paradigm_reference::expect_concurrent_calls_match_serial<float>([&](int call) {
+    const Mat<float> x = reference::uniform<float>(40 + 7 * call, 16, 100 + static_cast<std::uint64_t>(call));
+    const auto result = layer.forward(x, Mode::training);
+    auto gradients = layer.make_gradients();
+    const Mat<float> d_input = layer.backward(result, x, gradients);
+    auto named = paradigm_reference::snapshot(gradients.tensors());
+    paradigm_reference::append(named, "output", result.output);
+    paradigm_reference::append(named, "d_input", d_input);
+    return named;
+  });
+}
+
 TEST(SoftMoEErrors, BadConfigurationNamesTheValue) {
   SoftMoEConfig config = small_config(false);
   config.slots_per_expert = 0;
