@@ -126,6 +126,15 @@ void append(std::vector<std::pair<std::string, std::vector<typename Derived::Sca
                     std::vector<typename Derived::Scalar>(matrix.data(), matrix.data() + matrix.size()));
 }
 
+/// Every number of one forward and backward: the gradient tensors, the output and ∂L/∂x.
+template <typename Gradients, typename Output, typename InputGradient>
+auto step_record(Gradients& gradients, const Output& output, const InputGradient& d_input) {
+  auto named = snapshot(gradients.tensors());
+  append(named, "output", output);
+  append(named, "d_input", d_input);
+  return named;
+}
+
 }  // namespace paradigm_reference
 
 #endif  // SPARSEMOE_TESTS_PARADIGM_REFERENCE_HPP

@@ -332,9 +332,7 @@ TYPED_TEST(HierarchicalMoE, BitwiseIdenticalAcrossThreadCounts) {
     const auto result = layer.forward(x, options);
     auto gradients = layer.make_gradients();
     const Mat<Scalar> d_input = layer.backward(result, d_output, gradients);
-    auto named = paradigm_reference::snapshot(gradients.tensors());
-    paradigm_reference::append(named, "output", result.output);
-    paradigm_reference::append(named, "d_input", d_input);
+    auto named = paradigm_reference::step_record(gradients, result.output, d_input);
     paradigm_reference::append(named, "gates", result.gates);
     return named;
   });
@@ -375,10 +373,7 @@ TEST(HierarchicalMoEConcurrency, OneLayerServesManyThreads) {
     const auto result = shared.forward(x, options);
     auto gradients = shared.make_gradients();
     const Mat<float> d_input = shared.backward(result, x, gradients);
-    auto named = paradigm_reference::snapshot(gradients.tensors());
-    paradigm_reference::append(named, "output", result.output);
-    paradigm_reference::append(named, "d_input", d_input);
-    return named;
+    return paradigm_reference::step_record(gradients, result.output, d_input);
   });
 }
 

@@ -237,10 +237,7 @@ TYPED_TEST(SoftMoE, BitwiseIdenticalAcrossThreadCounts) {
       const auto result = layer.forward(x, Mode::training);
       auto gradients = layer.make_gradients();
       const Mat<Scalar> d_input = layer.backward(result, d_output, gradients);
-      auto named = paradigm_reference::snapshot(gradients.tensors());
-      paradigm_reference::append(named, "output", result.output);
-      paradigm_reference::append(named, "d_input", d_input);
-      return named;
+      return paradigm_reference::step_record(gradients, result.output, d_input);
     });
   }
 }
@@ -254,10 +251,7 @@ TEST(SoftMoEConcurrency, OneLayerServesManyThreads) {
     const auto result = layer.forward(x, Mode::training);
     auto gradients = layer.make_gradients();
     const Mat<float> d_input = layer.backward(result, x, gradients);
-    auto named = paradigm_reference::snapshot(gradients.tensors());
-    paradigm_reference::append(named, "output", result.output);
-    paradigm_reference::append(named, "d_input", d_input);
-    return named;
+    return paradigm_reference::step_record(gradients, result.output, d_input);
   });
 }
 
