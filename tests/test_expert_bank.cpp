@@ -346,7 +346,7 @@ TEST(ExpertBankBackward, CompanionGivesTheSameResultsAsTwoSeparateCalls) {
        gs2 = shared.make_gradients();
   bank.backward(offsets, x, pre, dy1, gates, d_x1, dg1, g1, w1);
   shared.backward(shared_offsets, tokens, pres, dys1, shared_gates, d_t1, dgs1, gs1, w2);
-  const ReluBank::BackwardCompanion companion{&shared, shared_offsets, tokens, pres, dys2, &shared_gates,
+  const ReluBank::BackwardCompanion companion{&shared, shared_offsets, tokens, pres, dys2, shared_gates,
                                               &d_t2, &dgs2, &gs2, &w2};
   bank.backward(offsets, x, pre, dy2, gates, d_x2, dg2, g2, w1, companion);
   EXPECT_EQ(d_x1, d_x2);
@@ -395,7 +395,7 @@ BankRun run_bank(int threads) {
   auto gradients = bank.make_gradients();
   auto shared_gradients = shared.make_gradients();
   bank.backward(offsets, x, pre, run.d_out, gates, run.d_x, run.d_g, gradients, bw,
-                Bank::BackwardCompanion{&shared, shared_offsets, tokens, shared_pre, shared_d_out, &shared_gates,
+                Bank::BackwardCompanion{&shared, shared_offsets, tokens, shared_pre, shared_d_out, shared_gates,
                                         &run.shared_d_x, &run.shared_d_g, &shared_gradients, &sbw});
   for (auto* list : {&gradients, &shared_gradients}) {
     for (auto& gradient : *list) {

@@ -114,7 +114,11 @@ inline void bank_offsets_from_counts(const Eigen::Ref<const IndexVector>& counts
 /// one expert (column_split_rows) is cut by weight columns instead. Experts with at least
 /// pack_rows_threshold rows get their weights packed into the workspace first (forward), and
 /// backward packs W1ᵀ and W2ᵀ of every expert with rows. Tiles depend on the layout only, never
-/// on the thread count: results are bitwise identical for any number of threads.
+/// on the thread count: results are bitwise identical for any number of threads. Each expert's
+/// rows are cut the same way whatever the other experts hold, so a bank holding some of a layer's
+/// experts (one process of an expert-parallel layer) gives those experts' rows the bits the whole
+/// layer gives them, except where the column split (decided per call, from all of the call's
+/// rows) applies to one call and not to the other: then the two agree up to rounding.
 ///
 /// A second bank can run in the same schedule as a **companion** (ForwardCompanion,
 /// BackwardCompanion): its row tiles are handed out first, in the same dynamic loop as this
@@ -188,7 +192,7 @@ class ExpertBank {
     ConstMatrixRef<Scalar> pre_activations;    ///< rows_c×p_c, as its forward kept them
     /// rows_c×d: in ∂L/∂y rows, out gate·∂L/∂y (written through a const companion, hence mutable).
     mutable MatrixRef<Scalar> d_output;
-    const Vector<Scalar>* gate_of_row;         ///< rows_c entries, or empty (gate 1)
+    Eigen::Ref<const Vector<Scalar>> gate_of_row;  ///< rows_c entries, or empty (gate 1)
     Matrix<Scalar>* d_input;                   ///< rows_c×d, resized
     Vector<Scalar>* d_gate_of_row;             ///< rows_c (or 0 when gate_of_row is empty), resized
     std::vector<ExpertT>* gradients;           ///< N_c expert-shaped gradients, ADDED to
@@ -341,9 +345,10 @@ class ExpertBank {
   /// 4·rows·d·(p + h) flops, plus packing W1ᵀ and W2ᵀ of every expert with rows.
   void backward(const Eigen::Ref<const IndexVector>& offsets, ConstMatrixRef<Scalar> grouped_input,
                 ConstMatrixRef<Scalar> pre_activations, MatrixRef<Scalar> grouped_d_output,
-                const Vector<Scalar>& gate_of_row, Matrix<Scalar>& d_grouped_input, Vector<Scalar>& d_gate_of_row,
+                const Eigen::Ref<const Vector<Scalar>>& gate_of_row, Matrix<Scalar>& d_grouped_input,
+                Vector<Scalar>& d_gate_of_row,
                 std::vector<ExpertT>& gradients, BackwardWorkspace& workspace) const {
-    backward_impl({this, offsets, grouped_input, pre_activations, grouped_d_output, &gate_of_row, &d_grouped_input,
+    backward_impl({this, offsets, grouped_input, pre_activations, grouped_d_output, gate_of_row, &d_grouped_input,
                    &d_gate_of_row, &gradients, &workspace},
                   nullptr);
   }
@@ -351,10 +356,11 @@ class ExpertBank {
   /// backward(), with `companion`'s rows and weight gradients run first in the same schedule.
   void backward(const Eigen::Ref<const IndexVector>& offsets, ConstMatrixRef<Scalar> grouped_input,
                 ConstMatrixRef<Scalar> pre_activations, MatrixRef<Scalar> grouped_d_output,
-                const Vector<Scalar>& gate_of_row, Matrix<Scalar>& d_grouped_input, Vector<Scalar>& d_gate_of_row,
+                const Eigen::Ref<const Vector<Scalar>>& gate_of_row, Matrix<Scalar>& d_grouped_input,
+                Vector<Scalar>& d_gate_of_row,
                 std::vector<ExpertT>& gradients, BackwardWorkspace& workspace,
                 const BackwardCompanion& companion) const {
-    backward_impl({this, offsets, grouped_input, pre_activations, grouped_d_output, &gate_of_row, &d_grouped_input,
+    backward_impl({this, offsets, grouped_input, pre_activations, grouped_d_output, gate_of_row, &d_grouped_input,
                    &d_gate_of_row, &gradients, &workspace},
                   &companion);
   }
@@ -585,8 +591,8 @@ class ExpertBank {
     detail::require(call.d_output.rows() == rows && call.d_output.cols() == input_dim(), function, what,
                     " grouped_d_output must be ", rows, "x", input_dim(), ", got ", call.d_output.rows(), "x",
                     call.d_output.cols());
-    detail::require(call.gate_of_row->size() == rows || call.gate_of_row->size() == 0, function, what,
-                    " gate_of_row has ", call.gate_of_row->size(), " entries, expected ", rows, " (or 0)");
+    detail::require(call.gate_of_row.size() == rows || call.gate_of_row.size() == 0, function, what,
+                    " gate_of_row has ", call.gate_of_row.size(), " entries, expected ", rows, " (or 0)");
     detail::require(static_cast<Index>(call.gradients->size()) == num_experts(), function, what, " gradients has ",
                     call.gradients->size(), " experts, the bank ", num_experts());
     for (const ExpertT& gradient : *call.gradients) {
@@ -602,7 +608,7 @@ class ExpertBank {
     workspace.hidden.resize(rows, hidden_dim());
     workspace.d_pre.resize(rows, pre_activation_width());
     call.d_input->resize(rows, input_dim());
-    call.d_gate_of_row->resize(call.gate_of_row->size() > 0 ? rows : 0);
+    call.d_gate_of_row->resize(call.gate_of_row.size() > 0 ? rows : 0);
     if (pack_weights) pack_transposed_weights(call.offsets, workspace);
     detail::make_expert_tiles(call.offsets, row_tile, workspace.expert_order, workspace.tiles);
     const auto threads = static_cast<std::size_t>(detail::max_threads());
@@ -630,7 +636,7 @@ class ExpertBank {
                    d_hidden.outerStride(), Scalar(1), false);
     }
     expert.activate(pre, hidden);
-    const Vector<Scalar>& gates = *call.gate_of_row;
+    const Eigen::Ref<const Vector<Scalar>>& gates = call.gate_of_row;
     if (gates.size() > 0) {
       Vector<Scalar>& d_gates = *call.d_gate_of_row;
       for (Index r = 0; r < tile.rows; ++r) {
@@ -693,7 +699,7 @@ class ExpertBank {
     const char* function = "sparsemoe::ExpertBank::backward";
     require_backward(own, function, "the");
     if (companion) {
-      detail::require(companion->bank && companion->gate_of_row && companion->d_input && companion->d_gate_of_row &&
+      detail::require(companion->bank && companion->d_input && companion->d_gate_of_row &&
                           companion->gradients && companion->workspace && companion->bank->input_dim() == input_dim(),
                       function, "the companion needs a bank of width ", input_dim(),
                       ", gates, outputs, gradients and a workspace");

@@ -11,8 +11,10 @@
 #include "config.hpp"
 #include "expert.hpp"
 #include "expert_bank.hpp"
+#include "forward_result.hpp"
 #include "gate.hpp"
 #include "hierarchical_moe.hpp"
+#include "layer_gradients.hpp"
 #include "losses.hpp"
 #include "moe_layer.hpp"
 #include "optimizers.hpp"
@@ -25,5 +27,6 @@
 #include "soft_moe.hpp"
 #include "dispatch.hpp"
 #include "training_losses.hpp"
+#include "workspaces.hpp"
 
 #endif  // SPARSEMOE_SPARSEMOE_HPP
