@@ -415,6 +415,62 @@ void BM_LayerForwardBackward(benchmark::State& state, const Config& c, int threa
   state.counters["cache_bound_bytes"] = static_cast<double>(c.tokens * c.k * (c.d + c.h)) * sizeof(Scalar);
 }
 
+/// The other routing paradigms at a config's sizes, with the expert FLOPs of its top-k layer:
+/// expert choice with capacity factor k (E·C = T·k rows when E divides T·k: the compute of top-k
+/// token choice) and hash routing with k hashes of the token ids 0 … T−1. An evaluation forward,
+/// or (with `backward`) a training forward and backward, into reused results and workspaces.
+template <typename ParadigmLayer, typename Forward>
+void run_paradigm(benchmark::State& state, const Config& c, int threads, bool backward, const ParadigmLayer& layer,
+                  const Forward& forward) {
+  set_threads(threads);
+  Setup& s = setup_for(c);
+  sparsemoe::PlannedForwardOptions options;
+  options.mode = backward ? sparsemoe::Mode::training : sparsemoe::Mode::evaluation;
+  typename ParadigmLayer::Result result;
+  typename ParadigmLayer::Workspace workspace;
+  auto gradients = layer.make_gradients();
+  Mat d_input;
+  const auto step = [&] {
+    forward(s.input, options, result, workspace);
+    if (backward) layer.backward(result, s.d_output, gradients, d_input, workspace);
+  };
+  step();  // untimed: workspaces and results in place, as at every later step
+  for (auto _ : state) {
+    step();
+    benchmark::DoNotOptimize(result.output.data());
+  }
+  add_rate_counters(state, (backward ? 3 : 1) * expert_forward_flops(c), c.tokens, threads);
+  state.counters["max_expert_rows"] = static_cast<double>(result.tokens_per_expert().maxCoeff());
+}
+
+void BM_ExpertChoice(benchmark::State& state, const Config& c, int threads, bool backward) {
+  sparsemoe::ExpertChoiceConfig config;
+  config.input_dim = c.d;
+  config.hidden_dim = c.h;
+  config.num_experts = c.experts;
+  config.router.capacity_factor = static_cast<double>(c.k);
+  config.seed = 42;
+  const sparsemoe::ExpertChoiceLayer<Scalar> layer(config);
+  run_paradigm(state, c, threads, backward, layer, [&](const Mat& x, const auto& options, auto& result, auto& workspace) {
+    layer.forward(x, options, result, workspace);
+  });
+}
+
+void BM_Hash(benchmark::State& state, const Config& c, int threads, bool backward) {
+  sparsemoe::HashMoEConfig config;
+  config.input_dim = c.d;
+  config.hidden_dim = c.h;
+  config.num_experts = c.experts;
+  config.router.k = c.k;
+  config.seed = 42;
+  const sparsemoe::HashMoELayer<Scalar> layer(config);
+  sparsemoe::IndexVector ids(c.tokens);
+  for (Index t = 0; t < c.tokens; ++t) ids[t] = t;
+  run_paradigm(state, c, threads, backward, layer, [&](const Mat& x, const auto& options, auto& result, auto& workspace) {
+    layer.forward(x, ids, options, result, workspace);
+  });
+}
+
 /// The API a newcomer calls first: forward(x, options) returning a new result (and, with
 /// `backward`, backward(result, d_y, gradients) returning ∂L/∂x), which take their workspaces from
 /// the layer's pool. Compared with the workspace rows above in the ratio table.
@@ -760,6 +816,15 @@ void register_all() {
                       sparsemoe::GShardRouter<Scalar>(a.d, a.experts, sparsemoe::GShardRouterOptions{}))
         ->UseRealTime()
         ->Unit(benchmark::kMillisecond);
+    for (const bool backward : {false, true}) {
+      const std::string kind = backward ? "/ForwardBackward" : "/Forward";
+      RegisterBenchmark(("A/ExpertChoice" + kind + suffix).c_str(), BM_ExpertChoice, a, t, backward)
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond);
+      RegisterBenchmark(("A/Hash" + kind + suffix).c_str(), BM_Hash, a, t, backward)
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond);
+    }
     RegisterBenchmark(("A/Stage/Group" + suffix).c_str(), BM_Group, a, t)->UseRealTime()->Unit(benchmark::kMillisecond);
     RegisterBenchmark(("A/Stage/Combine" + suffix).c_str(), BM_Combine, a, t)->UseRealTime()->Unit(benchmark::kMillisecond);
     RegisterBenchmark(("A/Stage/ExpertCompute" + suffix).c_str(), BM_ExpertCompute, a, t)

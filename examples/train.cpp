@@ -15,17 +15,40 @@
 // The gate starts at W_g = W_noise = 0, as the layer initialises it (the paper's choice);
 // --gate-init uniform starts it at small random values instead.
 //
-//   train [--steps N] [--batch N] [--experts N] [--k N] [--hidden N] [--lr X]
-//         [--w-importance X] [--w-load X] [--seed N] [--csv PATH] [--gate-init zero|uniform]
-//         [--threads N] [--quiet] [--paradigm topk|soft|hierarchical] [--groups N] [--k-groups N]
+// --router picks the layer's router; every router trains on the same task, from the same seeds:
+//   noisy-top-k     the layer's default, NoisyTopKGate (Shazeer et al. 2017) with the CV²
+//                   importance and load losses (--w-importance, --w-load)
+//   softmax-top-k   SoftmaxTopKRouter with renormalised top-k gates (Mixtral)
+//   switch          SwitchRouter: top-1 of a softmax (Switch Transformer); k = 1
+//   gshard          GShardRouter: top-2, the second expert dispatched with probability
+//                   min(1, 2·g₂) in training; k = 2; its balance loss counts first choices only
+//   sigmoid-bias    SigmoidTopKRouter (DeepSeek-V3): sigmoid scores, renormalised top-k gates,
+//                   and a selection bias that update_selection_bias moves by γ (--bias-rate)
+//                   after every step instead of a balance loss
+// softmax-top-k, switch and gshard train with the Switch/GShard balance loss (α = 0.01,
+// --w-balance) and the router z-loss (1e-3, --w-z); sigmoid-bias with neither by default, as
+// DeepSeek-V3 balances by the bias alone. The four top-k routers start from small random weights
+// (--gate-init uniform). --capacity-factor caps the rows of each expert (ForwardOptions::capacity;
+// dropless by default).
 //
-// --paradigm soft trains a SoftMoELayer instead (normalised, n = batch·k/E slots per expert: the
-// expert FLOPs of top-k), --paradigm hierarchical a HierarchicalMoELayer (--groups groups of
-// E/groups experts, --k-groups groups per token and --k experts inside each), on the same task
-// with the same optimizer.
+//   train [--router NAME] [--steps N] [--batch N] [--experts N] [--k N] [--hidden N] [--lr X]
+//         [--w-importance X] [--w-load X] [--w-balance X] [--w-z X] [--bias-rate X]
+//         [--capacity-factor X] [--drop-policy position|slot|probability] [--seed N]
+//         [--csv PATH] [--routing-csv PATH] [--gate-init zero|uniform] [--threads N] [--quiet]
+//         [--paradigm topk|soft|hierarchical] [--groups N] [--k-groups N]
+//
+// --paradigm soft trains a SoftMoELayer instead of the top-k layer (normalised, n = batch·k/E
+// slots per expert: the expert FLOPs of top-k), --paradigm hierarchical a HierarchicalMoELayer
+// (--groups groups of E/groups experts, --k-groups groups per token and --k experts inside each),
+// on the same task with the same optimizer; --router does not apply to them.
 //
 // Writes one CSV row per step: step,loss,aux_loss,load_0..load_{E-1} (load = tokens routed to
-// each expert at that step). Plot it with scripts/plot-training.
+// each expert at that step). Plot it with scripts/plot-training. --routing-csv adds a second log
+// of the dispatch telemetry (RoutingStats) per step: step,capacity,router_dropped,
+// capacity_dropped,max_rows,mean_rows,rows_0..rows_{E-1},dropped_0..dropped_{E-1} (rows after
+// capacity, dropped = slots the capacity refused, per expert); scripts/plot-routing draws it.
+// The summary ends with one line "summary: router=NAME key=value ..." that scripts/compare-routers
+// reads.
 
 #include <sparsemoe/sparsemoe.hpp>
 
@@ -38,9 +61,14 @@
 #include <exception>
 #include <fstream>
 #include <iostream>
+#include <iterator>
+#include <optional>
 #include <random>
+#include <sstream>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #ifdef _OPENMP
@@ -66,23 +94,66 @@ constexpr Index clusters = 8;          // C
 constexpr Index map_width = 32;        // width m of each cluster's map tanh(x·A_c)·B_c
 constexpr double cluster_spread = 0.5; // per-coordinate standard deviation inside a cluster
 
+/// The routers --router chooses from, in the order of router_names.
+enum class RouterChoice { noisy_top_k, softmax_top_k, switch_top_1, gshard_top_2, sigmoid_bias };
+
+/// --router's names, indexed by RouterChoice.
+constexpr const char* router_names[] = {"noisy-top-k", "softmax-top-k", "switch", "gshard", "sigmoid-bias"};
+
+const char* router_name(RouterChoice router) { return router_names[static_cast<int>(router)]; }
+
+/// "noisy-top-k, softmax-top-k, ...": the valid --router values.
+std::string router_list() {
+  std::string list;
+  for (const char* name : router_names) list += (list.empty() ? "" : ", ") + std::string(name);
+  return list;
+}
+
+RouterChoice parse_router(const std::string& text) {
+  for (int i = 0; i < static_cast<int>(std::size(router_names)); ++i) {
+    if (text == router_names[i]) return static_cast<RouterChoice>(i);
+  }
+  throw std::invalid_argument("unknown router '" + text + "'; valid routers: " + router_list());
+}
+
 struct Options {
+  RouterChoice router = RouterChoice::noisy_top_k;
   Index steps = 3000;
   Index batch = 256;
   Index experts = 8;
-  Index k = 2;
+  std::optional<Index> k;  ///< unset: 2, or the router's own k (switch: 1)
   Index hidden = 64;
   double learning_rate = 3e-3;
   double importance_weight = 0.1;
   double load_weight = 0.1;
+  std::optional<double> balance_weight;  ///< unset: 0.01, or 0 for sigmoid-bias
+  std::optional<double> z_weight;        ///< unset: 1e-3, or 0 for sigmoid-bias
+  std::optional<double> bias_rate;       ///< γ of update_selection_bias; unset: selection_bias_rate()
+  double capacity_factor = 0;            ///< 0: dropless
+  sparsemoe::DropPolicy drop_policy = sparsemoe::DropPolicy::by_position;
   std::uint64_t seed = 1;
   std::string csv = "training.csv";
+  std::string routing_csv;  ///< empty: no routing log
   bool quiet = false;
-  bool uniform_gate = false;  ///< W_g, W_noise ~ U(−1/√d, 1/√d) instead of zeros
-  Index threads = 0;          ///< OpenMP threads; 0 = OpenMP's default (OMP_NUM_THREADS or all cores)
-  std::string paradigm = "topk";  ///< topk (MoELayer), soft (SoftMoELayer) or hierarchical
-  Index groups = 2;               ///< hierarchical: groups a
-  Index k_groups = 1;             ///< hierarchical: groups per token k_p (k experts inside each)
+  std::optional<bool> uniform_gate;  ///< unset: zero for noisy-top-k, uniform for the others
+  Index threads = 0;                 ///< OpenMP threads; 0 = OpenMP's default (OMP_NUM_THREADS or all cores)
+  std::string paradigm = "topk";     ///< topk (MoELayer), soft (SoftMoELayer) or hierarchical
+  Index groups = 2;                  ///< hierarchical: groups a
+  Index k_groups = 1;                ///< hierarchical: groups per token k_p (k experts inside each)
+
+  bool noisy() const { return router == RouterChoice::noisy_top_k; }
+  Index experts_per_token() const { return k.value_or(router == RouterChoice::switch_top_1 ? 1 : 2); }
+  double balance_loss_weight() const {
+    return balance_weight.value_or(noisy() || router == RouterChoice::sigmoid_bias ? 0.0 : 0.01);
+  }
+  double z_loss_weight() const {
+    return z_weight.value_or(noisy() || router == RouterChoice::sigmoid_bias ? 0.0 : 1e-3);
+  }
+  bool uniform_gate_init() const { return uniform_gate.value_or(!noisy()); }
+  /// γ: DeepSeek-V3 takes 1e-3 per step over batches of millions of tokens; on 256 tokens that
+  /// makes the bias chase the batch's noise (final load CV² 0.054 here, 0.25 with 1e-2), 1e-4
+  /// balances (0.015).
+  double selection_bias_rate() const { return bias_rate.value_or(1e-4); }
 };
 
 void print_usage(std::ostream& out, const char* program) {
@@ -92,19 +163,35 @@ void print_usage(std::ostream& out, const char* program) {
       << "synthetic task: " << clusters << " Gaussian input clusters, each with its own random nonlinear\n"
       << "target map tanh(x*A_c)*B_c, fresh samples every step.\n\n"
       << "Options (defaults in brackets):\n"
+      << "  --router NAME      the layer's router [" << router_name(defaults.router) << "]:\n"
+      << "                     noisy-top-k    noisy top-k gate with CV^2 losses (Shazeer et al. 2017)\n"
+      << "                     softmax-top-k  renormalised top-k of a softmax (Mixtral)\n"
+      << "                     switch         top-1 of a softmax (Switch Transformer), k = 1\n"
+      << "                     gshard         top-2, random second expert (GShard), k = 2\n"
+      << "                     sigmoid-bias   sigmoid top-k with an aux-loss-free selection bias\n"
+      << "                                    (DeepSeek-V3)\n"
       << "  --steps N          training steps [" << defaults.steps << "]\n"
       << "  --batch N          tokens per step [" << defaults.batch << "]\n"
       << "  --experts N        experts E [" << defaults.experts << "]\n"
-      << "  --k N              experts per token, 1 <= k <= E [" << defaults.k << "]\n"
+      << "  --k N              experts per token, 1 <= k <= E [2; switch: 1]\n"
       << "  --hidden N         hidden width h of each expert [" << defaults.hidden << "]\n"
       << "  --lr X             Adam learning rate [" << defaults.learning_rate << "]\n"
-      << "  --w-importance X   weight of the importance loss [" << defaults.importance_weight << "]\n"
-      << "  --w-load X         weight of the load loss [" << defaults.load_weight << "]\n"
+      << "  --w-importance X   noisy-top-k: weight of the importance loss [" << defaults.importance_weight << "]\n"
+      << "  --w-load X         noisy-top-k: weight of the load loss [" << defaults.load_weight << "]\n"
+      << "  --w-balance X      top-k routers: weight alpha of the balance loss alpha*E*sum_i f_i*P_i\n"
+      << "                     [0.01; sigmoid-bias: 0]\n"
+      << "  --w-z X            top-k routers: weight of the router z-loss [0.001; sigmoid-bias: 0]\n"
+      << "  --bias-rate X      sigmoid-bias: update rate gamma of the selection bias [0.0001]\n"
+      << "  --capacity-factor X  cap each expert at ceil(X*T*k/E) rows, dropping the rest; 0 = dropless [0]\n"
+      << "  --drop-policy position|slot|probability  which slots a full expert keeps: first come\n"
+      << "                     (token order), first choices first, or the largest gates [position]\n"
       << "  --seed N           seed of the task, the initial weights and the gate noise [" << defaults.seed
       << "]\n"
       << "  --csv PATH         per-step log: step,loss,aux_loss,load_0..load_{E-1} [" << defaults.csv << "]\n"
-      << "  --gate-init zero|uniform  W_g and W_noise start at zero (the paper's choice) or at\n"
-      << "                     U(-1/sqrt(d), 1/sqrt(d)) [zero]\n"
+      << "  --routing-csv PATH per-step routing log (capacity, drops, rows per expert), for\n"
+      << "                     scripts/plot-routing [none]\n"
+      << "  --gate-init zero|uniform  the router's weights start at zero (the paper's choice) or at\n"
+      << "                     U(-1/sqrt(d), 1/sqrt(d)) [zero; the top-k routers: uniform]\n"
       << "  --threads N        OpenMP threads, 0 = OpenMP's default [0]; at this size the layer's\n"
       << "                     parallel regions hold little work, and on a busy machine one thread\n"
       << "                     (or OMP_WAIT_POLICY=passive) is much faster\n"
@@ -143,8 +230,18 @@ double parse_double(const std::string& flag, const std::string& text) {
   return value;
 }
 
+/// Throws unless `flag` (given on the command line) applies to the chosen router.
+void require_router_option(const Options& options, bool given, const char* flag, bool applies, const char* routers) {
+  if (given && !applies) {
+    throw std::invalid_argument(std::string(flag) + " applies to " + routers + " only, not to --router " +
+                                router_name(options.router));
+  }
+}
+
 /// Parses argv; returns false when the program should stop (after --help).
 bool parse_options(int argc, char** argv, Options& options) {
+  bool importance_given = false;
+  bool load_given = false;
   for (int i = 1; i < argc; ++i) {
     std::string flag = argv[i];
     std::string value;
@@ -167,7 +264,9 @@ bool parse_options(int argc, char** argv, Options& options) {
       if (i + 1 >= argc) throw std::invalid_argument("unknown option or missing value: " + flag);
       value = argv[++i];
     }
-    if (flag == "--steps") {
+    if (flag == "--router") {
+      options.router = parse_router(value);
+    } else if (flag == "--steps") {
       options.steps = parse_index(flag, value);
     } else if (flag == "--batch") {
       options.batch = parse_index(flag, value);
@@ -181,14 +280,38 @@ bool parse_options(int argc, char** argv, Options& options) {
       options.learning_rate = parse_double(flag, value);
     } else if (flag == "--w-importance") {
       options.importance_weight = parse_double(flag, value);
+      importance_given = true;
     } else if (flag == "--w-load") {
       options.load_weight = parse_double(flag, value);
+      load_given = true;
+    } else if (flag == "--w-balance") {
+      options.balance_weight = parse_double(flag, value);
+    } else if (flag == "--w-z") {
+      options.z_weight = parse_double(flag, value);
+    } else if (flag == "--bias-rate") {
+      options.bias_rate = parse_double(flag, value);
+      if (!(*options.bias_rate >= 0)) throw std::invalid_argument("--bias-rate must be >= 0");
+    } else if (flag == "--capacity-factor") {
+      options.capacity_factor = parse_double(flag, value);
+      if (!(options.capacity_factor >= 0)) throw std::invalid_argument("--capacity-factor must be >= 0 (0: dropless)");
+    } else if (flag == "--drop-policy") {
+      if (value == "position") {
+        options.drop_policy = sparsemoe::DropPolicy::by_position;
+      } else if (value == "slot") {
+        options.drop_policy = sparsemoe::DropPolicy::by_slot_then_position;
+      } else if (value == "probability") {
+        options.drop_policy = sparsemoe::DropPolicy::by_probability;
+      } else {
+        throw std::invalid_argument("--drop-policy must be position, slot or probability");
+      }
     } else if (flag == "--seed") {
       const Index seed = parse_index(flag, value);
       if (seed < 0) throw std::invalid_argument("--seed must be >= 0");
       options.seed = static_cast<std::uint64_t>(seed);
     } else if (flag == "--csv") {
       options.csv = value;
+    } else if (flag == "--routing-csv") {
+      options.routing_csv = value;
     } else if (flag == "--threads") {
       options.threads = parse_index(flag, value);
       if (options.threads < 0) throw std::invalid_argument("--threads must be >= 0");
@@ -211,6 +334,20 @@ bool parse_options(int argc, char** argv, Options& options) {
   if (options.steps < 1) throw std::invalid_argument("--steps must be >= 1");
   if (options.steps > Index(0xFFFFFFFF)) throw std::invalid_argument("--steps must be < 2^32");
   if (options.batch < 1) throw std::invalid_argument("--batch must be >= 1");
+  const bool top_k = !options.noisy();
+  const bool sigmoid = options.router == RouterChoice::sigmoid_bias;
+  require_router_option(options, importance_given, "--w-importance", !top_k, "--router noisy-top-k");
+  require_router_option(options, load_given, "--w-load", !top_k, "--router noisy-top-k");
+  require_router_option(options, options.balance_weight.has_value(), "--w-balance", top_k, "the top-k routers");
+  require_router_option(options, options.z_weight.has_value(), "--w-z", top_k, "the top-k routers");
+  require_router_option(options, options.bias_rate.has_value(), "--bias-rate", sigmoid, "--router sigmoid-bias");
+  const Index fixed_k = options.router == RouterChoice::switch_top_1   ? 1
+                        : options.router == RouterChoice::gshard_top_2 ? 2
+                                                                       : 0;
+  if (fixed_k > 0 && options.experts_per_token() != fixed_k) {
+    throw std::invalid_argument(std::string("--router ") + router_name(options.router) + " sends every token to " +
+                                (fixed_k == 1 ? "1 expert" : "2 experts") + ": --k must be " + std::to_string(fixed_k));
+  }
   return true;
 }
 
@@ -278,21 +415,41 @@ struct Window {
   double loss = 0;
   double aux_loss = 0;
   double cv_squared = 0;
+  double max_over_mean_rows = 0;  ///< Σ max rows / mean rows per expert (RoutingStats)
+  double router_dropped = 0;      ///< Σ slots the router did not dispatch
+  double capacity_dropped = 0;    ///< Σ slots dropped by expert capacity
   std::vector<double> load;
   Index steps = 0;
 
-  void add(double step_loss, double step_aux, const sparsemoe::IndexVector& tokens_per_expert) {
+  void add(double step_loss, double step_aux, const sparsemoe::IndexVector& tokens_per_expert,
+           const sparsemoe::RoutingStats& stats) {
     if (load.empty()) load.assign(static_cast<std::size_t>(tokens_per_expert.size()), 0.0);
     loss += step_loss;
     aux_loss += step_aux;
     const Eigen::VectorXd counts = tokens_per_expert.cast<double>();
     cv_squared += sparsemoe::cv_squared(counts);
     for (Index e = 0; e < counts.size(); ++e) load[static_cast<std::size_t>(e)] += counts[e];
+    if (stats.mean_rows_per_expert > 0) {
+      max_over_mean_rows += static_cast<double>(stats.max_rows_per_expert) / stats.mean_rows_per_expert;
+    }
+    router_dropped += static_cast<double>(stats.router_dropped_slots);
+    capacity_dropped += static_cast<double>(stats.capacity_dropped_slots);
     ++steps;
   }
   double mean_loss() const { return loss / static_cast<double>(steps); }
   double mean_aux_loss() const { return aux_loss / static_cast<double>(steps); }
   double mean_cv_squared() const { return cv_squared / static_cast<double>(steps); }
+  double mean_max_over_mean_rows() const { return max_over_mean_rows / static_cast<double>(steps); }
+  /// Percentages of the window's T·k slots: dropped by the router, by capacity, both.
+  double router_dropped_percent(Index slots_per_step) const {
+    return 100.0 * router_dropped / static_cast<double>(steps * slots_per_step);
+  }
+  double capacity_dropped_percent(Index slots_per_step) const {
+    return 100.0 * capacity_dropped / static_cast<double>(steps * slots_per_step);
+  }
+  double dropped_percent(Index slots_per_step) const {
+    return router_dropped_percent(slots_per_step) + capacity_dropped_percent(slots_per_step);
+  }
 };
 
 /// The layer in evaluation mode (no noise) on `tokens` fresh samples: its mean squared error and,
@@ -303,7 +460,8 @@ struct Evaluation {
   std::vector<double> usual_share;  ///< per cluster
 };
 
-Evaluation evaluate(const sparsemoe::MoELayer<Scalar>& layer, Task& task, Index tokens) {
+template <typename Layer>
+Evaluation evaluate(const Layer& layer, Task& task, Index tokens) {
   Matrix x(tokens, input_dim);
   Matrix y(tokens, input_dim);
   std::vector<Index> cluster_of;
@@ -373,20 +531,59 @@ int thread_count() {
 #endif
 }
 
-int run(const Options& options) {
-#ifdef _OPENMP
-  if (options.threads > 0) omp_set_num_threads(static_cast<int>(options.threads));
-#endif
-  sparsemoe::MoEConfig config;
-  config.input_dim = input_dim;
-  config.hidden_dim = options.hidden;
-  config.num_experts = options.experts;
-  config.k = options.k;
-  config.seed = options.seed;
-  // The gate starts at W_g = W_noise = 0, as the layer (and the paper) initialise it: every
-  // expert equally likely, routing decided by the noise until W_g learns.
-  sparsemoe::MoELayer<Scalar> layer(config);
-  if (options.uniform_gate) layer.gate().initialize_uniform(options.seed + 3);
+const char* drop_policy_name(sparsemoe::DropPolicy policy) {
+  switch (policy) {
+    case sparsemoe::DropPolicy::by_position:
+      return "by position";
+    case sparsemoe::DropPolicy::by_slot_then_position:
+      return "first choices first";
+    case sparsemoe::DropPolicy::by_probability:
+      return "by probability";
+  }
+  return "?";
+}
+
+/// The summary's description of the router and its loss weights. For noisy-top-k without
+/// capacity it is the text the example has always printed.
+std::string router_settings(const Options& options) {
+  std::ostringstream text;
+  if (options.noisy()) {
+    text << "w_importance " << options.importance_weight << ", w_load " << options.load_weight;
+  } else {
+    text << "router " << router_name(options.router) << ", w_balance " << options.balance_loss_weight() << ", w_z "
+         << options.z_loss_weight();
+    if (options.router == RouterChoice::sigmoid_bias) text << ", bias rate " << options.selection_bias_rate();
+  }
+  if (options.capacity_factor > 0) {
+    text << ", capacity factor " << options.capacity_factor << " (" << drop_policy_name(options.drop_policy) << ")";
+  }
+  return text.str();
+}
+
+void write_routing_header(std::ostream& out, Index experts) {
+  out << "step,capacity,router_dropped,capacity_dropped,max_rows,mean_rows";
+  for (Index e = 0; e < experts; ++e) out << ",rows_" << e;
+  for (Index e = 0; e < experts; ++e) out << ",dropped_" << e;
+  out << '\n';
+}
+
+void write_routing_row(std::ostream& out, Index step, const sparsemoe::IndexVector& rows,
+                       const sparsemoe::RoutingStats& stats) {
+  out << step << ',' << stats.capacity << ',' << stats.router_dropped_slots << ',' << stats.capacity_dropped_slots
+      << ',' << stats.max_rows_per_expert << ',' << stats.mean_rows_per_expert;
+  for (Index e = 0; e < rows.size(); ++e) out << ',' << rows[e];
+  for (Index e = 0; e < rows.size(); ++e) {
+    out << ',' << (stats.capacity_dropped_per_expert.size() == rows.size() ? stats.capacity_dropped_per_expert[e] : 0);
+  }
+  out << '\n';
+}
+
+/// Trains `layer` (whatever its router) on the task and prints the summary.
+template <typename Layer>
+int train(const Options& options, Layer& layer) {
+  constexpr bool selection_bias =
+      std::is_same<typename Layer::RouterType, sparsemoe::SigmoidTopKRouter<Scalar>>::value;
+  const Index k = layer.k();
   auto gradients = layer.make_gradients();
 
   sparsemoe::AdamOptions adam_options;
@@ -397,8 +594,27 @@ int run(const Options& options) {
   forward_options.mode = sparsemoe::Mode::training;
   forward_options.importance_weight = options.importance_weight;
   forward_options.load_weight = options.load_weight;
+  forward_options.balance_loss_weight = options.balance_loss_weight();
+  forward_options.z_loss_weight = options.z_loss_weight();
+  if (options.router == RouterChoice::gshard_top_2) {
+    forward_options.balance_loss.counts = sparsemoe::BalanceCounts::first_slot;  // GShard counts first choices
+  }
+  // Sigmoid scores do not sum to 1 per token; DeepSeek-V3 normalises them in its balance loss.
+  forward_options.balance_loss.normalize_scores = selection_bias;
+  if (options.capacity_factor > 0) {
+    sparsemoe::CapacityOptions capacity;
+    capacity.factor = options.capacity_factor;
+    capacity.policy = options.drop_policy;
+    forward_options.capacity = capacity;
+  }
 
   std::ofstream csv = open_csv(options);
+  std::ofstream routing_csv;
+  if (!options.routing_csv.empty()) {
+    routing_csv.open(options.routing_csv);
+    if (!routing_csv) throw std::runtime_error("cannot write " + options.routing_csv);
+    write_routing_header(routing_csv, options.experts);
+  }
 
   Task task(options.seed, options.seed + 1);
   Task evaluation_task(options.seed, options.seed + 2);  // same task, other samples
@@ -419,10 +635,11 @@ int run(const Options& options) {
   Index recent_steps = 0;
 
   // Reused from step to step: forward and backward then keep their buffers after the first step.
-  sparsemoe::ForwardResult<Scalar> result;
+  typename Layer::Result result;
   sparsemoe::ForwardWorkspace<Scalar> workspace;
-  sparsemoe::BackwardWorkspace<Scalar> backward_workspace;
+  typename Layer::BackwardWorkspaceType backward_workspace;
   sparsemoe::Matrix<Scalar> d_input;
+  sparsemoe::IndexVector routed_per_expert;  // sigmoid-bias: the loads its bias update reads
   const auto parameters = layer.tensors();  // views, valid while the shapes stay
   const auto gradient_tensors = gradients.tensors();
   for (Index step = 0; step < options.steps; ++step) {
@@ -435,13 +652,21 @@ int run(const Options& options) {
     layer.backward(result, sparsemoe::mean_squared_error_gradient(result.output, y), gradients, d_input,
                    backward_workspace);
     adam.step(parameters, gradient_tensors);
+    if constexpr (selection_bias) {
+      // DeepSeek-V3's auxiliary-loss-free balancing: move each expert's selection bias by γ
+      // toward the mean load, counted over the slots the router chose (before any capacity).
+      sparsemoe::count_tokens_per_expert(result.routing, routed_per_expert);
+      sparsemoe::update_selection_bias(layer.router().selection_bias(), routed_per_expert,
+                                       options.selection_bias_rate(), false);
+    }
 
     const auto& load = result.tokens_per_expert();
     csv << step << ',' << loss << ',' << aux_loss;
     for (Index e = 0; e < load.size(); ++e) csv << ',' << load[e];
     csv << '\n';
-    if (step < window) first_steps.add(loss, aux_loss, load);
-    if (step >= options.steps - window) last_steps.add(loss, aux_loss, load);
+    if (routing_csv.is_open()) write_routing_row(routing_csv, step, load, result.stats());
+    if (step < window) first_steps.add(loss, aux_loss, load, result.stats());
+    if (step >= options.steps - window) last_steps.add(loss, aux_loss, load, result.stats());
     recent_loss += loss;
     recent_aux_loss += aux_loss;
     ++recent_steps;
@@ -473,14 +698,14 @@ int run(const Options& options) {
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   const Evaluation after = evaluate(layer, evaluation_task, 4096);
   csv.close();
+  if (routing_csv.is_open()) routing_csv.close();
+  if (!csv || (!options.routing_csv.empty() && !routing_csv)) throw std::runtime_error("writing a log failed");
 
-  std::printf("\nMoE layer: d=%lld h=%lld E=%lld k=%lld, batch %lld, %lld steps, Adam lr %g, w_importance %g, "
-              "w_load %g, seed %llu, %d thread(s)\n",
+  std::printf("\nMoE layer: d=%lld h=%lld E=%lld k=%lld, batch %lld, %lld steps, Adam lr %g, %s, seed %llu, %d thread(s)\n",
               static_cast<long long>(input_dim), static_cast<long long>(options.hidden),
-              static_cast<long long>(options.experts), static_cast<long long>(options.k),
+              static_cast<long long>(options.experts), static_cast<long long>(k),
               static_cast<long long>(options.batch), static_cast<long long>(options.steps), options.learning_rate,
-              options.importance_weight, options.load_weight, static_cast<unsigned long long>(options.seed),
-              thread_count());
+              router_settings(options).c_str(), static_cast<unsigned long long>(options.seed), thread_count());
   std::printf("time: %.1f s, %.0f tokens/s\n", seconds,
               static_cast<double>(options.steps * options.batch) / std::max(seconds, 1e-9));
   print_loss_windows(first_steps, last_steps, window);
@@ -493,10 +718,75 @@ int run(const Options& options) {
   }
   std::printf("\n");
   std::printf("per-expert load (tokens per step, fraction of the batch's %lld routed rows):\n",
-              static_cast<long long>(options.batch * options.k));
-  print_load_table(first_steps, last_steps, options.batch, options.k);
+              static_cast<long long>(options.batch * k));
+  print_load_table(first_steps, last_steps, options.batch, k);
+  const Index slots = options.batch * k;
+  std::printf("routing telemetry (RoutingStats, same windows):\n");
+  std::printf("  max/mean rows per expert: %.3f -> %.3f\n", first_steps.mean_max_over_mean_rows(),
+              last_steps.mean_max_over_mean_rows());
+  std::printf("  dropped slots, %% of T*k: %.2f%% -> %.2f%% (by the router %.2f%% -> %.2f%%, by capacity %.2f%% -> "
+              "%.2f%%)\n",
+              first_steps.dropped_percent(slots), last_steps.dropped_percent(slots),
+              first_steps.router_dropped_percent(slots), last_steps.router_dropped_percent(slots),
+              first_steps.capacity_dropped_percent(slots), last_steps.capacity_dropped_percent(slots));
+  const double milliseconds_per_step = 1e3 * seconds / static_cast<double>(options.steps);
+  std::printf("time per step: %.2f ms\n", milliseconds_per_step);
+  std::printf("summary: router=%s k=%lld final_loss=%.4f heldout_mse=%.4f load_cv2=%.4f max_mean_rows=%.3f "
+              "dropped_pct=%.2f ms_per_step=%.2f\n",
+              router_name(options.router), static_cast<long long>(k), last_steps.mean_loss(), after.loss,
+              last_steps.mean_cv_squared(), last_steps.mean_max_over_mean_rows(), last_steps.dropped_percent(slots),
+              milliseconds_per_step);
   std::printf("per-step log written to %s\n", options.csv.c_str());
+  if (!options.routing_csv.empty()) std::printf("routing log written to %s\n", options.routing_csv.c_str());
   return 0;
+}
+
+/// A layer with the top-k router `router` (built with the config's d, E and k).
+template <typename Router>
+int train_with(const Options& options, const sparsemoe::MoEConfig& config, Router router) {
+  sparsemoe::MoELayer<Scalar, sparsemoe::Expert<Scalar, sparsemoe::Relu>, Router> layer(config, std::move(router));
+  if (options.uniform_gate_init()) layer.router().initialize_uniform(options.seed + 3);
+  return train(options, layer);
+}
+
+int run(const Options& options) {
+#ifdef _OPENMP
+  if (options.threads > 0) omp_set_num_threads(static_cast<int>(options.threads));
+#endif
+  sparsemoe::MoEConfig config;
+  config.input_dim = input_dim;
+  config.hidden_dim = options.hidden;
+  config.num_experts = options.experts;
+  config.k = options.experts_per_token();
+  config.seed = options.seed;
+  switch (options.router) {
+    case RouterChoice::noisy_top_k: {
+      // The gate starts at W_g = W_noise = 0, as the layer (and the paper) initialise it: every
+      // expert equally likely, routing decided by the noise until W_g learns.
+      sparsemoe::MoELayer<Scalar> layer(config);
+      if (options.uniform_gate_init()) layer.gate().initialize_uniform(options.seed + 3);
+      return train(options, layer);
+    }
+    case RouterChoice::softmax_top_k: {
+      sparsemoe::SoftmaxTopKRouterOptions mixtral;  // renormalised top-k of the softmax
+      mixtral.k = config.k;
+      mixtral.normalize_top_k = true;
+      return train_with(options, config, sparsemoe::SoftmaxTopKRouter<Scalar>(input_dim, options.experts, mixtral));
+    }
+    case RouterChoice::switch_top_1:
+      return train_with(options, config, sparsemoe::SwitchRouter<Scalar>(input_dim, options.experts));
+    case RouterChoice::gshard_top_2: {
+      sparsemoe::GShardRouterOptions gshard;  // random second expert in training
+      gshard.seed = options.seed + 4;
+      return train_with(options, config, sparsemoe::GShardRouter<Scalar>(input_dim, options.experts, gshard));
+    }
+    case RouterChoice::sigmoid_bias: {
+      sparsemoe::SigmoidTopKRouterOptions deepseek;  // renormalised top-k of σ(z), selection bias
+      deepseek.k = config.k;
+      return train_with(options, config, sparsemoe::SigmoidTopKRouter<Scalar>(input_dim, options.experts, deepseek));
+    }
+  }
+  throw std::logic_error("unhandled router");
 }
 
 /// What one training step of a Soft or hierarchical MoE reports.
@@ -504,6 +794,7 @@ struct StepRecord {
   double loss = 0;
   double aux_loss = 0;
   sparsemoe::IndexVector load;  ///< rows each expert processed
+  sparsemoe::RoutingStats stats;  ///< the dispatch telemetry (Soft MoE: n rows per expert, nothing dropped)
 };
 
 /// Mean squared error of `predict` on `batches` fresh batches of `batch` tokens (Soft MoE mixes the
@@ -552,8 +843,8 @@ int run_paradigm(const Options& options, const std::string& description,
     csv << step << ',' << record.loss << ',' << record.aux_loss;
     for (Index e = 0; e < record.load.size(); ++e) csv << ',' << record.load[e];
     csv << '\n';
-    if (step < window) first_steps.add(record.loss, record.aux_loss, record.load);
-    if (step >= options.steps - window) last_steps.add(record.loss, record.aux_loss, record.load);
+    if (step < window) first_steps.add(record.loss, record.aux_loss, record.load, record.stats);
+    if (step >= options.steps - window) last_steps.add(record.loss, record.aux_loss, record.load, record.stats);
     if (!options.quiet && ((step + 1) % report_every == 0 || step + 1 == options.steps)) {
       std::printf("step %lld/%lld  loss %.4f  aux %.4f\n", static_cast<long long>(step + 1),
                   static_cast<long long>(options.steps), record.loss, record.aux_loss);
@@ -585,7 +876,7 @@ int run_soft(const Options& options) {
   config.input_dim = input_dim;
   config.hidden_dim = options.hidden;
   config.num_experts = options.experts;
-  config.slots_per_expert = std::max<Index>(1, options.batch * options.k / std::max<Index>(1, options.experts));
+  config.slots_per_expert = std::max<Index>(1, options.batch * options.experts_per_token() / std::max<Index>(1, options.experts));
   config.normalize = true;
   config.seed = options.seed;
   sparsemoe::SoftMoELayer<Scalar> layer(config);
@@ -602,6 +893,8 @@ int run_soft(const Options& options) {
     layer.backward(result, sparsemoe::mean_squared_error_gradient(result.output, y), gradients, backward_workspace,
                    d_input);
     record.load = sparsemoe::IndexVector::Constant(options.experts, config.slots_per_expert);
+    record.stats.max_rows_per_expert = config.slots_per_expert;
+    record.stats.mean_rows_per_expert = static_cast<double>(config.slots_per_expert);
     return record;
   };
   const auto predict = [&](const Matrix& x) { return layer.forward(x).output; };
@@ -617,10 +910,10 @@ int run_hierarchical(const Options& options) {
   config.num_experts = options.experts;
   config.num_groups = options.groups;
   config.k_groups = options.k_groups;
-  config.k_per_group = options.k;
+  config.k_per_group = options.experts_per_token();
   config.seed = options.seed;
   sparsemoe::HierarchicalMoELayer<Scalar> layer(config);
-  if (options.uniform_gate) {
+  if (options.uniform_gate_init()) {
     layer.primary_gate().initialize_uniform(options.seed + 3);
     for (Index i = 0; i < layer.num_groups(); ++i) {
       layer.secondary_gate(i).initialize_uniform(options.seed + 4 + static_cast<std::uint64_t>(i));
@@ -645,6 +938,7 @@ int run_hierarchical(const Options& options) {
     layer.backward(result, sparsemoe::mean_squared_error_gradient(result.output, y), gradients, backward_workspace,
                    d_input);
     record.load = result.plan.tokens_per_expert;
+    record.stats = result.plan.stats;
     return record;
   };
   const auto predict = [&](const Matrix& x) { return layer.forward(x).output; };

@@ -23,6 +23,8 @@ std::atomic<long> eigen_heap_allocations{0};
     if (!(condition)) eigen_heap_allocations.fetch_add(1, std::memory_order_relaxed); \
   } while (false)
 
+#include <sparsemoe/expert_choice.hpp>
+#include <sparsemoe/hash_layer.hpp>
 #include <sparsemoe/sparsemoe.hpp>
 
 #include <gtest/gtest.h>
@@ -160,6 +162,43 @@ void expect_no_backward_allocation(sparsemoe::Index tokens,
   EXPECT_TRUE(d_input.allFinite());
 }
 
+// ExpertChoiceLayer and HashMoELayer: a training step (forward into a reused result, backward
+// into reused gradients, d_input and workspace, an Adam update) on a new input of the same shape
+// must not allocate. `forward(input, result, workspace)` runs the layer's training forward.
+template <typename Layer, typename Forward>
+void expect_planned_step_allocates_nothing(Layer& layer, sparsemoe::Index tokens, const Forward& forward) {
+  using Scalar = typename Layer::Scalar;
+  sparsemoe::Matrix<Scalar> input = sparsemoe::Matrix<Scalar>::Random(tokens, 24);
+  const sparsemoe::Matrix<Scalar> d_output = sparsemoe::Matrix<Scalar>::Random(tokens, 24);
+  typename Layer::Result result;
+  typename Layer::Workspace workspace;
+  auto gradients = layer.make_gradients();
+  sparsemoe::Matrix<Scalar> d_input;
+  sparsemoe::Adam<Scalar> adam;
+  const auto parameters = layer.tensors();
+  const auto gradient_tensors = gradients.tensors();
+  const auto step = [&] {
+    forward(input, result, workspace);
+    gradients.set_zero();
+    layer.backward(result, d_output, gradients, d_input, workspace);
+    adam.step(parameters, gradient_tensors);
+  };
+  step();
+  const sparsemoe::Index rows = result.plan.num_rows();
+  const Scalar* d_input_data = d_input.data();
+  input = sparsemoe::Matrix<Scalar>::Random(tokens, 24);
+  const long before = allocations.load();
+  const long eigen_before = eigen_heap_allocations.load();
+  Eigen::internal::set_is_malloc_allowed(false);
+  step();
+  Eigen::internal::set_is_malloc_allowed(true);
+  EXPECT_EQ(allocations.load() - before, 0) << "operator new calls in a steady-state training step";
+  EXPECT_EQ(eigen_heap_allocations.load() - eigen_before, 0) << "Eigen heap allocations in a steady-state training step";
+  EXPECT_EQ(d_input.data(), d_input_data);
+  EXPECT_EQ(result.plan.num_rows(), rows);
+  EXPECT_TRUE(d_input.allFinite());
+}
+
 sparsemoe::CapacityOptions capacity(double factor, sparsemoe::DropPolicy policy) {
   sparsemoe::CapacityOptions options;
   options.factor = factor;
@@ -210,6 +249,30 @@ TEST(Allocation, SteadyStateTrainingStepWithCapacityAllocatesNothing) {
   expect_no_backward_allocation<float, sparsemoe::Expert<float, sparsemoe::Relu>>(
       300, capacity(0.3, DropPolicy::by_probability));
   expect_no_backward_allocation<double, sparsemoe::SwiGluExpert<double>>(300, capacity(0.3, DropPolicy::by_position));
+}
+
+TEST(Allocation, SteadyStateExpertChoiceAndHashStepsAllocateNothing) {
+  sparsemoe::ExpertChoiceConfig choice;
+  choice.input_dim = 24;
+  choice.hidden_dim = 40;
+  choice.num_experts = 6;
+  sparsemoe::ExpertChoiceLayer<float> expert_choice(choice);
+  sparsemoe::PlannedForwardOptions training;
+  training.mode = sparsemoe::Mode::training;
+  expect_planned_step_allocates_nothing(expert_choice, 300, [&](const auto& x, auto& result, auto& workspace) {
+    expert_choice.forward(x, training, result, workspace);
+  });
+  sparsemoe::HashMoEConfig hash;
+  hash.input_dim = 24;
+  hash.hidden_dim = 40;
+  hash.num_experts = 6;
+  hash.router.k = 2;
+  sparsemoe::HashMoELayer<double, sparsemoe::SwiGluExpert<double>> hashed(hash);
+  sparsemoe::IndexVector ids(300);
+  for (sparsemoe::Index t = 0; t < ids.size(); ++t) ids[t] = t * 13;
+  expect_planned_step_allocates_nothing(hashed, 300, [&](const auto& x, auto& result, auto& workspace) {
+    hashed.forward(x, ids, training, result, workspace);
+  });
 }
 
 TEST(Allocation, CountersSeeAllocations) {

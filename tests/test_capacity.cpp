@@ -19,6 +19,7 @@
 //     rejecting a plan whose capacity drops were edited; telemetry against naive counts
 //     (GShard: router drops and capacity drops together).
 #include "gradient_check.hpp"
+#include "planned_reference.hpp"
 #include "reference_gate.hpp"
 #include "router_reference.hpp"
 
@@ -45,6 +46,8 @@ using sparsemoe::IndexMatrix;
 using sparsemoe::Mode;
 using MatrixD = sparsemoe::Matrix<double>;
 using ExpertD = sparsemoe::Expert<double, sparsemoe::Silu>;
+using planned_reference::naive_expert;
+using planned_reference::random_matrix;
 
 constexpr DropPolicy all_policies[] = {DropPolicy::by_position, DropPolicy::by_slot_then_position,
                                        DropPolicy::by_probability};
@@ -435,30 +438,7 @@ sparsemoe::MoEConfig layer_config(Index d, Index h, Index experts, Index k, std:
   return config;
 }
 
-MatrixD random_matrix(Index rows, Index cols, std::uint64_t seed, double scale = 1.0) {
-  std::mt19937_64 generator(seed);
-  std::uniform_real_distribution<double> uniform(-scale, scale);
-  MatrixD m(rows, cols);
-  for (Index i = 0; i < m.size(); ++i) m.data()[i] = uniform(generator);
-  return m;
-}
 
-/// E(x) = silu(x·W1 + b1)·W2 + b2 of one token, by loops.
-std::vector<double> naive_expert(const ExpertD& expert, const MatrixD& x, Index token) {
-  const Index d = expert.input_dim(), h = expert.hidden_dim();
-  std::vector<double> hidden(static_cast<std::size_t>(h)), out(static_cast<std::size_t>(d));
-  for (Index j = 0; j < h; ++j) {
-    double a = expert.b1()(j);
-    for (Index i = 0; i < d; ++i) a += x(token, i) * expert.w1()(i, j);
-    hidden[static_cast<std::size_t>(j)] = a / (1.0 + std::exp(-a));
-  }
-  for (Index i = 0; i < d; ++i) {
-    double o = expert.b2()(i);
-    for (Index j = 0; j < h; ++j) o += hidden[static_cast<std::size_t>(j)] * expert.w2()(j, i);
-    out[static_cast<std::size_t>(i)] = o;
-  }
-  return out;
-}
 
 sparsemoe::SoftmaxTopKRouter<double> renormalised_router(Index d, Index experts, Index k, std::uint64_t seed) {
   sparsemoe::SoftmaxTopKRouterOptions o;
@@ -577,15 +557,7 @@ void check_gradients_with_capacity(Layer& layer, const sparsemoe::ForwardOptions
     };
     auto gradients = layer.make_gradients();
     const MatrixD d_x = layer.backward(result, output_weight, gradients);
-    std::vector<std::pair<std::string, sparsemoe_test::GradientCheckResult>> checks;
-    checks.emplace_back("input", sparsemoe_test::check_gradient(loss, x, d_x));
-    auto parameters = layer.tensors();
-    auto gradient_views = gradients.tensors();
-    ASSERT_EQ(parameters.size(), gradient_views.size());
-    for (std::size_t t = 0; t < parameters.size(); ++t) {
-      ASSERT_EQ(parameters[t].name, gradient_views[t].name);
-      checks.emplace_back(parameters[t].name, sparsemoe_test::check_gradient(loss, parameters[t], gradient_views[t]));
-    }
+    const auto checks = planned_reference::check_every_gradient(layer, loss, x, d_x, gradients);
     if (decisions_changed) continue;  // too close to a routing or drop boundary: another input
     checked = true;
     for (const auto& [name, check] : checks) {

@@ -11,6 +11,7 @@
 //     with its random second expert (slots that are not dispatched);
 //   * bitwise identical results for 1, 2 and 3 OpenMP threads.
 #include "gradient_check.hpp"
+#include "planned_reference.hpp"
 #include "router_reference.hpp"
 
 #include <sparsemoe/sparsemoe.hpp>
@@ -28,6 +29,8 @@ using sparsemoe::Index;
 using sparsemoe::Mode;
 using MatrixD = sparsemoe::Matrix<double>;
 using ExpertD = sparsemoe::Expert<double, sparsemoe::Silu>;
+using planned_reference::naive_expert;
+using planned_reference::random_matrix;
 
 sparsemoe::MoEConfig layer_config(Index d, Index h, Index experts, Index k, std::uint64_t seed) {
   sparsemoe::MoEConfig config;
@@ -39,61 +42,45 @@ sparsemoe::MoEConfig layer_config(Index d, Index h, Index experts, Index k, std:
   return config;
 }
 
-MatrixD random_matrix(Index rows, Index cols, std::uint64_t seed, double scale = 1.0) {
-  std::mt19937_64 generator(seed);
-  std::uniform_real_distribution<double> uniform(-scale, scale);
-  MatrixD m(rows, cols);
-  for (Index i = 0; i < m.size(); ++i) m.data()[i] = uniform(generator);
-  return m;
+
+
+/// softmax(x_t·W_r) over the experts, by loops.
+std::vector<double> naive_router_softmax(const MatrixD& weight, const MatrixD& x, Index token) {
+  std::vector<double> z(static_cast<std::size_t>(weight.cols()), 0.0);
+  for (Index e = 0; e < weight.cols(); ++e) {
+    for (Index i = 0; i < weight.rows(); ++i) z[static_cast<std::size_t>(e)] += x(token, i) * weight(i, e);
+  }
+  return router_reference::softmax(z);
 }
 
-/// E(x) = silu(x·W1 + b1)·W2 + b2 of one token, by loops.
-std::vector<double> naive_expert(const ExpertD& expert, const MatrixD& x, Index token) {
-  const Index d = expert.input_dim(), h = expert.hidden_dim();
-  std::vector<double> hidden(static_cast<std::size_t>(h)), out(static_cast<std::size_t>(d));
-  for (Index j = 0; j < h; ++j) {
-    double a = expert.b1()(j);
-    for (Index i = 0; i < d; ++i) a += x(token, i) * expert.w1()(i, j);
-    hidden[static_cast<std::size_t>(j)] = a / (1.0 + std::exp(-a));
-  }
-  for (Index i = 0; i < d; ++i) {
-    double o = expert.b2()(i);
-    for (Index j = 0; j < h; ++j) o += hidden[static_cast<std::size_t>(j)] * expert.w2()(j, i);
-    out[static_cast<std::size_t>(i)] = o;
-  }
-  return out;
-}
-
-TEST(LayerWithSoftmaxRouter, ForwardMatchesANaiveReference) {
-  const Index d = 6, h = 5, experts = 7, k = 3, tokens = 40;
-  sparsemoe::SoftmaxTopKRouterOptions router_options;
-  router_options.k = k;
-  router_options.normalize_top_k = true;
-  router_options.scale = 2.5;
+/// Forward of a softmax-routed layer (d = 6, h = 5, E = 7, T = 40) against a naive per-token
+/// reference: brute-force top-k of softmax(x·W_r), gates (renormalised when asked) × scale, each
+/// expert by loops; and the balance loss α·E·Σ_i f_i·P_i by its definition.
+void expect_softmax_layer_matches_reference(const sparsemoe::SoftmaxTopKRouterOptions& router_options,
+                                            double balance_weight) {
+  const Index d = 6, h = 5, experts = 7, k = router_options.k, tokens = 40;
+  const double scale = router_options.scale;
   sparsemoe::SoftmaxTopKRouter<double> router(d, experts, router_options);
   router.initialize_uniform(3);
   sparsemoe::MoELayer<double, ExpertD, sparsemoe::SoftmaxTopKRouter<double>> layer(
       layer_config(d, h, experts, k, 4), router);
   const MatrixD x = random_matrix(tokens, d, 5);
   sparsemoe::ForwardOptions options;
-  options.balance_loss_weight = 0.02;
+  options.balance_loss_weight = balance_weight;
   const auto result = layer.forward(x, options);
 
   std::vector<double> counts(static_cast<std::size_t>(experts), 0.0), score_sums(counts);
   for (Index t = 0; t < tokens; ++t) {
-    std::vector<double> z(static_cast<std::size_t>(experts), 0.0);
-    for (Index e = 0; e < experts; ++e) {
-      for (Index i = 0; i < d; ++i) z[static_cast<std::size_t>(e)] += x(t, i) * layer.router().weight()(i, e);
-    }
-    const std::vector<double> p = router_reference::softmax(z);
+    const std::vector<double> p = naive_router_softmax(layer.router().weight(), x, t);
     const std::vector<Index> chosen = router_reference::brute_force_top_k(p, k);
     double chosen_sum = 0;
     for (const Index e : chosen) chosen_sum += p[static_cast<std::size_t>(e)];
+    if (!router_options.normalize_top_k) chosen_sum = 1;
     std::vector<double> y(static_cast<std::size_t>(d), 0.0);
     for (Index j = 0; j < k; ++j) {
       const Index e = chosen[static_cast<std::size_t>(j)];
       EXPECT_EQ(result.routing.expert_ids(t, j), e) << "token " << t << " slot " << j;
-      const double gate = 2.5 * p[static_cast<std::size_t>(e)] / chosen_sum;
+      const double gate = scale * p[static_cast<std::size_t>(e)] / chosen_sum;
       const std::vector<double> out = naive_expert(layer.expert(e), x, t);
       for (Index i = 0; i < d; ++i) y[static_cast<std::size_t>(i)] += gate * out[static_cast<std::size_t>(i)];
       counts[static_cast<std::size_t>(e)] += 1;
@@ -107,9 +94,18 @@ TEST(LayerWithSoftmaxRouter, ForwardMatchesANaiveReference) {
     balance += counts[static_cast<std::size_t>(e)] / static_cast<double>(tokens * k) *
                score_sums[static_cast<std::size_t>(e)] / static_cast<double>(tokens);
   }
-  balance *= 0.02 * static_cast<double>(experts);
+  balance *= balance_weight * static_cast<double>(experts);
   EXPECT_NEAR(result.losses.total(), balance, 1e-14);
   EXPECT_EQ(result.plan.dropped_slots, 0);
+  for (Index e = 0; e < experts; ++e) EXPECT_EQ(result.tokens_per_expert()[e], counts[static_cast<std::size_t>(e)]);
+}
+
+TEST(LayerWithSoftmaxRouter, ForwardMatchesANaiveReference) {
+  sparsemoe::SoftmaxTopKRouterOptions router_options;
+  router_options.k = 3;
+  router_options.normalize_top_k = true;
+  router_options.scale = 2.5;
+  expect_softmax_layer_matches_reference(router_options, 0.02);
 }
 
 /// Checks every gradient of L = Σ(W ⊙ y) + losses.total() against finite differences. The loss
@@ -141,15 +137,7 @@ void check_layer_gradients(const RouterT& router, Index k, const sparsemoe::Forw
     };
     auto gradients = layer.make_gradients();
     const MatrixD d_x = layer.backward(result, output_weight, gradients);
-    std::vector<std::pair<std::string, sparsemoe_test::GradientCheckResult>> checks;
-    checks.emplace_back("input", sparsemoe_test::check_gradient(loss, x, d_x));
-    auto parameters = layer.tensors();
-    auto gradient_views = gradients.tensors();
-    ASSERT_EQ(parameters.size(), gradient_views.size());
-    for (std::size_t t = 0; t < parameters.size(); ++t) {
-      ASSERT_EQ(parameters[t].name, gradient_views[t].name);
-      checks.emplace_back(parameters[t].name, sparsemoe_test::check_gradient(loss, parameters[t], gradient_views[t]));
-    }
+    const auto checks = planned_reference::check_every_gradient(layer, loss, x, d_x, gradients);
     if (routing_changed) continue;  // too close to a decision boundary: another input
     checked = true;
     for (const auto& [name, check] : checks) {
@@ -218,6 +206,23 @@ TEST(LayerWithTopKRouters, GradientsMatchFiniteDifferences) {
     gshard_options.balance_loss.counts = sparsemoe::BalanceCounts::first_slot;
     check_layer_gradients(router, 2, gshard_options, "gshard, random second expert", /*expect_dropped=*/true);
   }
+}
+
+// A dense MoE (every expert, weighted by the softmax over all E) is the softmax router with
+// k = E and no renormalisation: y = Σ_i softmax(x·W_r)_i·E_i(x). Forward against a naive sum over
+// every expert, gradients by finite differences.
+TEST(LayerWithSoftmaxRouter, DenseMoEIsKEqualsE) {
+  sparsemoe::SoftmaxTopKRouterOptions dense;
+  dense.k = 7;  // every one of the reference layer's 7 experts: y = Σ_i p_i·E_i(x)
+  expect_softmax_layer_matches_reference(dense, 0.0);
+  sparsemoe::SoftmaxTopKRouterOptions router_options;
+  router_options.k = 4;
+  sparsemoe::SoftmaxTopKRouter<double> router(5, 4, router_options);
+  router.initialize_uniform(71);
+  sparsemoe::ForwardOptions training;
+  training.mode = Mode::training;
+  training.balance_loss_weight = 0;
+  check_layer_gradients(router, 4, training, "dense: softmax with k = E");
 }
 
 // The always-on shared expert (DeepSeekMoE, Qwen2-MoE), with and without Qwen2-MoE's sigmoid

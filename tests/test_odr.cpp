@@ -10,15 +10,24 @@
 #ifdef SPARSEMOE_ODR_CHECKPOINT
 #include <sparsemoe/checkpoint.hpp>
 #endif
+#ifdef SPARSEMOE_ODR_MODEL_FILES
+#include <sparsemoe/io/gguf.hpp>
+#include <sparsemoe/io/hf_models.hpp>
+#endif
 
 #include <gtest/gtest.h>
 
+#include <cstdint>
 #include <string>
+#include <vector>
 
 std::string odr_second_tu_version();
 double odr_second_tu_forward_sum();
 #ifdef SPARSEMOE_ODR_CHECKPOINT
 std::string odr_second_tu_checkpoint();
+#endif
+#ifdef SPARSEMOE_ODR_MODEL_FILES
+std::string odr_second_tu_safetensors();
 #endif
 
 TEST(Odr, TwoTranslationUnitsLinkAndAgree) {
@@ -46,5 +55,19 @@ TEST(Odr, CheckpointHeadersLinkFromTwoTranslationUnits) {
   EXPECT_EQ(info.input_dim, 6);
   EXPECT_EQ(info.size_bytes, bytes.size());
   EXPECT_STREQ(sparsemoe::to_string(sparsemoe::CheckpointErrorKind::io), "io");
+}
+#endif
+
+#ifdef SPARSEMOE_ODR_MODEL_FILES
+// The model-file headers (safetensors, Hugging Face blocks, half-precision conversions): both TUs
+// call their non-template functions.
+TEST(Odr, ModelFileHeadersLinkFromTwoTranslationUnits) {
+  const sparsemoe::SafetensorsFile file = sparsemoe::SafetensorsFile::from_bytes(odr_second_tu_safetensors());
+  EXPECT_EQ(file.info("model.layers.0.mlp.gate.weight").shape, (std::vector<std::uint64_t>{3, 6}));
+  EXPECT_STREQ(sparsemoe::to_string(sparsemoe::ModelFileErrorKind::io), "io");
+  EXPECT_STREQ(sparsemoe::to_string(sparsemoe::SafetensorsDtype::bf16), "BF16");
+  EXPECT_EQ(*sparsemoe::parse_hf_family("olmoe"), sparsemoe::HfFamily::olmoe);
+  EXPECT_STREQ(sparsemoe::to_string(sparsemoe::GgmlType::q8_0), "Q8_0");
+  EXPECT_THROW(sparsemoe::GgufFile::from_bytes("GGUF"), sparsemoe::ModelFileError);
 }
 #endif

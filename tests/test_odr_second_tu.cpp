@@ -10,6 +10,10 @@
 #ifdef SPARSEMOE_ODR_CHECKPOINT
 #include <sparsemoe/checkpoint.hpp>
 #endif
+#ifdef SPARSEMOE_ODR_MODEL_FILES
+#include <sparsemoe/io/gguf.hpp>
+#include <sparsemoe/io/hf_models.hpp>
+#endif
 
 #include <string>
 
@@ -42,5 +46,25 @@ std::string odr_second_tu_checkpoint() {
   const std::string bytes = sparsemoe::serialize_checkpoint(layer);
   static_cast<void>(sparsemoe::inspect_checkpoint(bytes.data(), bytes.size()));
   return bytes;
+}
+#endif
+
+#ifdef SPARSEMOE_ODR_MODEL_FILES
+std::string odr_second_tu_safetensors() {
+  sparsemoe::MoEConfig config;
+  config.input_dim = 6;
+  config.hidden_dim = 4;
+  config.num_experts = 3;
+  config.k = 2;
+  sparsemoe::SoftmaxTopKRouterOptions options;
+  options.k = 2;
+  const sparsemoe::HfSoftmaxMoELayer<float> layer(config, sparsemoe::SoftmaxTopKRouter<float>(6, 3, options));
+  sparsemoe::SafetensorsWriter writer;
+  sparsemoe::export_hf_moe_block(layer, sparsemoe::HfFamily::olmoe, 0, writer, sparsemoe::SafetensorsDtype::bf16);
+  static_cast<void>(sparsemoe::hf_moe_block_spec(sparsemoe::hf_moe_config(layer, sparsemoe::HfFamily::olmoe), 0));
+  static_cast<void>(sparsemoe::parse_safetensors_dtype("F16"));
+  static_cast<void>(sparsemoe::ggml_block_layout(8));
+  static_cast<void>(sparsemoe::to_string(sparsemoe::GgmlType::bf16));
+  return writer.bytes();
 }
 #endif

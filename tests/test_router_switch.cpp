@@ -17,6 +17,7 @@
 #include <sparsemoe/router/switch.hpp>
 
 #include "gradient_check.hpp"
+#include "router_checks.hpp"
 #include "router_reference.hpp"
 
 #include <gtest/gtest.h>
@@ -392,101 +393,19 @@ TYPED_TEST(SwitchRouters, ReusesStorageAndListsTensors) {
   EXPECT_FALSE(gshard.weight().isZero());
 }
 
-template <typename Router>
-void expect_deterministic_over_threads(const Router& router, const RouteOptions& route, Index tokens) {
-  using Scalar = typename Router::Scalar;
-  const auto input = reference::uniform<Scalar>(tokens, router.input_dim(), 12);
-  const auto a = reference::uniform<Scalar>(tokens, router.k(), 13);
-  TopKRouting<Scalar> first;
-  sparsemoe::RouterGradients<Scalar> first_grads;
-  Mat<Scalar> first_dx;
-  bool have_first = false;
-  for (const int threads : router_reference::thread_counts()) {
-    SCOPED_TRACE(std::to_string(threads) + " thread(s)");
-    router_reference::ScopedThreads scoped(threads);
-    TopKRouting<Scalar> r;
-    router.route(input, route, r);
-    TopKRoutingGradient<Scalar> up;
-    up.set_zero(r);
-    up.gates = a;
-    sparsemoe::z_loss_backward(r, 0.01, up);
-    auto grads = router.make_gradients();
-    Mat<Scalar> dx = Mat<Scalar>::Zero(tokens, router.input_dim());
-    router.backward(r, input, up, grads, dx);
-    if (!have_first) {
-      first = r;
-      first_grads = grads;
-      first_dx = dx;
-      have_first = true;
-      continue;
-    }
-    EXPECT_TRUE(same(r.expert_ids, first.expert_ids));
-    EXPECT_TRUE(same(r.gates, first.gates));
-    EXPECT_TRUE(same(r.logits, first.logits));
-    EXPECT_TRUE(same(r.input_jitter, first.input_jitter));
-    EXPECT_TRUE(same(grads.weight, first_grads.weight));
-    EXPECT_TRUE(same(grads.bias, first_grads.bias));
-    EXPECT_TRUE(same(dx, first_dx));
-  }
-}
-
 TYPED_TEST(SwitchRouters, BitwiseIdenticalAcrossThreadCounts) {
   using Scalar = TypeParam;
   SwitchRouter<Scalar> switch_router(130, 16, switch_options(0.05, 3, true));
   randomize(switch_router, 4, 0.3);
-  expect_deterministic_over_threads(switch_router, RouteOptions{Mode::training, 17}, 1200);
+  router_checks::expect_router_deterministic(switch_router, RouteOptions{Mode::training, 17}, 1200);
   GShardRouter<Scalar> gshard(130, 16, gshard_options(5, true));
   randomize(gshard, 6, 0.3);
-  expect_deterministic_over_threads(gshard, RouteOptions{Mode::training, 17}, 1200);
+  router_checks::expect_router_deterministic(gshard, RouteOptions{Mode::training, 17}, 1200);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Gradients (double).
 // ---------------------------------------------------------------------------------------------
-
-template <typename Router>
-void expect_gradients_match(Router& router, const RouteOptions& route, Index tokens, std::uint64_t seed,
-                            const sparsemoe::BalanceLossOptions& balance) {
-  MatrixD input = reference::uniform<double>(tokens, router.input_dim(), seed);
-  const MatrixD a = reference::uniform<double>(tokens, router.k(), seed + 1);
-  const MatrixD b = reference::uniform<double>(tokens, router.num_experts(), seed + 2);
-  const MatrixD cz = reference::uniform<double>(tokens, router.num_experts(), seed + 3);
-  const double alpha = 0.7, beta = 0.3;
-  TopKRouting<double> base;
-  router.route(input, route, base);
-  int flips = 0;
-  auto loss = [&]() {
-    TopKRouting<double> r;
-    router.route(input, route, r);
-    if (!same(r.expert_ids, base.expert_ids)) ++flips;
-    return (a.array() * r.gates.array()).sum() + (b.array() * r.scores.array()).sum() +
-           (cz.array() * r.logits.array()).sum() + sparsemoe::balance_loss(r, alpha, balance) +
-           sparsemoe::z_loss(r, beta);
-  };
-  TopKRoutingGradient<double> up;
-  up.set_zero(base);
-  up.gates = a;
-  up.scores = b;
-  up.logits = cz;
-  sparsemoe::balance_loss_backward(base, alpha, balance, up);
-  sparsemoe::z_loss_backward(base, beta, up);
-  auto grads = router.make_gradients();
-  grads.weight.setConstant(0.25);
-  MatrixD dx = MatrixD::Constant(tokens, router.input_dim(), 2.0);
-  router.backward(base, input, up, grads, dx);
-  grads.weight.array() -= 0.25;
-  dx.array() -= 2.0;
-  const auto weight_check = sparsemoe_test::check_gradient(loss, router.weight(), grads.weight);
-  EXPECT_LT(weight_check.worst_relative_error, 1e-6) << "weight: " << weight_check;
-  EXPECT_GT(weight_check.max_abs_analytic, 1e-3);
-  if (router.bias().size() > 0) {
-    const auto bias_check = sparsemoe_test::check_gradient(loss, router.bias(), grads.bias);
-    EXPECT_LT(bias_check.worst_relative_error, 1e-6) << "bias: " << bias_check;
-  }
-  const auto input_check = sparsemoe_test::check_gradient(loss, input, dx);
-  EXPECT_LT(input_check.worst_relative_error, 1e-6) << "input: " << input_check;
-  EXPECT_EQ(flips, 0) << "a perturbation changed a decision: pick data farther from ties";
-}
 
 TEST(SwitchRouterGradient, MatchesFiniteDifferences) {
   sparsemoe::BalanceLossOptions top1;
@@ -496,8 +415,9 @@ TEST(SwitchRouterGradient, MatchesFiniteDifferences) {
       SCOPED_TRACE("epsilon " + std::to_string(epsilon) + (bias ? " bias" : ""));
       SwitchRouter<double> router(5, 6, switch_options(epsilon, 8, bias));
       randomize(router, 81);
-      expect_gradients_match(router, RouteOptions{Mode::training, 2}, 6, 82, top1);
-      expect_gradients_match(router, RouteOptions{Mode::evaluation, 2}, 6, 83, sparsemoe::BalanceLossOptions{});
+      router_checks::expect_router_gradients(router, RouteOptions{Mode::training, 2}, 6, 82, top1);
+      router_checks::expect_router_gradients(router, RouteOptions{Mode::evaluation, 2}, 6, 83,
+                                             sparsemoe::BalanceLossOptions{});
     }
   }
 }
@@ -517,8 +437,9 @@ TEST(GShardRouterGradient, MatchesFiniteDifferencesWithDroppedSlots) {
     for (Index t = 0; t < 8; ++t) dropped += r.expert_ids(t, 1) < 0 ? 1 : 0;
     EXPECT_GT(dropped, 0);
     EXPECT_LT(dropped, 8);
-    expect_gradients_match(router, training, 8, 92, top1);
-    expect_gradients_match(router, RouteOptions{Mode::evaluation, 4}, 8, 93, sparsemoe::BalanceLossOptions{});
+    router_checks::expect_router_gradients(router, training, 8, 92, top1);
+    router_checks::expect_router_gradients(router, RouteOptions{Mode::evaluation, 4}, 8, 93,
+                                           sparsemoe::BalanceLossOptions{});
   }
 }
 

@@ -162,6 +162,69 @@ struct RouterGradients {
   }
 };
 
+/// The parameters every linear router shares, and what it does with them alone: W_r (d×E) and an
+/// optional bias b_r (E) of the scores z = x·W_r (+ b_r). SoftmaxTopKRouter, SigmoidTopKRouter,
+/// SwitchRouter and GShardRouter derive from it; a new linear router does too, and writes only its
+/// routing and its backward.
+///
+/// \tparam Scalar float or double.
+template <typename Scalar>
+class LinearRouterParameters {
+ public:
+  /// Width d of the input rows.
+  Index input_dim() const { return weight_.rows(); }
+  /// Number of experts E.
+  Index num_experts() const { return weight_.cols(); }
+
+  /// W_r, d×E: z = x·W_r (keep its shape: route and backward check it).
+  Matrix<Scalar>& weight() { return weight_; }
+  /// W_r, d×E.
+  const Matrix<Scalar>& weight() const { return weight_; }
+  /// b_r, E entries (empty when the router was built without a bias).
+  Vector<Scalar>& bias() { return bias_; }
+  /// b_r, E entries or empty.
+  const Vector<Scalar>& bias() const { return bias_; }
+
+  /// Sets W_r to U(−1/√d, 1/√d) draws that depend only on `seed`, and b_r to zero (a router's
+  /// state, such as a selection bias, is left as it is).
+  void initialize_uniform(std::uint64_t seed) {
+    const Scalar bound = Scalar(1) / std::sqrt(static_cast<Scalar>(input_dim()));
+    detail::fill_uniform(weight_.data(), weight_.size(), bound, seed, 0);
+    bias_.setZero();
+  }
+
+  /// "weight" (d×E), then "bias" (E×1) when there is one: the parameters with a gradient.
+  std::vector<TensorView<Scalar>> tensors() {
+    std::vector<TensorView<Scalar>> list{make_tensor_view("weight", weight_)};
+    if (bias_.size() > 0) list.push_back(make_tensor_view("bias", bias_));
+    return list;
+  }
+
+  /// Zero gradients shaped like tensors().
+  RouterGradients<Scalar> make_gradients() const {
+    RouterGradients<Scalar> gradients;
+    gradients.weight = Matrix<Scalar>::Zero(input_dim(), num_experts());
+    gradients.bias = Vector<Scalar>::Zero(bias_.size());
+    return gradients;
+  }
+
+ protected:
+  /// No parameters yet: the derived router's constructor checks d and E, then calls
+  /// allocate_parameters.
+  LinearRouterParameters() = default;
+
+  /// W_r = 0 (d×E) and, with `use_bias`, b_r = 0 (E entries); otherwise b_r empty.
+  void allocate_parameters(Index input_dim, Index num_experts, bool use_bias) {
+    weight_ = Matrix<Scalar>::Zero(input_dim, num_experts);
+    bias_ = Vector<Scalar>::Zero(use_bias ? num_experts : 0);
+  }
+
+  /// W_r, d×E.
+  Matrix<Scalar> weight_;
+  /// b_r, E entries or empty.
+  Vector<Scalar> bias_;
+};
+
 /// Counts, into `counts` (E entries, storage reused), the slots routed to each expert; slots with
 /// id −1 are not counted. O(T·k). The input of update_selection_bias and of balance statistics.
 template <typename Scalar>

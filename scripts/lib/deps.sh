@@ -1,12 +1,13 @@
 # SPDX-License-Identifier: MIT
 # shellcheck shell=bash
 #
-# Shared helpers for scripts/run-example, scripts/run-tests and .ci/run.
+# Shared helpers for scripts/run-example, scripts/run-tests, scripts/compare-routers and .ci/run.
 # Source it; do not execute it.
 #
 #   sparsemoe_repo_root             prints the repository root
 #   sparsemoe_ensure_deps [pkg...]  installs (Debian/Ubuntu, apt) whichever of the
 #                                   build dependencies plus the extra pkgs are missing
+#   sparsemoe_build_example NAME    builds examples/NAME.cpp in $BUILD_DIR, prints its path
 
 # Everything needed to configure, build and run the whole test suite
 # (tests, examples, benchmarks, consumer tests incl. pkg-config) with g++.
@@ -17,6 +18,7 @@ SPARSEMOE_DEPS=(
   libeigen3-dev
   libxsmm-dev
   libxxhash-dev
+  nlohmann-json3-dev
   libgtest-dev
   libbenchmark-dev
   libomp-dev
@@ -88,4 +90,20 @@ sparsemoe_ensure_deps() {
     fi
   done
   sparsemoe_log "installed: ${missing[*]}"
+}
+
+# Configures $BUILD_DIR (default build/release: Ninja, Release, $CXX when set) and builds the
+# example examples/NAME.cpp there; its messages go to stderr, and the executable's path to stdout.
+sparsemoe_build_example() {
+  local name=$1
+  local build_dir=${BUILD_DIR:-build/release}
+  local cmake_args=(-S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=Release)
+  if [[ -n "${CXX:-}" ]]; then
+    cmake_args+=("-DCMAKE_CXX_COMPILER=$CXX")
+  fi
+  sparsemoe_log "configuring $build_dir (Release)"
+  cmake "${cmake_args[@]}" >&2
+  sparsemoe_log "building $name"
+  cmake --build "$build_dir" --target "$name" >&2
+  printf '%s\n' "$build_dir/examples/$name"
 }

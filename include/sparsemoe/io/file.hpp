@@ -40,30 +40,42 @@ inline std::string file_context(const char* function, const std::string& path) {
 /// Closes `fd`, retrying on EINTR is not done (POSIX leaves the descriptor state unspecified).
 inline int close_fd(int fd) { return ::close(fd); }
 
-/// The whole content of the file at `path`. Throws CheckpointError(io) naming the path and errno.
-inline std::string read_file(const std::string& path, const char* function) {
-  const std::string context = file_context(function, path);
+/// Opens the regular file at `path` read-only and stores its size in `size`. On failure calls
+/// `fail(reason)` (which must throw) with the step and errno: cannot open, cannot stat, not a
+/// regular file. Shared by the checkpoint and model-file readers, which throw different errors.
+template <typename Fail>
+int open_regular_file(const std::string& path, std::size_t& size, Fail&& fail) {
   int fd = -1;
   do {
     fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);  // O_NONBLOCK: a FIFO must not hang us
   } while (fd < 0 && errno == EINTR);
   if (fd < 0) {
     const int error = errno;
-    checkpoint_fail(CheckpointErrorKind::io, context, "cannot open for reading: ", errno_text(error));
+    fail("cannot open for reading: " + errno_text(error));
   }
   struct stat status {};
   if (::fstat(fd, &status) != 0) {
     const int error = errno;
     close_fd(fd);
-    checkpoint_fail(CheckpointErrorKind::io, context, "cannot stat: ", errno_text(error));
+    fail("cannot stat: " + errno_text(error));
   }
   if (!S_ISREG(status.st_mode)) {
     close_fd(fd);
-    checkpoint_fail(CheckpointErrorKind::io, context, "expected a regular file, got ",
-                    S_ISDIR(status.st_mode) ? "a directory" : "a special file");
+    fail(std::string("expected a regular file, got ") + (S_ISDIR(status.st_mode) ? "a directory" : "a special file"));
   }
+  size = status.st_size > 0 ? static_cast<std::size_t>(status.st_size) : 0;
+  return fd;
+}
+
+/// The whole content of the file at `path`. Throws CheckpointError(io) naming the path and errno.
+inline std::string read_file(const std::string& path, const char* function) {
+  const std::string context = file_context(function, path);
+  std::size_t size = 0;
+  const int fd = open_regular_file(path, size, [&](const std::string& reason) {
+    checkpoint_fail(CheckpointErrorKind::io, context, reason);
+  });
   std::string content;
-  content.resize(status.st_size > 0 ? static_cast<std::size_t>(status.st_size) : 0);
+  content.resize(size);
   std::size_t filled = 0;
   for (;;) {
     if (filled == content.size()) content.resize(content.size() + 65536);  // the file grew, or to see EOF

@@ -106,7 +106,7 @@ using SigmoidTopKRouterGradients = RouterGradients<Scalar>;
 ///
 /// \tparam Scalar_ float or double: parameters, inputs and the routing record.
 template <typename Scalar_>
-class SigmoidTopKRouter {
+class SigmoidTopKRouter : public LinearRouterParameters<Scalar_> {
  public:
   /// float or double.
   using Scalar = Scalar_;
@@ -133,15 +133,10 @@ class SigmoidTopKRouter {
     scale_ = static_cast<Scalar>(options.scale);
     epsilon_ = static_cast<Scalar>(options.normalize_epsilon);
     floor_ = static_cast<Scalar>(options.normalize_floor);
-    weight_ = Matrix<Scalar>::Zero(input_dim, num_experts);
-    bias_ = Vector<Scalar>::Zero(options.use_bias ? num_experts : 0);
+    this->allocate_parameters(input_dim, num_experts, options.use_bias);
     selection_bias_ = Vector<Scalar>::Zero(num_experts);
   }
 
-  /// Width d of the input rows.
-  Index input_dim() const { return weight_.rows(); }
-  /// Number of experts E.
-  Index num_experts() const { return weight_.cols(); }
   /// Experts chosen per token.
   Index k() const { return options_.k; }
   /// The options the router was built with.
@@ -150,46 +145,14 @@ class SigmoidTopKRouter {
   bool grouped() const { return options_.num_groups > 1; }
 
   /** @{ */
-  /// W_r, d×E: z = x·W_r.
-  Matrix<Scalar>& weight() { return weight_; }
-  const Matrix<Scalar>& weight() const { return weight_; }
-  /** @} */
-  /** @{ */
-  /// b_r, E entries (empty without use_bias).
-  Vector<Scalar>& bias() { return bias_; }
-  const Vector<Scalar>& bias() const { return bias_; }
-  /** @} */
-  /** @{ */
   /// β, E entries: added to the scores for selection only, without gradient (update it with
   /// update_selection_bias(); keep its size E and its values finite, which route checks).
   Vector<Scalar>& selection_bias() { return selection_bias_; }
   const Vector<Scalar>& selection_bias() const { return selection_bias_; }
   /** @} */
 
-  /// Sets W_r to U(−1/√d, 1/√d) draws that depend only on `seed`, b_r to zero; β is unchanged.
-  void initialize_uniform(std::uint64_t seed) {
-    const Scalar bound = Scalar(1) / std::sqrt(static_cast<Scalar>(input_dim()));
-    detail::fill_uniform(weight_.data(), weight_.size(), bound, seed, 0);
-    bias_.setZero();
-  }
-
-  /// "weight" (d×E), then "bias" (E×1) with use_bias: the parameters with a gradient.
-  std::vector<TensorView<Scalar>> tensors() {
-    std::vector<TensorView<Scalar>> list{make_tensor_view("weight", weight_)};
-    if (options_.use_bias) list.push_back(make_tensor_view("bias", bias_));
-    return list;
-  }
-
   /// "selection_bias" (E×1): state a checkpoint keeps, no optimizer updates.
   std::vector<TensorView<Scalar>> state() { return {make_tensor_view("selection_bias", selection_bias_)}; }
-
-  /// Zero gradients shaped like tensors().
-  Gradients make_gradients() const {
-    Gradients gradients;
-    gradients.weight = Matrix<Scalar>::Zero(input_dim(), num_experts());
-    gradients.bias = Vector<Scalar>::Zero(bias_.size());
-    return gradients;
-  }
 
   /// Routes the T×d batch `input` into `routing`, reusing its storage (no allocation when T
   /// repeats). `options` is not used (no random part). Throws std::invalid_argument if input has
@@ -198,16 +161,16 @@ class SigmoidTopKRouter {
   void route(ConstMatrixRef<Scalar> input, const RouteOptions& options, TopKRouting<Scalar>& routing) const {
     static_cast<void>(options);
     const char* function = "sparsemoe::SigmoidTopKRouter::route";
-    detail::require(input.cols() == input_dim(), function, "input must have ", input_dim(),
+    detail::require(input.cols() == this->input_dim(), function, "input must have ", this->input_dim(),
                     " columns (the router's input_dim), got ", input.rows(), "x", input.cols());
-    detail::require(selection_bias_.size() == num_experts(), function, "selection_bias must have ", num_experts(),
-                    " entries, got ", selection_bias_.size());
-    for (Index expert = 0; expert < num_experts(); ++expert) {
+    detail::require(selection_bias_.size() == this->num_experts(), function, "selection_bias must have ",
+                    this->num_experts(), " entries, got ", selection_bias_.size());
+    for (Index expert = 0; expert < this->num_experts(); ++expert) {
       detail::require(std::isfinite(selection_bias_[expert]), function, "non-finite selection_bias ",
                       selection_bias_[expert], " of expert ", expert);
     }
     const Index tokens = input.rows();
-    const Index experts = num_experts();
+    const Index experts = this->num_experts();
     const Index k = options_.k;
     routing.expert_ids.resize(tokens, k);
     routing.gates.resize(tokens, k);
@@ -217,7 +180,7 @@ class SigmoidTopKRouter {
     routing.selected_groups.resize(grouped() ? tokens : 0, grouped() ? options_.top_groups : 0);
     routing.input_jitter.resize(0, 0);
     routing.jittered_input.resize(0, 0);
-    detail::linear_logits(input, weight_, bias_, routing.logits);
+    detail::linear_logits(input, this->weight_, this->bias_, routing.logits);
     if (options_.check_finite) detail::require_finite_logits(routing.logits, function);
     detail::parallel_for(tokens, static_cast<double>(4 * experts * (k + 2)),
                          [&](Index token) { route_token(routing, token); });
@@ -231,15 +194,15 @@ class SigmoidTopKRouter {
                 const TopKRoutingGradient<Scalar>& upstream, Gradients& parameter_gradients,
                 MatrixRef<Scalar> d_input) const {
     const char* function = "sparsemoe::SigmoidTopKRouter::backward";
-    detail::require_backward_shapes(function, routing, input, upstream, parameter_gradients, d_input, input_dim(),
-                                    num_experts(), k(), options_.use_bias);
+    detail::require_backward_shapes(function, routing, input, upstream, parameter_gradients, d_input, this->input_dim(),
+                                    this->num_experts(), k(), options_.use_bias);
     const Index tokens = routing.num_tokens();
-    const Index experts = num_experts();
+    const Index experts = this->num_experts();
     parameter_gradients.logits.resize(tokens, experts);
     detail::parallel_for(tokens, static_cast<double>(4 * experts + 6 * k()), [&](Index token) {
       backward_token(routing, upstream, parameter_gradients.logits, token);
     });
-    detail::linear_backward(routing, input, weight_, parameter_gradients, d_input);
+    detail::linear_backward(routing, input, this->weight_, parameter_gradients, d_input);
   }
 
  private:
@@ -260,7 +223,7 @@ class SigmoidTopKRouter {
   /// Scores, (group) selection and gates of one token. O(E·k) (O(E·(k + M)) with groups); no
   /// allocation.
   void route_token(TopKRouting<Scalar>& routing, Index token) const {
-    const Index experts = num_experts();
+    const Index experts = this->num_experts();
     const Index k = options_.k;
     for (Index expert = 0; expert < experts; ++expert) {
       routing.scores(token, expert) = detail::logistic(routing.logits(token, expert));
@@ -314,7 +277,7 @@ class SigmoidTopKRouter {
   /// ∂L/∂z of one token into d_logits.row(token). O(E + k).
   void backward_token(const TopKRouting<Scalar>& routing, const TopKRoutingGradient<Scalar>& upstream,
                       Matrix<Scalar>& d_logits, Index token) const {
-    const Index experts = num_experts();
+    const Index experts = this->num_experts();
     const Index k = options_.k;
     Scalar* ds = d_logits.row(token).data();
     for (Index expert = 0; expert < experts; ++expert) ds[expert] = upstream.scores(token, expert);
@@ -345,8 +308,6 @@ class SigmoidTopKRouter {
   Scalar scale_;
   Scalar epsilon_;
   Scalar floor_;
-  Matrix<Scalar> weight_;
-  Vector<Scalar> bias_;
   Vector<Scalar> selection_bias_;
 };
 

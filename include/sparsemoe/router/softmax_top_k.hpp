@@ -77,7 +77,7 @@ using SoftmaxTopKRouterGradients = RouterGradients<Scalar>;
 ///
 /// \tparam Scalar_ float or double: parameters, inputs and the routing record.
 template <typename Scalar_>
-class SoftmaxTopKRouter {
+class SoftmaxTopKRouter : public LinearRouterParameters<Scalar_> {
  public:
   /// float or double.
   using Scalar = Scalar_;
@@ -97,14 +97,9 @@ class SoftmaxTopKRouter {
     detail::require(std::isfinite(options.scale) && options.scale > 0, function, "scale must be finite and > 0, got ",
                     options.scale);
     scale_ = static_cast<Scalar>(options.scale);
-    weight_ = Matrix<Scalar>::Zero(input_dim, num_experts);
-    bias_ = Vector<Scalar>::Zero(options.use_bias ? num_experts : 0);
+    this->allocate_parameters(input_dim, num_experts, options.use_bias);
   }
 
-  /// Width d of the input rows.
-  Index input_dim() const { return weight_.rows(); }
-  /// Number of experts E.
-  Index num_experts() const { return weight_.cols(); }
   /// Experts chosen per token.
   Index k() const { return options_.k; }
   /// The options the router was built with.
@@ -112,41 +107,9 @@ class SoftmaxTopKRouter {
   /// Whether group-limited selection is on (num_groups > 1).
   bool grouped() const { return options_.num_groups > 1; }
 
-  /** @{ */
-  /// W_r, d×E: z = x·W_r.
-  Matrix<Scalar>& weight() { return weight_; }
-  const Matrix<Scalar>& weight() const { return weight_; }
-  /** @} */
-  /** @{ */
-  /// b_r, E entries (empty without use_bias).
-  Vector<Scalar>& bias() { return bias_; }
-  const Vector<Scalar>& bias() const { return bias_; }
-  /** @} */
-
-  /// Sets W_r to U(−1/√d, 1/√d) draws that depend only on `seed`, and b_r to zero.
-  void initialize_uniform(std::uint64_t seed) {
-    const Scalar bound = Scalar(1) / std::sqrt(static_cast<Scalar>(input_dim()));
-    detail::fill_uniform(weight_.data(), weight_.size(), bound, seed, 0);
-    bias_.setZero();
-  }
-
-  /// "weight" (d×E), then "bias" (E×1) with use_bias.
-  std::vector<TensorView<Scalar>> tensors() {
-    std::vector<TensorView<Scalar>> list{make_tensor_view("weight", weight_)};
-    if (options_.use_bias) list.push_back(make_tensor_view("bias", bias_));
-    return list;
-  }
 
   /// None: this router has no state without a gradient.
   std::vector<TensorView<Scalar>> state() { return {}; }
-
-  /// Zero gradients shaped like tensors().
-  Gradients make_gradients() const {
-    Gradients gradients;
-    gradients.weight = Matrix<Scalar>::Zero(input_dim(), num_experts());
-    gradients.bias = Vector<Scalar>::Zero(bias_.size());
-    return gradients;
-  }
 
   /// Routes the T×d batch `input` into `routing`, reusing its storage (no allocation when T
   /// repeats). `options` is not used (this router has no random part). Throws
@@ -155,10 +118,10 @@ class SoftmaxTopKRouter {
   void route(ConstMatrixRef<Scalar> input, const RouteOptions& options, TopKRouting<Scalar>& routing) const {
     static_cast<void>(options);
     const char* function = "sparsemoe::SoftmaxTopKRouter::route";
-    detail::require(input.cols() == input_dim(), function, "input must have ", input_dim(),
+    detail::require(input.cols() == this->input_dim(), function, "input must have ", this->input_dim(),
                     " columns (the router's input_dim), got ", input.rows(), "x", input.cols());
     const Index tokens = input.rows();
-    const Index experts = num_experts();
+    const Index experts = this->num_experts();
     const Index k = options_.k;
     routing.expert_ids.resize(tokens, k);
     routing.gates.resize(tokens, k);
@@ -168,7 +131,7 @@ class SoftmaxTopKRouter {
     routing.selected_groups.resize(grouped() ? tokens : 0, grouped() ? options_.top_groups : 0);
     routing.input_jitter.resize(0, 0);
     routing.jittered_input.resize(0, 0);
-    detail::linear_logits(input, weight_, bias_, routing.logits);
+    detail::linear_logits(input, this->weight_, this->bias_, routing.logits);
     if (options_.check_finite) detail::require_finite_logits(routing.logits, function);
     detail::parallel_for(tokens, static_cast<double>(4 * experts * (k + 2)),
                          [&](Index token) { route_token(routing, token); });
@@ -182,15 +145,15 @@ class SoftmaxTopKRouter {
                 const TopKRoutingGradient<Scalar>& upstream, Gradients& parameter_gradients,
                 MatrixRef<Scalar> d_input) const {
     const char* function = "sparsemoe::SoftmaxTopKRouter::backward";
-    detail::require_backward_shapes(function, routing, input, upstream, parameter_gradients, d_input, input_dim(),
-                                    num_experts(), k(), options_.use_bias);
+    detail::require_backward_shapes(function, routing, input, upstream, parameter_gradients, d_input, this->input_dim(),
+                                    this->num_experts(), k(), options_.use_bias);
     const Index tokens = routing.num_tokens();
-    const Index experts = num_experts();
+    const Index experts = this->num_experts();
     parameter_gradients.logits.resize(tokens, experts);
     detail::parallel_for(tokens, static_cast<double>(6 * experts + 6 * k()), [&](Index token) {
       backward_token(routing, upstream, parameter_gradients.logits, token);
     });
-    detail::linear_backward(routing, input, weight_, parameter_gradients, d_input);
+    detail::linear_backward(routing, input, this->weight_, parameter_gradients, d_input);
   }
 
  private:
@@ -213,7 +176,7 @@ class SoftmaxTopKRouter {
   /// Softmax, (group) selection and gates of one token. O(E·k) (O(E·(k + M)) with groups); no
   /// allocation.
   void route_token(TopKRouting<Scalar>& routing, Index token) const {
-    const Index experts = num_experts();
+    const Index experts = this->num_experts();
     const Scalar* z = routing.logits.row(token).data();
     Scalar* p = routing.scores.row(token).data();
     detail::softmax_row(z, experts, p);
@@ -256,7 +219,7 @@ class SoftmaxTopKRouter {
   /// ∂L/∂z of one token into d_logits.row(token). O(E + k).
   void backward_token(const TopKRouting<Scalar>& routing, const TopKRoutingGradient<Scalar>& upstream,
                       Matrix<Scalar>& d_logits, Index token) const {
-    const Index experts = num_experts();
+    const Index experts = this->num_experts();
     const Index k = options_.k;
     const Scalar* p = routing.scores.row(token).data();
     Scalar* dz = d_logits.row(token).data();
@@ -282,8 +245,6 @@ class SoftmaxTopKRouter {
 
   Options options_;
   Scalar scale_;
-  Matrix<Scalar> weight_;
-  Vector<Scalar> bias_;
 };
 
 /// Checkpoint identity of SoftmaxTopKRouter: kind "softmax_top_k"; options normalize_top_k,

@@ -77,7 +77,7 @@ using SwitchRouterGradients = RouterGradients<Scalar>;
 ///
 /// \tparam Scalar_ float or double: parameters, inputs and the routing record.
 template <typename Scalar_>
-class SwitchRouter {
+class SwitchRouter : public LinearRouterParameters<Scalar_> {
  public:
   /// float or double.
   using Scalar = Scalar_;
@@ -95,54 +95,17 @@ class SwitchRouter {
     detail::require_group_options(function, num_experts, 1, 1, 1);
     detail::require(options.jitter_epsilon >= 0 && options.jitter_epsilon < 1, function,
                     "jitter_epsilon must be in [0, 1), got ", options.jitter_epsilon);
-    weight_ = Matrix<Scalar>::Zero(input_dim, num_experts);
-    bias_ = Vector<Scalar>::Zero(options.use_bias ? num_experts : 0);
+    this->allocate_parameters(input_dim, num_experts, options.use_bias);
   }
 
-  /// Width d of the input rows.
-  Index input_dim() const { return weight_.rows(); }
-  /// Number of experts E.
-  Index num_experts() const { return weight_.cols(); }
   /// Always 1.
   Index k() const { return 1; }
   /// The options the router was built with.
   const Options& options() const { return options_; }
 
-  /** @{ */
-  /// W_r, d×E: z = x·W_r.
-  Matrix<Scalar>& weight() { return weight_; }
-  const Matrix<Scalar>& weight() const { return weight_; }
-  /** @} */
-  /** @{ */
-  /// b_r, E entries (empty without use_bias).
-  Vector<Scalar>& bias() { return bias_; }
-  const Vector<Scalar>& bias() const { return bias_; }
-  /** @} */
-
-  /// Sets W_r to U(−1/√d, 1/√d) draws that depend only on `seed`, and b_r to zero.
-  void initialize_uniform(std::uint64_t seed) {
-    const Scalar bound = Scalar(1) / std::sqrt(static_cast<Scalar>(input_dim()));
-    detail::fill_uniform(weight_.data(), weight_.size(), bound, seed, 0);
-    bias_.setZero();
-  }
-
-  /// "weight" (d×E), then "bias" (E×1) with use_bias.
-  std::vector<TensorView<Scalar>> tensors() {
-    std::vector<TensorView<Scalar>> list{make_tensor_view("weight", weight_)};
-    if (options_.use_bias) list.push_back(make_tensor_view("bias", bias_));
-    return list;
-  }
 
   /// None: this router has no state without a gradient.
   std::vector<TensorView<Scalar>> state() { return {}; }
-
-  /// Zero gradients shaped like tensors().
-  Gradients make_gradients() const {
-    Gradients gradients;
-    gradients.weight = Matrix<Scalar>::Zero(input_dim(), num_experts());
-    gradients.bias = Vector<Scalar>::Zero(bias_.size());
-    return gradients;
-  }
 
   /// Whether route applies input jitter under `options` (training and ε > 0).
   bool jitters(const RouteOptions& options) const {
@@ -155,12 +118,12 @@ class SwitchRouter {
   /// the expert and the value.
   void route(ConstMatrixRef<Scalar> input, const RouteOptions& options, TopKRouting<Scalar>& routing) const {
     const char* function = "sparsemoe::SwitchRouter::route";
-    detail::require(input.cols() == input_dim(), function, "input must have ", input_dim(),
+    detail::require(input.cols() == this->input_dim(), function, "input must have ", this->input_dim(),
                     " columns (the router's input_dim), got ", input.rows(), "x", input.cols());
     detail::require_route_step(function, options.step);
     const Index tokens = input.rows();
-    const Index experts = num_experts();
-    const Index width = input_dim();
+    const Index experts = this->num_experts();
+    const Index width = this->input_dim();
     const bool jitter = jitters(options);
     routing.expert_ids.resize(tokens, 1);
     routing.gates.resize(tokens, 1);
@@ -181,9 +144,9 @@ class SwitchRouter {
           routing.jittered_input(token, column) = input(token, column) * multiplier;
         }
       });
-      detail::linear_logits(ConstMatrixRef<Scalar>(routing.jittered_input), weight_, bias_, routing.logits);
+      detail::linear_logits(ConstMatrixRef<Scalar>(routing.jittered_input), this->weight_, this->bias_, routing.logits);
     } else {
-      detail::linear_logits(input, weight_, bias_, routing.logits);
+      detail::linear_logits(input, this->weight_, this->bias_, routing.logits);
     }
     if (options_.check_finite) detail::require_finite_logits(routing.logits, function);
     detail::parallel_for(tokens, static_cast<double>(8 * experts), [&](Index token) {
@@ -202,10 +165,10 @@ class SwitchRouter {
                 const TopKRoutingGradient<Scalar>& upstream, Gradients& parameter_gradients,
                 MatrixRef<Scalar> d_input) const {
     const char* function = "sparsemoe::SwitchRouter::backward";
-    detail::require_backward_shapes(function, routing, input, upstream, parameter_gradients, d_input, input_dim(),
-                                    num_experts(), Index(1), options_.use_bias);
+    detail::require_backward_shapes(function, routing, input, upstream, parameter_gradients, d_input, this->input_dim(),
+                                    this->num_experts(), Index(1), options_.use_bias);
     const Index tokens = routing.num_tokens();
-    const Index experts = num_experts();
+    const Index experts = this->num_experts();
     parameter_gradients.logits.resize(tokens, experts);
     detail::parallel_for(tokens, static_cast<double>(6 * experts), [&](Index token) {
       Scalar* dz = parameter_gradients.logits.row(token).data();
@@ -213,13 +176,11 @@ class SwitchRouter {
       dz[routing.expert_ids(token, 0)] += upstream.gates(token, 0);
       detail::softmax_backward_row(routing.scores.row(token).data(), upstream.logits.row(token).data(), experts, dz);
     });
-    detail::linear_backward(routing, input, weight_, parameter_gradients, d_input);
+    detail::linear_backward(routing, input, this->weight_, parameter_gradients, d_input);
   }
 
  private:
   Options options_;
-  Matrix<Scalar> weight_;
-  Vector<Scalar> bias_;
 };
 
 /// Checkpoint identity of SwitchRouter: kind "switch"; options jitter_epsilon, seed and
@@ -275,7 +236,7 @@ using GShardRouterGradients = RouterGradients<Scalar>;
 ///
 /// \tparam Scalar_ float or double: parameters, inputs and the routing record.
 template <typename Scalar_>
-class GShardRouter {
+class GShardRouter : public LinearRouterParameters<Scalar_> {
  public:
   /// float or double.
   using Scalar = Scalar_;
@@ -291,65 +252,28 @@ class GShardRouter {
     const char* function = "sparsemoe::GShardRouter";
     detail::require_random_router(function, input_dim, num_experts, 2);
     detail::require_group_options(function, num_experts, 2, 1, 1);
-    weight_ = Matrix<Scalar>::Zero(input_dim, num_experts);
-    bias_ = Vector<Scalar>::Zero(options.use_bias ? num_experts : 0);
+    this->allocate_parameters(input_dim, num_experts, options.use_bias);
   }
 
-  /// Width d of the input rows.
-  Index input_dim() const { return weight_.rows(); }
-  /// Number of experts E.
-  Index num_experts() const { return weight_.cols(); }
   /// Always 2.
   Index k() const { return 2; }
   /// The options the router was built with.
   const Options& options() const { return options_; }
 
-  /** @{ */
-  /// W_r, d×E: z = x·W_r.
-  Matrix<Scalar>& weight() { return weight_; }
-  const Matrix<Scalar>& weight() const { return weight_; }
-  /** @} */
-  /** @{ */
-  /// b_r, E entries (empty without use_bias).
-  Vector<Scalar>& bias() { return bias_; }
-  const Vector<Scalar>& bias() const { return bias_; }
-  /** @} */
-
-  /// Sets W_r to U(−1/√d, 1/√d) draws that depend only on `seed`, and b_r to zero.
-  void initialize_uniform(std::uint64_t seed) {
-    const Scalar bound = Scalar(1) / std::sqrt(static_cast<Scalar>(input_dim()));
-    detail::fill_uniform(weight_.data(), weight_.size(), bound, seed, 0);
-    bias_.setZero();
-  }
-
-  /// "weight" (d×E), then "bias" (E×1) with use_bias.
-  std::vector<TensorView<Scalar>> tensors() {
-    std::vector<TensorView<Scalar>> list{make_tensor_view("weight", weight_)};
-    if (options_.use_bias) list.push_back(make_tensor_view("bias", bias_));
-    return list;
-  }
 
   /// None: this router has no state without a gradient.
   std::vector<TensorView<Scalar>> state() { return {}; }
-
-  /// Zero gradients shaped like tensors().
-  Gradients make_gradients() const {
-    Gradients gradients;
-    gradients.weight = Matrix<Scalar>::Zero(input_dim(), num_experts());
-    gradients.bias = Vector<Scalar>::Zero(bias_.size());
-    return gradients;
-  }
 
   /// Routes the T×d batch `input` into `routing`, reusing its storage (no allocation when T
   /// repeats). Throws std::invalid_argument if input has the wrong width, options.step ≥ 2^32, or
   /// (with check_finite) a logit is not finite, naming the token row, the expert and the value.
   void route(ConstMatrixRef<Scalar> input, const RouteOptions& options, TopKRouting<Scalar>& routing) const {
     const char* function = "sparsemoe::GShardRouter::route";
-    detail::require(input.cols() == input_dim(), function, "input must have ", input_dim(),
+    detail::require(input.cols() == this->input_dim(), function, "input must have ", this->input_dim(),
                     " columns (the router's input_dim), got ", input.rows(), "x", input.cols());
     detail::require_route_step(function, options.step);
     const Index tokens = input.rows();
-    const Index experts = num_experts();
+    const Index experts = this->num_experts();
     const bool sample = options.mode == Mode::training && options_.random_second_expert;
     routing.expert_ids.resize(tokens, 2);
     routing.gates.resize(tokens, 2);
@@ -359,7 +283,7 @@ class GShardRouter {
     routing.selected_groups.resize(0, 0);
     routing.input_jitter.resize(0, 0);
     routing.jittered_input.resize(0, 0);
-    detail::linear_logits(input, weight_, bias_, routing.logits);
+    detail::linear_logits(input, this->weight_, this->bias_, routing.logits);
     if (options_.check_finite) detail::require_finite_logits(routing.logits, function);
     detail::parallel_for(tokens, static_cast<double>(12 * experts + 200), [&](Index token) {
       Scalar* p = routing.scores.row(token).data();
@@ -385,10 +309,10 @@ class GShardRouter {
                 const TopKRoutingGradient<Scalar>& upstream, Gradients& parameter_gradients,
                 MatrixRef<Scalar> d_input) const {
     const char* function = "sparsemoe::GShardRouter::backward";
-    detail::require_backward_shapes(function, routing, input, upstream, parameter_gradients, d_input, input_dim(),
-                                    num_experts(), Index(2), options_.use_bias);
+    detail::require_backward_shapes(function, routing, input, upstream, parameter_gradients, d_input, this->input_dim(),
+                                    this->num_experts(), Index(2), options_.use_bias);
     const Index tokens = routing.num_tokens();
-    const Index experts = num_experts();
+    const Index experts = this->num_experts();
     parameter_gradients.logits.resize(tokens, experts);
     detail::parallel_for(tokens, static_cast<double>(10 * experts), [&](Index token) {
       const Scalar* p = routing.scores.row(token).data();
@@ -406,13 +330,11 @@ class GShardRouter {
       const Scalar weighted = q[0] * dg[0] + q[1] * dg[1];
       for (int slot = 0; slot < 2; ++slot) dz[pair[slot]] += q[slot] * (dg[slot] - weighted);
     });
-    detail::linear_backward(routing, input, weight_, parameter_gradients, d_input);
+    detail::linear_backward(routing, input, this->weight_, parameter_gradients, d_input);
   }
 
  private:
   Options options_;
-  Matrix<Scalar> weight_;
-  Vector<Scalar> bias_;
 };
 
 /// Checkpoint identity of GShardRouter: kind "gshard"; options random_second_expert, seed and

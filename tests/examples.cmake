@@ -1,0 +1,35 @@
+# SPDX-License-Identifier: MIT
+#
+# Tests of examples/train and the scripts around it (label "examples"; tests/cmake/train_example.cmake
+# runs them): each router for a few tiny steps (exit 0, the summary line, a routing log that
+# respects the capacity), an unknown router (exit 2 with the list of valid ones), the
+# compare-routers table, and, where gnuplot is installed, a plot-routing PNG. Seconds in all.
+if(NOT SPARSEMOE_BUILD_EXAMPLES)
+  return()
+endif()
+
+function(sparsemoe_add_train_test name mode)
+  add_test(NAME ${name}
+    COMMAND ${CMAKE_COMMAND} -DMODE=${mode} "-DTRAIN=$<TARGET_FILE:train>" "-DSOURCE_DIR=${PROJECT_SOURCE_DIR}"
+      "-DWORK_DIR=${CMAKE_CURRENT_BINARY_DIR}/examples/${name}" ${ARGN}
+      -P ${CMAKE_CURRENT_SOURCE_DIR}/cmake/train_example.cmake)
+  set_tests_properties(${name} PROPERTIES LABELS examples TIMEOUT 120)
+endfunction()
+
+foreach(_router IN ITEMS default noisy-top-k softmax-top-k switch gshard sigmoid-bias)
+  sparsemoe_add_train_test(example_train_${_router} router -DROUTER=${_router})
+endforeach()
+sparsemoe_add_train_test(example_train_unknown_router unknown)
+
+find_program(SPARSEMOE_BASH bash)
+mark_as_advanced(SPARSEMOE_BASH)
+if(SPARSEMOE_BASH)
+  sparsemoe_add_train_test(example_compare_routers compare)
+  find_program(SPARSEMOE_GNUPLOT gnuplot)
+  mark_as_advanced(SPARSEMOE_GNUPLOT)
+  if(SPARSEMOE_GNUPLOT)
+    sparsemoe_add_train_test(example_plot_routing plot)
+  else()
+    message(STATUS "sparsemoe: gnuplot not found: example_plot_routing is not run")
+  endif()
+endif()
