@@ -35,6 +35,12 @@
 //         [--w-importance X] [--w-load X] [--w-balance X] [--w-z X] [--bias-rate X]
 //         [--capacity-factor X] [--drop-policy position|slot|probability] [--seed N]
 //         [--csv PATH] [--routing-csv PATH] [--gate-init zero|uniform] [--threads N] [--quiet]
+//         [--paradigm topk|soft|hierarchical] [--groups N] [--k-groups N]
+//
+// --paradigm soft trains a SoftMoELayer instead of the top-k layer (normalised, n = batch·k/E
+// slots per expert: the expert FLOPs of top-k), --paradigm hierarchical a HierarchicalMoELayer
+// (--groups groups of E/groups experts, --k-groups groups per token and --k experts inside each),
+// on the same task with the same optimizer; --router does not apply to them.
 //
 // Writes one CSV row per step: step,loss,aux_loss,load_0..load_{E-1} (load = tokens routed to
 // each expert at that step). Plot it with scripts/plot-training. --routing-csv adds a second log
@@ -131,6 +137,9 @@ struct Options {
   bool quiet = false;
   std::optional<bool> uniform_gate;  ///< unset: zero for noisy-top-k, uniform for the others
   Index threads = 0;                 ///< OpenMP threads; 0 = OpenMP's default (OMP_NUM_THREADS or all cores)
+  std::string paradigm = "topk";     ///< topk (MoELayer), soft (SoftMoELayer) or hierarchical
+  Index groups = 2;                  ///< hierarchical: groups a
+  Index k_groups = 1;                ///< hierarchical: groups per token k_p (k experts inside each)
 
   bool noisy() const { return router == RouterChoice::noisy_top_k; }
   Index experts_per_token() const { return k.value_or(router == RouterChoice::switch_top_1 ? 1 : 2); }
@@ -187,6 +196,11 @@ void print_usage(std::ostream& out, const char* program) {
       << "                     parallel regions hold little work, and on a busy machine one thread\n"
       << "                     (or OMP_WAIT_POLICY=passive) is much faster\n"
       << "  --quiet            no progress output (the summary is still printed)\n"
+      << "  --paradigm P       topk (the sparsely-gated layer), soft (Soft MoE, batch*k/E slots per\n"
+      << "                     expert) or hierarchical (appendix B of the paper) [" << defaults.paradigm << "]\n"
+      << "  --groups N         hierarchical: groups of E/N experts [" << defaults.groups << "]\n"
+      << "  --k-groups N       hierarchical: groups per token, --k experts inside each [" << defaults.k_groups
+      << "]\n"
       << "  --help             this text\n\n"
       << "Try --w-importance 0 --w-load 0 to train without the auxiliary losses, and\n"
       << "--experts 1 --k 1 --hidden 128 for a dense layer of the same compute per token.\n";
@@ -301,6 +315,15 @@ bool parse_options(int argc, char** argv, Options& options) {
     } else if (flag == "--threads") {
       options.threads = parse_index(flag, value);
       if (options.threads < 0) throw std::invalid_argument("--threads must be >= 0");
+    } else if (flag == "--paradigm") {
+      if (value != "topk" && value != "soft" && value != "hierarchical") {
+        throw std::invalid_argument("--paradigm must be topk, soft or hierarchical, got '" + value + "'");
+      }
+      options.paradigm = value;
+    } else if (flag == "--groups") {
+      options.groups = parse_index(flag, value);
+    } else if (flag == "--k-groups") {
+      options.k_groups = parse_index(flag, value);
     } else if (flag == "--gate-init") {
       if (value != "zero" && value != "uniform") throw std::invalid_argument("--gate-init must be zero or uniform");
       options.uniform_gate = value == "uniform";
@@ -482,6 +505,24 @@ void print_load_table(const Window& start, const Window& end, Index batch, Index
   }
 }
 
+/// The per-step CSV log with its header: step,loss,aux_loss,load_0..load_{E-1}.
+std::ofstream open_csv(const Options& options) {
+  std::ofstream csv(options.csv);
+  if (!csv) throw std::runtime_error("cannot write " + options.csv);
+  csv << "step,loss,aux_loss";
+  for (Index e = 0; e < options.experts; ++e) csv << ",load_" << e;
+  csv << "\n";
+  return csv;
+}
+
+/// The training and auxiliary losses of the first and last `window` steps.
+void print_loss_windows(const Window& first_steps, const Window& last_steps, Index window) {
+  std::printf("training loss (MSE, mean of the first / last %lld steps): %.4f -> %.4f\n",
+              static_cast<long long>(window), first_steps.mean_loss(), last_steps.mean_loss());
+  std::printf("auxiliary loss (same windows):                     %.4f -> %.4f\n", first_steps.mean_aux_loss(),
+              last_steps.mean_aux_loss());
+}
+
 int thread_count() {
 #ifdef _OPENMP
   return omp_get_max_threads();
@@ -567,11 +608,7 @@ int train(const Options& options, Layer& layer) {
     forward_options.capacity = capacity;
   }
 
-  std::ofstream csv(options.csv);
-  if (!csv) throw std::runtime_error("cannot write " + options.csv);
-  csv << "step,loss,aux_loss";
-  for (Index e = 0; e < options.experts; ++e) csv << ",load_" << e;
-  csv << "\n";
+  std::ofstream csv = open_csv(options);
   std::ofstream routing_csv;
   if (!options.routing_csv.empty()) {
     routing_csv.open(options.routing_csv);
@@ -671,10 +708,7 @@ int train(const Options& options, Layer& layer) {
               router_settings(options).c_str(), static_cast<unsigned long long>(options.seed), thread_count());
   std::printf("time: %.1f s, %.0f tokens/s\n", seconds,
               static_cast<double>(options.steps * options.batch) / std::max(seconds, 1e-9));
-  std::printf("training loss (MSE, mean of the first / last %lld steps): %.4f -> %.4f\n",
-              static_cast<long long>(window), first_steps.mean_loss(), last_steps.mean_loss());
-  std::printf("auxiliary loss (same windows):                     %.4f -> %.4f\n", first_steps.mean_aux_loss(),
-              last_steps.mean_aux_loss());
+  print_loss_windows(first_steps, last_steps, window);
   std::printf("held-out MSE, evaluation mode (4096 tokens):       %.4f -> %.4f\n", before.loss, after.loss);
   std::printf("load CV^2 (tokens per expert, mean over the windows): %.4f -> %.4f\n", first_steps.mean_cv_squared(),
               last_steps.mean_cv_squared());
@@ -755,12 +789,175 @@ int run(const Options& options) {
   throw std::logic_error("unhandled router");
 }
 
+/// What one training step of a Soft or hierarchical MoE reports.
+struct StepRecord {
+  double loss = 0;
+  double aux_loss = 0;
+  sparsemoe::IndexVector load;  ///< rows each expert processed
+  sparsemoe::RoutingStats stats;  ///< the dispatch telemetry (Soft MoE: n rows per expert, nothing dropped)
+};
+
+/// Mean squared error of `predict` on `batches` fresh batches of `batch` tokens (Soft MoE mixes the
+/// tokens of one call, so it is evaluated in batches of the training size).
+template <typename Predict>
+double held_out_mse(const Predict& predict, Task& task, Index batch, Index batches) {
+  Matrix x(batch, input_dim);
+  Matrix y(batch, input_dim);
+  std::vector<Index> cluster_of;
+  double sum = 0;
+  for (Index i = 0; i < batches; ++i) {
+    task.sample(x, y, cluster_of);
+    sum += static_cast<double>(sparsemoe::mean_squared_error(predict(x), y));
+  }
+  return sum / static_cast<double>(batches);
+}
+
+/// The training loop of run() for a layer other than MoELayer, with a shorter report:
+/// train_step(x, y, step) runs forward and backward (zeroing the gradients first) and returns a
+/// StepRecord; predict(x) is an evaluation-mode forward.
+template <typename TrainStep, typename Predict>
+int run_paradigm(const Options& options, const std::string& description,
+                 const std::vector<sparsemoe::TensorView<Scalar>>& parameters,
+                 const std::vector<sparsemoe::TensorView<Scalar>>& gradient_tensors, const TrainStep& train_step,
+                 const Predict& predict) {
+  sparsemoe::AdamOptions adam_options;
+  adam_options.learning_rate = options.learning_rate;
+  sparsemoe::Adam<Scalar> adam(adam_options);
+  std::ofstream csv = open_csv(options);
+  Task task(options.seed, options.seed + 1);
+  Task evaluation_task(options.seed, options.seed + 2);
+  const Index evaluation_batches = std::max<Index>(1, 4096 / options.batch);
+  const double before = held_out_mse(predict, evaluation_task, options.batch, evaluation_batches);
+  Matrix x(options.batch, input_dim);
+  Matrix y(options.batch, input_dim);
+  std::vector<Index> cluster_of;
+  const Index window = std::min<Index>(20, options.steps);
+  const Index report_every = std::max<Index>(1, options.steps / 20);
+  Window first_steps;
+  Window last_steps;
+  const auto started = std::chrono::steady_clock::now();
+  for (Index step = 0; step < options.steps; ++step) {
+    task.sample(x, y, cluster_of);
+    const StepRecord record = train_step(x, y, static_cast<std::uint64_t>(step));
+    adam.step(parameters, gradient_tensors);
+    csv << step << ',' << record.loss << ',' << record.aux_loss;
+    for (Index e = 0; e < record.load.size(); ++e) csv << ',' << record.load[e];
+    csv << '\n';
+    if (step < window) first_steps.add(record.loss, record.aux_loss, record.load, record.stats);
+    if (step >= options.steps - window) last_steps.add(record.loss, record.aux_loss, record.load, record.stats);
+    if (!options.quiet && ((step + 1) % report_every == 0 || step + 1 == options.steps)) {
+      std::printf("step %lld/%lld  loss %.4f  aux %.4f\n", static_cast<long long>(step + 1),
+                  static_cast<long long>(options.steps), record.loss, record.aux_loss);
+      std::fflush(stdout);
+    }
+  }
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  const double after = held_out_mse(predict, evaluation_task, options.batch, evaluation_batches);
+  csv.close();
+  std::printf("\n%s: d=%lld h=%lld E=%lld, batch %lld, %lld steps, Adam lr %g, seed %llu, %d thread(s)\n",
+              description.c_str(), static_cast<long long>(input_dim), static_cast<long long>(options.hidden),
+              static_cast<long long>(options.experts), static_cast<long long>(options.batch),
+              static_cast<long long>(options.steps), options.learning_rate,
+              static_cast<unsigned long long>(options.seed), thread_count());
+  std::printf("time: %.1f s, %.0f tokens/s\n", seconds,
+              static_cast<double>(options.steps * options.batch) / std::max(seconds, 1e-9));
+  print_loss_windows(first_steps, last_steps, window);
+  std::printf("held-out MSE, evaluation mode (%lld batches):       %.4f -> %.4f\n",
+              static_cast<long long>(evaluation_batches), before, after);
+  std::printf("load CV^2 (rows per expert, mean over the windows): %.4f -> %.4f\n", first_steps.mean_cv_squared(),
+              last_steps.mean_cv_squared());
+  std::printf("per-step log written to %s\n", options.csv.c_str());
+  return 0;
+}
+
+/// Soft MoE on the task: normalised logits, batch·k/E slots per expert (top-k's expert FLOPs).
+int run_soft(const Options& options) {
+  sparsemoe::SoftMoEConfig config;
+  config.input_dim = input_dim;
+  config.hidden_dim = options.hidden;
+  config.num_experts = options.experts;
+  config.slots_per_expert = std::max<Index>(1, options.batch * options.experts_per_token() / std::max<Index>(1, options.experts));
+  config.normalize = true;
+  config.seed = options.seed;
+  sparsemoe::SoftMoELayer<Scalar> layer(config);
+  auto gradients = layer.make_gradients();
+  sparsemoe::SoftMoEResult<Scalar> result;
+  sparsemoe::SoftMoELayer<Scalar>::ForwardWorkspace workspace;
+  sparsemoe::SoftMoELayer<Scalar>::BackwardWorkspace backward_workspace;
+  Matrix d_input(options.batch, input_dim);
+  const auto train_step = [&](const Matrix& x, const Matrix& y, std::uint64_t) {
+    layer.forward(x, sparsemoe::Mode::training, result, workspace);
+    StepRecord record;
+    record.loss = static_cast<double>(sparsemoe::mean_squared_error(result.output, y));
+    gradients.set_zero();
+    layer.backward(result, sparsemoe::mean_squared_error_gradient(result.output, y), gradients, backward_workspace,
+                   d_input);
+    record.load = sparsemoe::IndexVector::Constant(options.experts, config.slots_per_expert);
+    record.stats.max_rows_per_expert = config.slots_per_expert;
+    record.stats.mean_rows_per_expert = static_cast<double>(config.slots_per_expert);
+    return record;
+  };
+  const auto predict = [&](const Matrix& x) { return layer.forward(x).output; };
+  const std::string description = "Soft MoE, " + std::to_string(config.slots_per_expert) + " slots per expert";
+  return run_paradigm(options, description, layer.tensors(), gradients.tensors(), train_step, predict);
+}
+
+/// Hierarchical MoE on the task: --groups groups, --k-groups of them per token, --k experts in each.
+int run_hierarchical(const Options& options) {
+  sparsemoe::HierarchicalMoEConfig config;
+  config.input_dim = input_dim;
+  config.hidden_dim = options.hidden;
+  config.num_experts = options.experts;
+  config.num_groups = options.groups;
+  config.k_groups = options.k_groups;
+  config.k_per_group = options.experts_per_token();
+  config.seed = options.seed;
+  sparsemoe::HierarchicalMoELayer<Scalar> layer(config);
+  if (options.uniform_gate_init()) {
+    layer.primary_gate().initialize_uniform(options.seed + 3);
+    for (Index i = 0; i < layer.num_groups(); ++i) {
+      layer.secondary_gate(i).initialize_uniform(options.seed + 4 + static_cast<std::uint64_t>(i));
+    }
+  }
+  auto gradients = layer.make_gradients();
+  sparsemoe::HierarchicalForwardOptions forward_options;
+  forward_options.mode = sparsemoe::Mode::training;
+  forward_options.importance_weight = options.importance_weight;
+  forward_options.load_weight = options.load_weight;
+  sparsemoe::HierarchicalMoEResult<Scalar> result;
+  sparsemoe::HierarchicalMoELayer<Scalar>::ForwardWorkspace workspace;
+  sparsemoe::HierarchicalMoELayer<Scalar>::BackwardWorkspace backward_workspace;
+  Matrix d_input(options.batch, input_dim);
+  const auto train_step = [&](const Matrix& x, const Matrix& y, std::uint64_t step) {
+    forward_options.step = step;
+    layer.forward(x, forward_options, result, workspace);
+    StepRecord record;
+    record.loss = static_cast<double>(sparsemoe::mean_squared_error(result.output, y));
+    record.aux_loss = static_cast<double>(result.losses.total());
+    gradients.set_zero();
+    layer.backward(result, sparsemoe::mean_squared_error_gradient(result.output, y), gradients, backward_workspace,
+                   d_input);
+    record.load = result.plan.tokens_per_expert;
+    record.stats = result.plan.stats;
+    return record;
+  };
+  const auto predict = [&](const Matrix& x) { return layer.forward(x).output; };
+  const std::string description = "Hierarchical MoE, " + std::to_string(config.num_groups) + " groups, k_groups " +
+                                  std::to_string(config.k_groups) + ", k per group " + std::to_string(config.k_per_group);
+  return run_paradigm(options, description, layer.tensors(), gradients.tensors(), train_step, predict);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   try {
     Options options;
     if (!parse_options(argc, argv, options)) return 0;
+#ifdef _OPENMP
+    if (options.threads > 0) omp_set_num_threads(static_cast<int>(options.threads));
+#endif
+    if (options.paradigm == "soft") return run_soft(options);
+    if (options.paradigm == "hierarchical") return run_hierarchical(options);
     return run(options);
   } catch (const std::invalid_argument& error) {
     std::cerr << "train: " << error.what() << "\n(see --help)\n";

@@ -20,6 +20,9 @@ foreach(_router IN ITEMS default noisy-top-k softmax-top-k switch gshard sigmoid
   sparsemoe_add_train_test(example_train_${_router} router -DROUTER=${_router})
 endforeach()
 sparsemoe_add_train_test(example_train_unknown_router unknown)
+foreach(_paradigm IN ITEMS soft hierarchical)
+  sparsemoe_add_train_test(example_train_${_paradigm} paradigm -DPARADIGM=${_paradigm})
+endforeach()
 
 find_program(SPARSEMOE_BASH bash)
 mark_as_advanced(SPARSEMOE_BASH)

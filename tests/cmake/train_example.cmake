@@ -5,6 +5,8 @@
 #   MODE=router    train --router ROUTER for 5 tiny steps with capacity factor 1: exit 0, the
 #                  summary line, and a routing log (--routing-csv) of 5 rows that never exceed C
 #                  (ROUTER=default: no --router, which must be noisy-top-k)
+#   MODE=paradigm  train --paradigm PARADIGM (soft, hierarchical) for 5 tiny steps: exit 0, the
+#                  loss lines, and a CSV log of 5 rows over the 4 experts
 #   MODE=unknown   train --router nonsense: exit 2 and the list of valid routers on stderr; and
 #                  --help has a line for each router
 #   MODE=compare   scripts/compare-routers --train TRAIN on tiny sizes: a header and one row per
@@ -78,6 +80,18 @@ if(MODE STREQUAL "router")
       message(FATAL_ERROR "routing.csv: max_rows ${_max_rows} is not the largest rows_e ${_largest}: ${_line}")
     endif()
   endforeach()
+elseif(MODE STREQUAL "paradigm")
+  run_checked(0 "${TRAIN}" --paradigm ${PARADIGM} ${_tiny} --quiet --csv training.csv)
+  require_match("${output}" "training loss \\(MSE, mean of the first / last 5 steps\\): ${_number} -> ${_number}\n"
+                "the training loss line")
+  require_match("${output}" "held-out MSE, evaluation mode \\(64 batches\\): +${_number} -> ${_number}\n"
+                "the held-out line")
+  file(STRINGS "${WORK_DIR}/training.csv" _lines)
+  list(LENGTH _lines _count)
+  list(GET _lines 0 _header)
+  if(NOT _count EQUAL 6 OR NOT _header STREQUAL "step,loss,aux_loss,load_0,load_1,load_2,load_3")
+    message(FATAL_ERROR "training.csv: expected the header and 5 rows, got ${_count} lines starting '${_header}'")
+  endif()
 elseif(MODE STREQUAL "unknown")
   run_checked(2 "${TRAIN}" --router nonsense ${_tiny} --quiet)
   string(REPLACE ";" ", " _list "${_routers}")
