@@ -2,9 +2,10 @@
 // Copyright (c) 2026 The sparsemoe authors
 //
 // The benchmark suite of issue 5: the MoE layer (forward, forward+backward) at configs A, B, C, D,
-// Decode and SkewA with 1 and 2 threads; the gate, grouping and combine stages alone; and, in the
-// same binary, the references needed to judge them: an FMA-peak probe, a read-bandwidth probe, a
-// plain GEMM of the same FLOPs through the same backend, and a naive per-token loop.
+// Decode and SkewA with 1 and 2 threads; Soft MoE at config A's expert FLOPs; the gate, grouping
+// and combine stages alone; and, in the same binary, the references needed to judge them: an
+// FMA-peak probe, a read-bandwidth probe, a plain GEMM of the same FLOPs through the same
+// backend, and a naive per-token loop.
 //
 // The probes run first, in main(), before any benchmark: their results are stored and used for the
 // "frac_peak" counter (fraction of the FMA peak measured for the same thread count) and for the
@@ -571,6 +572,43 @@ void BM_ExpertCompute(benchmark::State& state, const Config& c, int threads) {
   add_rate_counters(state, expert_forward_flops(c), c.tokens, threads);
 }
 
+/// Soft MoE (soft_moe.hpp) with the expert FLOPs of a config: S = T·k slots, n = T·k/E per expert,
+/// normalised logits, the config's input and ∂L/∂y. Its FLOPs add the soft dispatch: 2·T·d·S each
+/// for the logits, the slot inputs and the combine, three times the expert FLOPs' T·k·d at
+/// h = 2048 and T·k = S. `backward`: forward + backward (counted as 3 forwards, as the layer rows).
+void BM_SoftMoE(benchmark::State& state, const Config& c, int threads, bool backward) {
+  set_threads(threads);
+  Setup& s = setup_for(c);
+  sparsemoe::SoftMoEConfig soft;
+  soft.input_dim = c.d;
+  soft.hidden_dim = c.h;
+  soft.num_experts = c.experts;
+  soft.slots_per_expert = c.tokens * c.k / c.experts;
+  soft.normalize = true;
+  soft.seed = 42;
+  const sparsemoe::SoftMoELayer<Scalar> layer(soft);
+  const sparsemoe::Mode mode = backward ? sparsemoe::Mode::training : sparsemoe::Mode::evaluation;
+  sparsemoe::SoftMoEResult<Scalar> result;
+  sparsemoe::SoftMoELayer<Scalar>::ForwardWorkspace workspace;
+  sparsemoe::SoftMoELayer<Scalar>::BackwardWorkspace backward_workspace;
+  auto gradients = layer.make_gradients();
+  Mat d_input(c.tokens, c.d);
+  const auto run = [&] {
+    layer.forward(s.input, mode, result, workspace);
+    if (backward) layer.backward(result, s.d_output, gradients, backward_workspace, d_input);
+  };
+  run();  // workspaces and JIT kernels in place, as at every step after the first
+  for (auto _ : state) {
+    run();
+    benchmark::DoNotOptimize(backward ? d_input.data() : result.output.data());
+  }
+  const double slots = static_cast<double>(layer.num_slots());
+  const double forward_flops = 6.0 * static_cast<double>(c.tokens) * static_cast<double>(c.d) * slots +
+                               4.0 * slots * static_cast<double>(c.d) * static_cast<double>(c.h);
+  add_rate_counters(state, (backward ? 3.0 : 1.0) * forward_flops, c.tokens, threads);
+  state.counters["expert_flops_share"] = 4.0 * slots * static_cast<double>(c.d * c.h) / forward_flops;
+}
+
 // ---------------------------------------------------------------------------------------------
 // References
 
@@ -729,6 +767,14 @@ void register_all() {
           ->Unit(benchmark::kMillisecond);
       RegisterBenchmark((std::string(label) + "/ForwardBackward" + suffix).c_str(), BM_LayerForwardBackward, c,
                         all_threads)
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond);
+    }
+    if (std::string(label) == "A") {
+      RegisterBenchmark(("A/SoftMoE/Forward" + suffix).c_str(), BM_SoftMoE, c, all_threads, false)
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond);
+      RegisterBenchmark(("A/SoftMoE/ForwardBackward" + suffix).c_str(), BM_SoftMoE, c, all_threads, true)
           ->UseRealTime()
           ->Unit(benchmark::kMillisecond);
     }

@@ -289,3 +289,69 @@ TEST(Allocation, CountersSeeAllocations) {
   EXPECT_EQ(eigen_heap_allocations.load() - eigen_before, 1);
   EXPECT_EQ(vector.size(), 1000);
 }
+
+// The Soft MoE and hierarchical MoE layers: a training step (forward into a reused result and
+// workspace, backward into reused gradients, workspace and d_input) and an evaluation forward
+// allocate nothing the second time.
+template <typename Layer, typename Options, typename Step>
+void expect_paradigm_step_allocates_nothing(const Layer& layer, const Options& options, const Step& step,
+                                            const char* what) {
+  const sparsemoe::Matrix<float> input = sparsemoe::Matrix<float>::Random(300, layer.input_dim());
+  const sparsemoe::Matrix<float> d_output = sparsemoe::Matrix<float>::Random(300, layer.input_dim());
+  typename Layer::Result result;
+  typename Layer::ForwardWorkspace workspace;
+  typename Layer::BackwardWorkspace backward_workspace;
+  auto gradients = layer.make_gradients();
+  sparsemoe::Matrix<float> d_input(300, layer.input_dim());
+  for (const bool backward : {false, true}) {
+    const auto run = [&] {
+      step(layer, input, options, backward, result, workspace);
+      if (!backward) return;
+      gradients.set_zero();
+      layer.backward(result, d_output, gradients, backward_workspace, d_input);
+    };
+    run();
+    const long before = allocations.load();
+    const long eigen_before = eigen_heap_allocations.load();
+    Eigen::internal::set_is_malloc_allowed(false);
+    run();
+    Eigen::internal::set_is_malloc_allowed(true);
+    EXPECT_EQ(allocations.load() - before, 0) << what << (backward ? ": training step" : ": evaluation forward");
+    EXPECT_EQ(eigen_heap_allocations.load() - eigen_before, 0)
+        << what << (backward ? ": training step" : ": evaluation forward");
+    EXPECT_TRUE(result.output.allFinite());
+  }
+}
+
+TEST(Allocation, SoftMoEAndHierarchicalMoEStepsAllocateNothing) {
+  sparsemoe::SoftMoEConfig soft;
+  soft.input_dim = 24;
+  soft.hidden_dim = 40;
+  soft.num_experts = 4;
+  soft.slots_per_expert = 150;  // S = 600 slots: rows past the bank's packing threshold
+  soft.normalize = true;
+  const auto soft_step = [](const auto& layer, const auto& input, sparsemoe::Mode, bool backward, auto& result,
+                            auto& workspace) {
+    layer.forward(input, backward ? sparsemoe::Mode::training : sparsemoe::Mode::evaluation, result, workspace);
+  };
+  expect_paradigm_step_allocates_nothing(sparsemoe::SoftMoELayer<float>(soft), sparsemoe::Mode::training, soft_step,
+                                         "Soft MoE");
+
+  sparsemoe::HierarchicalMoEConfig hierarchical;
+  hierarchical.input_dim = 24;
+  hierarchical.hidden_dim = 40;
+  hierarchical.num_experts = 6;
+  hierarchical.num_groups = 3;
+  hierarchical.k_groups = 2;
+  hierarchical.k_per_group = 1;
+  sparsemoe::HierarchicalMoELayer<float> layer(hierarchical);
+  layer.primary_gate().initialize_uniform(1);
+  for (sparsemoe::Index i = 0; i < 3; ++i) layer.secondary_gate(i).initialize_uniform(2 + static_cast<std::uint64_t>(i));
+  const auto hierarchical_step = [](const auto& layer, const auto& input, sparsemoe::HierarchicalForwardOptions options,
+                                    bool backward, auto& result, auto& workspace) {
+    options.mode = backward ? sparsemoe::Mode::training : sparsemoe::Mode::evaluation;
+    layer.forward(input, options, result, workspace);
+  };
+  expect_paradigm_step_allocates_nothing(layer, sparsemoe::HierarchicalForwardOptions{}, hierarchical_step,
+                                         "hierarchical MoE");
+}

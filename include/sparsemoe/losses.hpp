@@ -115,10 +115,12 @@ Scalar normal_pdf(Scalar z) {
 namespace detail {
 
 /// Calls visit(token, expert, z, threshold_expert) for every (token, expert) of the smooth load
-/// estimator, with z = (c_i − θ_i)/s_i and θ_i = H[threshold_expert].
-template <typename Scalar, typename Visit>
-void for_each_load_term(const Routing<Scalar>& routing, const Visit& visit) {
+/// estimator over the tokens for which include(token) holds, with z = (c_i − θ_i)/s_i and
+/// θ_i = H[threshold_expert].
+template <typename Scalar, typename Include, typename Visit>
+void for_each_load_term(const Routing<Scalar>& routing, const Include& include, const Visit& visit) {
   for (Index token = 0; token < routing.num_tokens(); ++token) {
+    if (!include(token)) continue;
     const Index kth = routing.kth_expert[token];
     const Index next = routing.next_expert[token];
     const Scalar kth_logit = routing.noisy_logits(token, kth);
@@ -133,6 +135,12 @@ void for_each_load_term(const Routing<Scalar>& routing, const Visit& visit) {
       visit(token, expert, z, threshold_expert);
     }
   }
+}
+
+/// for_each_load_term over every token.
+template <typename Scalar, typename Visit>
+void for_each_load_term(const Routing<Scalar>& routing, const Visit& visit) {
+  for_each_load_term(routing, [](Index) { return true; }, visit);
 }
 
 }  // namespace detail
@@ -230,17 +238,25 @@ void importance_backward_by(const Routing<Scalar>& routing, const Derivative& d_
   }
 }
 
-/// load_backward with ∂L/∂Load_e given by `d_load(e)`. O(T·E·k).
-template <typename Scalar, typename Derivative>
-void load_backward_by(const Routing<Scalar>& routing, const Derivative& d_load, GateGradients<Scalar>& gradients) {
+/// load_backward with ∂L/∂Load_e given by `d_load(e)`, for the load summed over the tokens for
+/// which include(token) holds only. O(T·E·k).
+template <typename Scalar, typename Derivative, typename Include>
+void load_backward_by(const Routing<Scalar>& routing, const Derivative& d_load, GateGradients<Scalar>& gradients,
+                      const Include& include) {
   if (!routing.has_smooth_load()) return;
-  for_each_load_term(routing, [&](Index token, Index expert, Scalar z, Index threshold_expert) {
+  for_each_load_term(routing, include, [&](Index token, Index expert, Scalar z, Index threshold_expert) {
     const Scalar scale = routing.noise_scale(token, expert);
     const Scalar slope = d_load(expert) * normal_pdf(z) / scale;
     gradients.clean_logits(token, expert) += slope;
     gradients.noisy_logits(token, threshold_expert) -= slope;
     gradients.noise_scale(token, expert) -= slope * z;
   });
+}
+
+/// load_backward with ∂L/∂Load_e given by `d_load(e)`. O(T·E·k).
+template <typename Scalar, typename Derivative>
+void load_backward_by(const Routing<Scalar>& routing, const Derivative& d_load, GateGradients<Scalar>& gradients) {
+  load_backward_by(routing, d_load, gradients, [](Index) { return true; });
 }
 
 }  // namespace detail

@@ -54,6 +54,16 @@ void append_tensor_views(std::vector<TensorView<Scalar>>& list, const std::strin
 
 namespace detail {
 
+/// Appends the tensors of objects[i] (experts, gates: anything with tensors()) to `list` as
+/// "<prefix><i>.<name>", for i in order.
+template <typename Scalar, typename Object>
+void append_numbered_tensor_views(std::vector<TensorView<Scalar>>& list, const std::string& prefix,
+                                  std::vector<Object>& objects) {
+  for (std::size_t i = 0; i < objects.size(); ++i) {
+    append_tensor_views(list, prefix + std::to_string(i) + ".", objects[i].tensors());
+  }
+}
+
 /// Fills `values` with independent draws from U(−bound, bound): Philox4x32-10 at counter
 /// (index, stream) under key `seed`, so the result depends on (seed, stream, index) only.
 template <typename Scalar>

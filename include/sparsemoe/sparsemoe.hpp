@@ -14,6 +14,7 @@
 #include "expert_choice.hpp"
 #include "gate.hpp"
 #include "hash_layer.hpp"
+#include "hierarchical_moe.hpp"
 #include "losses.hpp"
 #include "moe_layer.hpp"
 #include "optimizers.hpp"
@@ -26,6 +27,7 @@
 #include "router/sigmoid_top_k.hpp"
 #include "router/softmax_top_k.hpp"
 #include "router/switch.hpp"
+#include "soft_moe.hpp"
 #include "dispatch.hpp"
 #include "training_losses.hpp"
 
