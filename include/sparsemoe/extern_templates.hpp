@@ -31,7 +31,7 @@
 ///
 /// Other layer types: `SPARSEMOE_EXPLICIT_LAYER(Scalar, ExpertT)` at global scope, after this
 /// header, declares or defines (by the same two macros) the instantiations of
-/// MoELayer<Scalar, ExpertT> and MoEGradients<Scalar, ExpertT>; put it in a header of yours that
+/// MoELayer<Scalar, ExpertT>, MoEGradients<Scalar, ExpertT> and ExpertBank<Scalar, ExpertT>; put it in a header of yours that
 /// every translation unit, the instantiating one included, reads:
 ///
 /// \code
@@ -57,11 +57,12 @@
 
 #if SPARSEMOE_DETAIL_EXPLICIT_ENABLED
 
-/// Explicit instantiation declarations or definitions of MoELayer<Scalar, ExpertT> and its
-/// gradients (the expert type may contain commas: it is the variadic part).
+/// Explicit instantiation declarations or definitions of MoELayer<Scalar, ExpertT>, its
+/// gradients and its ExpertBank (the expert type may contain commas: it is the variadic part).
 #define SPARSEMOE_EXPLICIT_LAYER(Scalar, ...)                                   \
   SPARSEMOE_DETAIL_EXPLICIT class sparsemoe::MoELayer<Scalar, __VA_ARGS__>;      \
-  SPARSEMOE_DETAIL_EXPLICIT struct sparsemoe::MoEGradients<Scalar, __VA_ARGS__>;
+  SPARSEMOE_DETAIL_EXPLICIT struct sparsemoe::MoEGradients<Scalar, __VA_ARGS__>; \
+  SPARSEMOE_DETAIL_EXPLICIT class sparsemoe::ExpertBank<Scalar, __VA_ARGS__>;
 
 /// The templates every layer of scalar type `Scalar` uses.
 #define SPARSEMOE_DETAIL_EXPLICIT_SCALAR(Scalar)                                                        \

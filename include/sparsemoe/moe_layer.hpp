@@ -8,8 +8,8 @@
 /// forward and backward, run as explicit stages: route → group → expert compute → combine.
 
 #include "config.hpp"
-#include "detail/gemm.hpp"
 #include "detail/parallel.hpp"
+#include "detail/scratch_pool.hpp"
 #include "expert.hpp"
 #include "expert_bank.hpp"
 #include "gate.hpp"
@@ -19,12 +19,13 @@
 #include "packed_experts.hpp"
 #include "parameters.hpp"
 #include "dispatch.hpp"
+#include "forward_result.hpp"
+#include "layer_gradients.hpp"
+#include "workspaces.hpp"
 
-#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <memory>
-#include <mutex>
-#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -33,223 +34,6 @@ namespace sparsemoe {
 
 /// \addtogroup layer
 /// @{
-
-/// What a forward keeps for backward (training mode, or ForwardOptions::keep_cache). Memory:
-/// T·d + T·k·p scalars (p = h, or 2h for SwiGLU); empty otherwise.
-template <typename Scalar>
-struct ForwardCache {
-  /// Identity of the layer that made this cache, set only when its forward completed. It never
-  /// matches a layer other than that one (nor one built later at the same address).
-  std::weak_ptr<const void> owner;
-  Matrix<Scalar> input;              ///< T×d copy of the input
-  Matrix<Scalar> pre_activations;    ///< T·k×p, grouped rows: x·W1 + b1 of each routed token
-  Matrix<Scalar> shared_pre_activations;  ///< T×p_s: x·W1 + b1 of the shared expert (empty without one)
-
-  /// Whether this cache cannot feed a backward pass (no completed forward kept it, or its layer
-  /// is gone).
-  bool empty() const { return owner.expired(); }
-  /// Bytes held by the input copy and the pre-activations.
-  std::size_t bytes() const { return static_cast<std::size_t>(input.size() + pre_activations.size()) * sizeof(Scalar); }
-};
-
-namespace detail {
-
-/// A thread-safe stack of idle objects of type T (workspaces, result storage), so that calls
-/// which do not bring their own reuse earlier calls' storage. take() hands out an idle object (or
-/// a new one) as a Lease, which gives it back when it goes out of scope, also on a throw. The
-/// mutex is taken once per hand-out and once per return, never inside a loop. At most
-/// `max_idle` objects are kept; one given back beyond that is freed.
-template <typename T>
-class ScratchPool {
- public:
-  /// Exclusive use of one pooled object until destruction.
-  class Lease {
-   public:
-    Lease(ScratchPool& pool, std::unique_ptr<T> object) : pool_(&pool), object_(std::move(object)) {}
-    Lease(const Lease&) = delete;
-    Lease& operator=(const Lease&) = delete;
-    Lease(Lease&& other) noexcept = default;
-    Lease& operator=(Lease&&) = delete;
-    ~Lease() {
-      if (object_) pool_->give_back(std::move(object_));
-    }
-    T& operator*() const { return *object_; }
-
-   private:
-    ScratchPool* pool_;
-    std::unique_ptr<T> object_;
-  };
-
-  explicit ScratchPool(std::size_t max_idle = static_cast<std::size_t>(-1)) : max_idle_(max_idle) {}
-
-  /// An idle object, or a new one when none is idle.
-  Lease take() {
-    std::unique_ptr<T> object = take_idle();
-    if (!object) object = std::make_unique<T>();
-    return Lease(*this, std::move(object));
-  }
-
-  /// An idle object, or null when none is idle.
-  std::unique_ptr<T> take_idle() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (idle_.empty()) return nullptr;
-    std::unique_ptr<T> object = std::move(idle_.back());
-    idle_.pop_back();
-    return object;
-  }
-
-  /// Keeps `object` for a later take(), or frees it when max_idle objects are idle already (or
-  /// when the list cannot grow).
-  void give_back(std::unique_ptr<T> object) noexcept {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (idle_.size() >= max_idle_) return;
-#if defined(__cpp_exceptions) || defined(__EXCEPTIONS)
-    try {
-      idle_.push_back(std::move(object));
-    } catch (...) {
-      // Out of memory while growing the list: the object is freed instead of pooled.
-    }
-#else
-    idle_.push_back(std::move(object));
-#endif
-  }
-
-  /// Frees every idle object.
-  void clear() {
-    std::vector<std::unique_ptr<T>> released;
-    std::lock_guard<std::mutex> lock(mutex_);
-    released.swap(idle_);
-  }
-
-  /// Bytes held by the idle objects (T::bytes()).
-  std::size_t bytes() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    std::size_t total = 0;
-    for (const auto& object : idle_) total += object->bytes();
-    return total;
-  }
-
- private:
-  std::size_t max_idle_;
-  mutable std::mutex mutex_;
-  std::vector<std::unique_ptr<T>> idle_;
-};
-
-/// The big buffers of a ForwardResult made by MoELayer::forward(input, options), kept after the
-/// result is destroyed for the next such call (buffers above glibc's mmap threshold, 32 MiB,
-/// would otherwise come back as fresh pages, each faulted in on first touch).
-template <typename Scalar>
-struct ResultStorage {
-  Matrix<Scalar> output;
-  Matrix<Scalar> cache_input;
-  Matrix<Scalar> pre_activations;
-  std::size_t bytes() const {
-    return static_cast<std::size_t>(output.size() + cache_input.size() + pre_activations.size()) * sizeof(Scalar);
-  }
-};
-
-}  // namespace detail
-
-/// Everything a forward pass returns. RoutingT and LossesT are the router's records
-/// (RouterTraits): for the default NoisyTopKGate, Routing and AuxiliaryLosses; for the top-k
-/// routers of router.hpp, TopKRouting and TopKRouterLosses (MoELayer::Result names the type).
-template <typename Scalar, typename RoutingT = Routing<Scalar>, typename LossesT = AuxiliaryLosses<Scalar>>
-struct ForwardResult {
-  Matrix<Scalar> output;             ///< T×d: y = Σ_{i∈S(x)} g_i(x)·E_i(x)
-  RoutingT routing;                  ///< the router's decisions (O(T·E))
-  DispatchPlan plan;                 ///< grouped rows per expert (tokens_per_expert, offsets, capacity drops, stats, …)
-  LossesT losses;                    ///< the auxiliary loss terms; losses.total() is what backward differentiates
-  ForwardCache<Scalar> cache;        ///< for backward; empty in evaluation mode
-  std::uint64_t step = 0;            ///< the noise sample index used (training mode; 0 otherwise)
-  /// T: σ(x·w_shared) of each token, the shared expert's gate (MoEConfig::shared_expert_gate);
-  /// empty without it.
-  Vector<Scalar> shared_gates;
-  /// Set by MoELayer::forward(input, options) only: where the output and cache buffers go when
-  /// this result is destroyed, for that layer's next such call (nothing if the layer is gone).
-  std::weak_ptr<detail::ScratchPool<detail::ResultStorage<Scalar>>> recycler;
-
-  /// An empty result, to pass to the forward overloads that write into one.
-  ForwardResult() = default;
-  /** @{ */
-  /// Member-wise copies and moves; a copy also hands its buffers to the same layer's pool when
-  /// destroyed.
-  ForwardResult(const ForwardResult&) = default;
-  ForwardResult(ForwardResult&&) noexcept = default;
-  ForwardResult& operator=(const ForwardResult&) = default;
-  ForwardResult& operator=(ForwardResult&&) noexcept = default;
-  /** @} */
-  /// Gives the output and cache buffers to the pool of the layer that made this result through
-  /// MoELayer::forward(input, options), if that layer still exists; frees them otherwise.
-  ~ForwardResult() {
-    const auto pool = recycler.lock();
-    if (!pool || (output.size() == 0 && cache.pre_activations.size() == 0)) return;
-#if defined(__cpp_exceptions) || defined(__EXCEPTIONS)
-    try {
-#endif
-      auto storage = std::make_unique<detail::ResultStorage<Scalar>>();
-      storage->output.swap(output);
-      storage->cache_input.swap(cache.input);
-      storage->pre_activations.swap(cache.pre_activations);
-      pool->give_back(std::move(storage));
-#if defined(__cpp_exceptions) || defined(__EXCEPTIONS)
-    } catch (...) {
-      // No memory for the small holder: the buffers are freed as usual.
-    }
-#endif
-  }
-
-  /// Rows each expert received (E entries; after capacity when ForwardOptions::capacity is set).
-  const IndexVector& tokens_per_expert() const { return plan.tokens_per_expert; }
-  /// Routing telemetry: capacity, max/mean rows per expert, slots dropped by the router and by
-  /// capacity (per expert), the auxiliary loss total (RoutingStats).
-  const RoutingStats& stats() const { return plan.stats; }
-};
-
-/// Scratch memory of MoELayer::forward, reusable across calls: a forward of the same shape into
-/// the same workspace (and the same ForwardResult) allocates nothing. Not shared between threads:
-/// give each calling thread its own.
-template <typename Scalar>
-struct ForwardWorkspace {
-  Matrix<Scalar> grouped_input;              ///< T·k×d: each expert's tokens, contiguous (stage group)
-  Matrix<Scalar> expert_output;              ///< T·k×d: E_i of each grouped row (stage expert compute)
-  Matrix<Scalar> shared_output;              ///< T×d: the shared expert's output (without its gate)
-  ExpertBankForwardWorkspace<Scalar> experts;  ///< scratch of the routed experts' ExpertBank::forward
-  ExpertBankForwardWorkspace<Scalar> shared;   ///< scratch of the shared expert's bank (its companion)
-
-  /// Bytes held by the matrices and packed weights above.
-  std::size_t bytes() const {
-    return static_cast<std::size_t>(grouped_input.size() + expert_output.size() + shared_output.size()) *
-               sizeof(Scalar) +
-           experts.bytes() + shared.bytes();
-  }
-};
-
-/// Scratch memory of MoELayer::backward, reusable across calls of the same shape. Not shared
-/// between threads: give each calling thread its own. RoutingGradientT is the router's
-/// (RouterTraits::RoutingGradient; MoELayer::BackwardWorkspaceType names the type).
-template <typename Scalar, typename RoutingGradientT = GateGradients<Scalar>>
-struct BackwardWorkspace {
-  Matrix<Scalar> grouped_input;                              ///< T·k×d: the cached input, grouped
-  Matrix<Scalar> grouped_d_output;                           ///< T·k×d: ∂L/∂y grouped, then times g
-  Vector<Scalar> gate_of_row;                                ///< T·k: the combine weight g of each grouped row
-  Matrix<Scalar> d_grouped_input;                            ///< T·k×d: ∂L/∂x of each grouped row
-  Vector<Scalar> d_gate_of_row;                              ///< T·k: ⟨∂L/∂y, E(x)⟩ per grouped row
-  RoutingGradientT routing_gradient;                         ///< ∂L/∂(the router's outputs)
-  Matrix<Scalar> shared_d_output;                            ///< T×d: ∂L/∂y, then times the shared expert's gate
-  Matrix<Scalar> shared_d_input;                             ///< T×d: ∂L/∂x through the shared expert
-  Vector<Scalar> shared_d_gate;                              ///< T: ∂L/∂(the shared expert's gate)
-  ExpertBankBackwardWorkspace<Scalar> experts;               ///< scratch of the routed experts' ExpertBank::backward
-  ExpertBankBackwardWorkspace<Scalar> shared;                ///< scratch of the shared expert's bank (its companion)
-
-  /// Bytes held by the matrices and packed weights above.
-  std::size_t bytes() const {
-    return static_cast<std::size_t>(grouped_input.size() + grouped_d_output.size() + gate_of_row.size() +
-                                    d_grouped_input.size() + d_gate_of_row.size() + shared_d_output.size() +
-                                    shared_d_input.size() + shared_d_gate.size()) *
-               sizeof(Scalar) +
-           experts.bytes() + shared.bytes();
-  }
-};
 
 namespace detail {
 
@@ -266,41 +50,6 @@ struct LayerScratch {
 };
 
 }  // namespace detail
-
-/// Gradients of every parameter of an MoELayer, laid out like the layer: the router's (the base,
-/// RouterTraits<RouterT>::Gradients: gate_weight and noise_weight for the default NoisyTopKGate,
-/// weight and bias for the top-k routers), then each expert's.
-template <typename Scalar, typename ExpertT, typename RouterT = NoisyTopKGate<Scalar>>
-struct MoEGradients : RouterTraits<RouterT>::Gradients {
-  /// The router's parameter gradients, the base of this struct.
-  using RouterGradientsType = typename RouterTraits<RouterT>::Gradients;
-  std::vector<ExpertT> experts;  ///< ∂L/∂(W1, b1, W2, b2) of each expert, as expert-shaped tensors
-  std::vector<ExpertT> shared_experts;  ///< ∂L/∂ the shared expert's tensors (none or one)
-  Vector<Scalar> shared_expert_gate;    ///< ∂L/∂w_shared, d (empty without the gate)
-
-  /// The router's gradients (the base).
-  RouterGradientsType& router() { return *this; }
-
-  /// All gradient tensors, in the same order and with the same names as MoELayer::tensors().
-  std::vector<TensorView<Scalar>> tensors() {
-    std::vector<TensorView<Scalar>> list;
-    append_tensor_views(list, RouterTraits<RouterT>::prefix, RouterGradientsType::tensors());
-    for (std::size_t e = 0; e < experts.size(); ++e) {
-      append_tensor_views(list, "expert" + std::to_string(e) + ".", experts[e].tensors());
-    }
-    for (auto& shared : shared_experts) append_tensor_views(list, "shared_expert.", shared.tensors());
-    if (shared_expert_gate.size() > 0) list.push_back(make_tensor_view("shared_expert_gate", shared_expert_gate));
-    return list;
-  }
-
-  /// Sets every gradient to zero.
-  void set_zero() {
-    RouterGradientsType::set_zero();
-    for (auto& expert : experts) expert.set_zero();
-    for (auto& shared : shared_experts) shared.set_zero();
-    shared_expert_gate.setZero();
-  }
-};
 
 /// Sparsely-gated mixture-of-experts layer over tokens of width d: a router (the NoisyTopKGate
 /// by default) picks k of E experts per token, and y = Σ_{i∈S(x)} g_i(x)·E_i(x).

@@ -408,26 +408,50 @@ class SoftMoELayer {
     }
   }
 
-  /// result = alpha·op(A)·op(B) (+ result when accumulate), in row tiles of 64 spread over threads.
+  /// Columns of one output tile of row_tiled_product.
+  static constexpr Index product_column_tile = 64;
+  /// Depth of one GEMM call of row_tiled_product: with 64×64 output tiles the backend's packing
+  /// buffers (depth × 64 scalars each) then fit its stack allowance, so no call allocates.
+  static constexpr Index product_depth_chunk = 128;
+
+  /// The block of rows [row, row + rows) and columns [col, col + cols) of op(x), as an operand.
+  static detail::ConstOperand<Scalar> block(const detail::ConstOperand<Scalar>& x, Index row, Index rows, Index col,
+                                            Index cols) {
+    detail::ConstOperand<Scalar> part = x;
+    if (x.op == detail::Op::none) {
+      part.data = x.data + row * x.stride + col;
+      part.rows = rows;
+      part.cols = cols;
+    } else {
+      part.data = x.data + col * x.stride + row;
+      part.rows = cols;
+      part.cols = rows;
+    }
+    return part;
+  }
+
+  /// result = alpha·op(A)·op(B) (+ result when accumulate), in output tiles of 64×64 spread over
+  /// the threads, each summed over the depth in chunks of product_depth_chunk in a fixed order:
+  /// results do not depend on the thread count, and nothing is allocated.
   static void row_tiled_product(const detail::ConstOperand<Scalar>& a, const detail::ConstOperand<Scalar>& b,
                                 MatrixRef<Scalar> result, Scalar alpha, bool accumulate) {
     const Index rows = a.op_rows();
     const Index depth = a.op_cols();
     const Index cols = b.op_cols();
     SPARSEMOE_ASSERT(result.rows() == rows && result.cols() == cols && b.op_rows() == depth);
-    const double tile_flops = 2.0 * static_cast<double>(detail::row_tile * depth * cols);
-    detail::parallel_for(detail::tile_count(rows, detail::row_tile), tile_flops, [&](Index tile) {
-      const Index first = tile * detail::row_tile;
-      const Index count = std::min(detail::row_tile, rows - first);
-      detail::ConstOperand<Scalar> block = a;
-      if (a.op == detail::Op::none) {
-        block.data = a.data + first * a.stride;
-        block.rows = count;
-      } else {
-        block.data = a.data + first;
-        block.cols = count;
+    const Index column_tiles = detail::tile_count(cols, product_column_tile);
+    const double tile_flops = 2.0 * static_cast<double>(detail::row_tile * product_column_tile * depth);
+    detail::parallel_for(detail::tile_count(rows, detail::row_tile) * column_tiles, tile_flops, [&](Index tile) {
+      const Index first_row = tile / column_tiles * detail::row_tile;
+      const Index first_col = tile % column_tiles * product_column_tile;
+      const Index tile_rows = std::min(detail::row_tile, rows - first_row);
+      const Index tile_cols = std::min(product_column_tile, cols - first_col);
+      Scalar* output = result.data() + first_row * result.outerStride() + first_col;
+      for (Index k = 0; k == 0 || k < depth; k += product_depth_chunk) {
+        const Index chunk = std::min(product_depth_chunk, depth - k);
+        detail::gemm(block(a, first_row, tile_rows, k, chunk), block(b, k, chunk, first_col, tile_cols), output,
+                     result.outerStride(), alpha, accumulate || k > 0);
       }
-      detail::gemm(block, b, result.row(first).data(), result.outerStride(), alpha, accumulate);
     });
   }
 

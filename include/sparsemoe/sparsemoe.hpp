@@ -12,9 +12,11 @@
 #include "expert.hpp"
 #include "expert_bank.hpp"
 #include "expert_choice.hpp"
+#include "forward_result.hpp"
 #include "gate.hpp"
 #include "hash_layer.hpp"
 #include "hierarchical_moe.hpp"
+#include "layer_gradients.hpp"
 #include "losses.hpp"
 #include "moe_layer.hpp"
 #include "optimizers.hpp"
@@ -30,5 +32,6 @@
 #include "soft_moe.hpp"
 #include "dispatch.hpp"
 #include "training_losses.hpp"
+#include "workspaces.hpp"
 
 #endif  // SPARSEMOE_SPARSEMOE_HPP
