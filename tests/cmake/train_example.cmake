@@ -8,8 +8,9 @@
 #   MODE=paradigm  train --router ROUTER (expert-choice, hash, soft-moe, hierarchical) for 5 tiny
 #                  steps at its defaults (the expert FLOPs of k = 2): exit 0, the summary line with
 #                  k=2, and a per-step log of 5 rows
-#   MODE=unknown   train --router nonsense: exit 2 and the list of valid routers on stderr; and
-#                  --help has a line for each router
+#   MODE=unknown   train --router nonsense: exit 2 and the list of valid routers on stderr;
+#                  --router hash --capacity-factor 1: exit 2 and why; --help has a line for each
+#                  router
 #   MODE=compare   scripts/compare-routers --train TRAIN --logs DIR on tiny sizes: a header, one row
 #                  per router and paradigm, and one kept log each
 #   MODE=plot      train --router sigmoid-bias --routing-csv, then scripts/plot-routing and
@@ -96,6 +97,10 @@ elseif(MODE STREQUAL "unknown")
   run_checked(2 "${TRAIN}" --router nonsense ${_tiny} --quiet)
   string(REPLACE ";" ", " _list "${_routers}")
   require_match("${errors}" "unknown router 'nonsense'; valid routers: ${_list}" "stderr")
+  # a flag of another router stops with a message, e.g. expert capacity for hash routing
+  run_checked(2 "${TRAIN}" --router hash --capacity-factor 1 ${_tiny} --quiet)
+  require_match("${errors}" "--capacity-factor applies to MoELayer's routers and expert-choice only, not to --router hash"
+                "stderr")
   run_checked(0 "${TRAIN}" --help)  # --help describes every router
   foreach(_router IN LISTS _routers)
     require_match("${output}" "\n +${_router} +[a-z]" "--help's line of ${_router}")
