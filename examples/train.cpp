@@ -31,16 +31,25 @@
 // (--gate-init uniform). --capacity-factor caps the rows of each expert (ForwardOptions::capacity;
 // dropless by default).
 //
+// --router also takes the layers that do not route by token-choice top-k, on the same task, seeds
+// and optimizer, each at the expert FLOPs of k = 2 by default:
+//   expert-choice   ExpertChoiceLayer (Zhou et al. 2022): each expert takes its C = ⌈(T/E)·f⌉
+//                   best tokens, f = --capacity-factor [2]; tokens no expert took are "unrouted"
+//   hash            HashMoELayer (Roller et al. 2021), --k hashes [2] of the token id, which here
+//                   is the token's cluster (the id that decides its target map)
+//   soft-moe        SoftMoELayer (Puigcerver et al. 2023), normalised, n = batch·k/E slots per
+//                   expert (--k [2])
+//   hierarchical    HierarchicalMoELayer (Shazeer et al. 2017, appendix B): --groups a [2] groups
+//                   of E/a experts, --k-groups [1] of them per token, --k [2] experts inside each,
+//                   with the appendix's importance and load losses (--w-importance, --w-load)
+// They are evaluated in batches of --batch tokens (expert choice and Soft MoE mix the tokens of
+// one batch) and write the same summary line; see docs/training.md.
+//
 //   train [--router NAME] [--steps N] [--batch N] [--experts N] [--k N] [--hidden N] [--lr X]
 //         [--w-importance X] [--w-load X] [--w-balance X] [--w-z X] [--bias-rate X]
 //         [--capacity-factor X] [--drop-policy position|slot|probability] [--seed N]
 //         [--csv PATH] [--routing-csv PATH] [--gate-init zero|uniform] [--threads N] [--quiet]
-//         [--paradigm topk|soft|hierarchical] [--groups N] [--k-groups N]
-//
-// --paradigm soft trains a SoftMoELayer instead of the top-k layer (normalised, n = batch·k/E
-// slots per expert: the expert FLOPs of top-k), --paradigm hierarchical a HierarchicalMoELayer
-// (--groups groups of E/groups experts, --k-groups groups per token and --k experts inside each),
-// on the same task with the same optimizer; --router does not apply to them.
+//         [--groups N] [--k-groups N]
 //
 // Writes one CSV row per step: step,loss,aux_loss,load_0..load_{E-1} (load = tokens routed to
 // each expert at that step). Plot it with scripts/plot-training. --routing-csv adds a second log
@@ -95,10 +104,21 @@ constexpr Index map_width = 32;        // width m of each cluster's map tanh(x·
 constexpr double cluster_spread = 0.5; // per-coordinate standard deviation inside a cluster
 
 /// The routers --router chooses from, in the order of router_names.
-enum class RouterChoice { noisy_top_k, softmax_top_k, switch_top_1, gshard_top_2, sigmoid_bias };
+enum class RouterChoice {
+  noisy_top_k,
+  softmax_top_k,
+  switch_top_1,
+  gshard_top_2,
+  sigmoid_bias,
+  expert_choice,
+  hash,
+  soft_moe,
+  hierarchical
+};
 
 /// --router's names, indexed by RouterChoice.
-constexpr const char* router_names[] = {"noisy-top-k", "softmax-top-k", "switch", "gshard", "sigmoid-bias"};
+constexpr const char* router_names[] = {"noisy-top-k", "softmax-top-k", "switch",       "gshard",      "sigmoid-bias",
+                                        "expert-choice", "hash",          "soft-moe", "hierarchical"};
 
 const char* router_name(RouterChoice router) { return router_names[static_cast<int>(router)]; }
 
@@ -129,7 +149,7 @@ struct Options {
   std::optional<double> balance_weight;  ///< unset: 0.01, or 0 for sigmoid-bias
   std::optional<double> z_weight;        ///< unset: 1e-3, or 0 for sigmoid-bias
   std::optional<double> bias_rate;       ///< γ of update_selection_bias; unset: selection_bias_rate()
-  double capacity_factor = 0;            ///< 0: dropless
+  double capacity_factor = 0;            ///< 0: dropless (expert-choice: f = 2)
   sparsemoe::DropPolicy drop_policy = sparsemoe::DropPolicy::by_position;
   std::uint64_t seed = 1;
   std::string csv = "training.csv";
@@ -137,10 +157,15 @@ struct Options {
   bool quiet = false;
   std::optional<bool> uniform_gate;  ///< unset: zero for noisy-top-k, uniform for the others
   Index threads = 0;                 ///< OpenMP threads; 0 = OpenMP's default (OMP_NUM_THREADS or all cores)
-  std::string paradigm = "topk";     ///< topk (MoELayer), soft (SoftMoELayer) or hierarchical
-  Index groups = 2;                  ///< hierarchical: groups a
-  Index k_groups = 1;                ///< hierarchical: groups per token k_p (k experts inside each)
+  std::optional<Index> groups;       ///< hierarchical: groups a; unset: 2
+  std::optional<Index> k_groups;     ///< hierarchical: groups per token; unset: 1
 
+  /// Whether the router is one of MoELayer's (the first five), not another layer.
+  bool moe_layer() const { return static_cast<int>(router) <= static_cast<int>(RouterChoice::sigmoid_bias); }
+  /// Whether the layer has noisy top-k gates with the CV² losses (noisy-top-k, hierarchical).
+  bool noisy_gates() const { return noisy() || router == RouterChoice::hierarchical; }
+  /// expert-choice: the capacity factor f of C = ⌈(T/E)·f⌉.
+  double expert_choice_factor() const { return capacity_factor > 0 ? capacity_factor : 2.0; }
   bool noisy() const { return router == RouterChoice::noisy_top_k; }
   Index experts_per_token() const { return k.value_or(router == RouterChoice::switch_top_1 ? 1 : 2); }
   double balance_loss_weight() const {
@@ -149,7 +174,7 @@ struct Options {
   double z_loss_weight() const {
     return z_weight.value_or(noisy() || router == RouterChoice::sigmoid_bias ? 0.0 : 1e-3);
   }
-  bool uniform_gate_init() const { return uniform_gate.value_or(!noisy()); }
+  bool uniform_gate_init() const { return uniform_gate.value_or(!noisy_gates()); }
   /// γ: DeepSeek-V3 takes 1e-3 per step over batches of millions of tokens; on 256 tokens that
   /// makes the bias chase the batch's noise (final load CV² 0.054 here, 0.25 with 1e-2), 1e-4
   /// balances (0.015).
@@ -170,19 +195,29 @@ void print_usage(std::ostream& out, const char* program) {
       << "                     gshard         top-2, random second expert (GShard), k = 2\n"
       << "                     sigmoid-bias   sigmoid top-k with an aux-loss-free selection bias\n"
       << "                                    (DeepSeek-V3)\n"
+      << "                     expert-choice  each expert takes its C best tokens (Zhou et al. 2022)\n"
+      << "                     hash           k experts by a hash of the token id, here its cluster\n"
+      << "                                    (Roller et al. 2021)\n"
+      << "                     soft-moe       soft mixtures of all tokens in batch*k/E slots per expert\n"
+      << "                                    (Soft MoE, Puigcerver et al. 2023)\n"
+      << "                     hierarchical   a primary noisy gate over groups, a secondary one in\n"
+      << "                                    each (Shazeer et al. 2017, appendix B)\n"
       << "  --steps N          training steps [" << defaults.steps << "]\n"
       << "  --batch N          tokens per step [" << defaults.batch << "]\n"
       << "  --experts N        experts E [" << defaults.experts << "]\n"
-      << "  --k N              experts per token, 1 <= k <= E [2; switch: 1]\n"
+      << "  --k N              experts per token, 1 <= k <= E [2; switch: 1]; soft-moe: slots as for\n"
+      << "                     k; hierarchical: experts inside each chosen group\n"
       << "  --hidden N         hidden width h of each expert [" << defaults.hidden << "]\n"
       << "  --lr X             Adam learning rate [" << defaults.learning_rate << "]\n"
-      << "  --w-importance X   noisy-top-k: weight of the importance loss [" << defaults.importance_weight << "]\n"
-      << "  --w-load X         noisy-top-k: weight of the load loss [" << defaults.load_weight << "]\n"
+      << "  --w-importance X   noisy-top-k, hierarchical: weight of the importance loss ["
+      << defaults.importance_weight << "]\n"
+      << "  --w-load X         noisy-top-k, hierarchical: weight of the load loss [" << defaults.load_weight << "]\n"
       << "  --w-balance X      top-k routers: weight alpha of the balance loss alpha*E*sum_i f_i*P_i\n"
       << "                     [0.01; sigmoid-bias: 0]\n"
       << "  --w-z X            top-k routers: weight of the router z-loss [0.001; sigmoid-bias: 0]\n"
       << "  --bias-rate X      sigmoid-bias: update rate gamma of the selection bias [0.0001]\n"
-      << "  --capacity-factor X  cap each expert at ceil(X*T*k/E) rows, dropping the rest; 0 = dropless [0]\n"
+      << "  --capacity-factor X  cap each expert at ceil(X*T*k/E) rows, dropping the rest; 0 = dropless [0];\n"
+      << "                     expert-choice: each expert takes ceil(T/E*X) tokens [2]\n"
       << "  --drop-policy position|slot|probability  which slots a full expert keeps: first come\n"
       << "                     (token order), first choices first, or the largest gates [position]\n"
       << "  --seed N           seed of the task, the initial weights and the gate noise [" << defaults.seed
@@ -196,11 +231,8 @@ void print_usage(std::ostream& out, const char* program) {
       << "                     parallel regions hold little work, and on a busy machine one thread\n"
       << "                     (or OMP_WAIT_POLICY=passive) is much faster\n"
       << "  --quiet            no progress output (the summary is still printed)\n"
-      << "  --paradigm P       topk (the sparsely-gated layer), soft (Soft MoE, batch*k/E slots per\n"
-      << "                     expert) or hierarchical (appendix B of the paper) [" << defaults.paradigm << "]\n"
-      << "  --groups N         hierarchical: groups of E/N experts [" << defaults.groups << "]\n"
-      << "  --k-groups N       hierarchical: groups per token, --k experts inside each [" << defaults.k_groups
-      << "]\n"
+      << "  --groups N         hierarchical: groups of E/N experts [2]\n"
+      << "  --k-groups N       hierarchical: groups per token [1]\n"
       << "  --help             this text\n\n"
       << "Try --w-importance 0 --w-load 0 to train without the auxiliary losses, and\n"
       << "--experts 1 --k 1 --hidden 128 for a dense layer of the same compute per token.\n";
@@ -242,6 +274,8 @@ void require_router_option(const Options& options, bool given, const char* flag,
 bool parse_options(int argc, char** argv, Options& options) {
   bool importance_given = false;
   bool load_given = false;
+  bool capacity_given = false;
+  bool drop_policy_given = false;
   for (int i = 1; i < argc; ++i) {
     std::string flag = argv[i];
     std::string value;
@@ -293,8 +327,10 @@ bool parse_options(int argc, char** argv, Options& options) {
       if (!(*options.bias_rate >= 0)) throw std::invalid_argument("--bias-rate must be >= 0");
     } else if (flag == "--capacity-factor") {
       options.capacity_factor = parse_double(flag, value);
+      capacity_given = true;
       if (!(options.capacity_factor >= 0)) throw std::invalid_argument("--capacity-factor must be >= 0 (0: dropless)");
     } else if (flag == "--drop-policy") {
+      drop_policy_given = true;
       if (value == "position") {
         options.drop_policy = sparsemoe::DropPolicy::by_position;
       } else if (value == "slot") {
@@ -315,11 +351,6 @@ bool parse_options(int argc, char** argv, Options& options) {
     } else if (flag == "--threads") {
       options.threads = parse_index(flag, value);
       if (options.threads < 0) throw std::invalid_argument("--threads must be >= 0");
-    } else if (flag == "--paradigm") {
-      if (value != "topk" && value != "soft" && value != "hierarchical") {
-        throw std::invalid_argument("--paradigm must be topk, soft or hierarchical, got '" + value + "'");
-      }
-      options.paradigm = value;
     } else if (flag == "--groups") {
       options.groups = parse_index(flag, value);
     } else if (flag == "--k-groups") {
@@ -334,13 +365,33 @@ bool parse_options(int argc, char** argv, Options& options) {
   if (options.steps < 1) throw std::invalid_argument("--steps must be >= 1");
   if (options.steps > Index(0xFFFFFFFF)) throw std::invalid_argument("--steps must be < 2^32");
   if (options.batch < 1) throw std::invalid_argument("--batch must be >= 1");
-  const bool top_k = !options.noisy();
+  const bool top_k = options.moe_layer() && !options.noisy();
   const bool sigmoid = options.router == RouterChoice::sigmoid_bias;
-  require_router_option(options, importance_given, "--w-importance", !top_k, "--router noisy-top-k");
-  require_router_option(options, load_given, "--w-load", !top_k, "--router noisy-top-k");
+  const bool hierarchical = options.router == RouterChoice::hierarchical;
+  const bool expert_choice = options.router == RouterChoice::expert_choice;
+  const bool gated = options.moe_layer() || hierarchical;
+  require_router_option(options, importance_given, "--w-importance", options.noisy_gates(),
+                        "--router noisy-top-k and hierarchical");
+  require_router_option(options, load_given, "--w-load", options.noisy_gates(), "--router noisy-top-k and hierarchical");
   require_router_option(options, options.balance_weight.has_value(), "--w-balance", top_k, "the top-k routers");
   require_router_option(options, options.z_weight.has_value(), "--w-z", top_k, "the top-k routers");
   require_router_option(options, options.bias_rate.has_value(), "--bias-rate", sigmoid, "--router sigmoid-bias");
+  require_router_option(options, capacity_given, "--capacity-factor", options.moe_layer() || expert_choice,
+                        "MoELayer's routers and expert-choice");
+  require_router_option(options, drop_policy_given, "--drop-policy", options.moe_layer(), "MoELayer's routers");
+  require_router_option(options, !options.routing_csv.empty(), "--routing-csv", options.moe_layer(),
+                        "MoELayer's routers");
+  require_router_option(options, options.uniform_gate.has_value(), "--gate-init", gated,
+                        "MoELayer's routers and hierarchical");
+  require_router_option(options, options.groups.has_value(), "--groups", hierarchical, "--router hierarchical");
+  require_router_option(options, options.k_groups.has_value(), "--k-groups", hierarchical, "--router hierarchical");
+  if (expert_choice && options.k.has_value()) {
+    throw std::invalid_argument("--router expert-choice has no --k: each expert takes C = ceil(T/E*f) tokens, "
+                                "set f with --capacity-factor");
+  }
+  if (expert_choice && capacity_given && !(options.capacity_factor > 0)) {
+    throw std::invalid_argument("--router expert-choice needs --capacity-factor > 0");
+  }
   const Index fixed_k = options.router == RouterChoice::switch_top_1   ? 1
                         : options.router == RouterChoice::gshard_top_2 ? 2
                                                                        : 0;
@@ -741,6 +792,283 @@ int train(const Options& options, Layer& layer) {
   return 0;
 }
 
+/// What one training step of a layer other than MoELayer reports.
+struct StepRecord {
+  double loss = 0;
+  double aux_loss = 0;
+  sparsemoe::IndexVector load;  ///< rows each expert processed
+  Index unrouted = 0;           ///< tokens no expert processed (expert choice)
+};
+
+/// How train_paradigm describes a layer other than MoELayer.
+struct ParadigmDescription {
+  std::string layer;     ///< the report's first line up to the sizes, e.g. "Hash MoE layer"
+  std::string settings;  ///< e.g. "k 2 hashes of the cluster id"
+  double k = 0;          ///< expert rows per token, E·(rows per expert)/T where that is fixed
+};
+
+/// The tokens' clusters as the ids HashMoELayer routes by.
+void cluster_ids(const std::vector<Index>& cluster_of, sparsemoe::IndexVector& ids) {
+  ids.resize(static_cast<Index>(cluster_of.size()));
+  for (Index t = 0; t < ids.size(); ++t) ids[t] = cluster_of[static_cast<std::size_t>(t)];
+}
+
+/// Mean squared error of predict(x, ids) on max(1, 4096/batch) fresh batches of `batch` tokens
+/// (expert choice and Soft MoE mix the tokens of one call, so they see batches of the training
+/// size).
+template <typename Predict>
+double held_out_mse(const Predict& predict, Task& task, Index batch) {
+  const Index batches = std::max<Index>(1, 4096 / batch);
+  Matrix x(batch, input_dim);
+  Matrix y(batch, input_dim);
+  std::vector<Index> cluster_of;
+  sparsemoe::IndexVector ids;
+  double sum = 0;
+  for (Index i = 0; i < batches; ++i) {
+    task.sample(x, y, cluster_of);
+    cluster_ids(cluster_of, ids);
+    sum += static_cast<double>(sparsemoe::mean_squared_error(predict(x, ids), y));
+  }
+  return sum / static_cast<double>(batches);
+}
+
+/// The training loop and report of train() for a layer other than MoELayer: train_step(x, y,
+/// ids, step) runs forward and backward (zeroing the gradients first) and returns a StepRecord;
+/// predict(x, ids) is an evaluation-mode forward. The summary line has train()'s keys: the load
+/// CV² and max/mean of the rows per expert, and as dropped_pct the unrouted tokens in % of T.
+template <typename TrainStep, typename Predict>
+int train_paradigm(const Options& options, const ParadigmDescription& description,
+                   const std::vector<sparsemoe::TensorView<Scalar>>& parameters,
+                   const std::vector<sparsemoe::TensorView<Scalar>>& gradient_tensors, const TrainStep& train_step,
+                   const Predict& predict) {
+  sparsemoe::AdamOptions adam_options;
+  adam_options.learning_rate = options.learning_rate;
+  sparsemoe::Adam<Scalar> adam(adam_options);
+  std::ofstream csv = open_csv(options);
+
+  Task task(options.seed, options.seed + 1);
+  Task evaluation_task(options.seed, options.seed + 2);  // same task, other samples
+  const double before = held_out_mse(predict, evaluation_task, options.batch);
+  Matrix x(options.batch, input_dim);
+  Matrix y(options.batch, input_dim);
+  std::vector<Index> cluster_of;
+  sparsemoe::IndexVector ids;
+  const Index window = std::min<Index>(20, options.steps);
+  const Index report_every = std::max<Index>(1, options.steps / 20);
+  Window first_steps;
+  Window last_steps;
+  const auto started = std::chrono::steady_clock::now();
+  for (Index step = 0; step < options.steps; ++step) {
+    task.sample(x, y, cluster_of);
+    cluster_ids(cluster_of, ids);
+    const StepRecord record = train_step(x, y, ids, static_cast<std::uint64_t>(step));
+    adam.step(parameters, gradient_tensors);
+    csv << step << ',' << record.loss << ',' << record.aux_loss;
+    for (Index e = 0; e < record.load.size(); ++e) csv << ',' << record.load[e];
+    csv << '\n';
+    sparsemoe::RoutingStats stats;  // the rows per expert and the unrouted tokens, for Window
+    stats.max_rows_per_expert = record.load.maxCoeff();
+    stats.mean_rows_per_expert = record.load.cast<double>().mean();
+    stats.router_dropped_slots = record.unrouted;
+    if (step < window) first_steps.add(record.loss, record.aux_loss, record.load, stats);
+    if (step >= options.steps - window) last_steps.add(record.loss, record.aux_loss, record.load, stats);
+    if (!options.quiet && ((step + 1) % report_every == 0 || step + 1 == options.steps)) {
+      std::printf("step %lld/%lld  loss %.4f  aux %.4f\n", static_cast<long long>(step + 1),
+                  static_cast<long long>(options.steps), record.loss, record.aux_loss);
+      std::fflush(stdout);
+    }
+  }
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  const double after = held_out_mse(predict, evaluation_task, options.batch);
+  csv.close();
+  if (!csv) throw std::runtime_error("writing a log failed");
+
+  std::printf("\n%s: d=%lld h=%lld E=%lld, %s, batch %lld, %lld steps, Adam lr %g, seed %llu, %d thread(s)\n",
+              description.layer.c_str(), static_cast<long long>(input_dim), static_cast<long long>(options.hidden),
+              static_cast<long long>(options.experts), description.settings.c_str(),
+              static_cast<long long>(options.batch), static_cast<long long>(options.steps), options.learning_rate,
+              static_cast<unsigned long long>(options.seed), thread_count());
+  std::printf("time: %.1f s, %.0f tokens/s\n", seconds,
+              static_cast<double>(options.steps * options.batch) / std::max(seconds, 1e-9));
+  print_loss_windows(first_steps, last_steps, window);
+  std::printf("held-out MSE, evaluation mode (batches of %lld):    %.4f -> %.4f\n",
+              static_cast<long long>(options.batch), before, after);
+  std::printf("load CV^2 (rows per expert, mean over the windows): %.4f -> %.4f\n", first_steps.mean_cv_squared(),
+              last_steps.mean_cv_squared());
+  std::printf("max/mean rows per expert: %.3f -> %.3f\n", first_steps.mean_max_over_mean_rows(),
+              last_steps.mean_max_over_mean_rows());
+  std::printf("unrouted tokens, %% of T: %.2f%% -> %.2f%%\n", first_steps.router_dropped_percent(options.batch),
+              last_steps.router_dropped_percent(options.batch));
+  const double milliseconds_per_step = 1e3 * seconds / static_cast<double>(options.steps);
+  std::printf("time per step: %.2f ms\n", milliseconds_per_step);
+  std::printf("summary: router=%s k=%g final_loss=%.4f heldout_mse=%.4f load_cv2=%.4f max_mean_rows=%.3f "
+              "dropped_pct=%.2f ms_per_step=%.2f\n",
+              router_name(options.router), description.k, last_steps.mean_loss(), after,
+              last_steps.mean_cv_squared(), last_steps.mean_max_over_mean_rows(),
+              last_steps.router_dropped_percent(options.batch), milliseconds_per_step);
+  std::printf("per-step log written to %s\n", options.csv.c_str());
+  return 0;
+}
+
+/// The mean squared error of `output` against `y`, with its gradient into `d_output`.
+double mse_and_gradient(const Matrix& output, const Matrix& y, Matrix& d_output) {
+  d_output = sparsemoe::mean_squared_error_gradient(output, y);
+  return static_cast<double>(sparsemoe::mean_squared_error(output, y));
+}
+
+/// Tokens no expert took: expert choice counts them, hash routing has none.
+Index unrouted_tokens(const sparsemoe::ExpertChoiceRouting<Scalar>& routing) { return routing.unrouted_tokens; }
+Index unrouted_tokens(const sparsemoe::HashRouting<Scalar>&) { return 0; }
+
+/// Trains `layer`, an ExpertChoiceLayer or a HashMoELayer, with train_paradigm;
+/// forward(x, ids, options, result, workspace) calls the layer's forward.
+template <typename Layer, typename Forward>
+int train_planned(const Options& options, Layer& layer, const ParadigmDescription& description,
+                  const Forward& forward) {
+  auto gradients = layer.make_gradients();
+  sparsemoe::PlannedForwardOptions training;
+  training.mode = sparsemoe::Mode::training;
+  typename Layer::Result result;
+  typename Layer::Workspace workspace;
+  Matrix d_output;
+  Matrix d_input;
+  const auto train_step = [&](const Matrix& x, const Matrix& y, const sparsemoe::IndexVector& ids, std::uint64_t) {
+    forward(x, ids, training, result, workspace);
+    StepRecord record;
+    record.loss = mse_and_gradient(result.output, y, d_output);
+    gradients.set_zero();
+    layer.backward(result, d_output, gradients, d_input, workspace);
+    record.load = result.tokens_per_expert();
+    record.unrouted = unrouted_tokens(result.routing);
+    return record;
+  };
+  typename Layer::Result evaluation;
+  typename Layer::Workspace evaluation_workspace;
+  const auto predict = [&](const Matrix& x, const sparsemoe::IndexVector& ids) {
+    forward(x, ids, sparsemoe::PlannedForwardOptions{}, evaluation, evaluation_workspace);
+    return evaluation.output;
+  };
+  return train_paradigm(options, description, layer.tensors(), gradients.tensors(), train_step, predict);
+}
+
+/// --router expert-choice: ExpertChoiceLayer with capacity factor f (--capacity-factor, 2).
+int train_expert_choice(const Options& options, sparsemoe::ExpertChoiceConfig config) {
+  config.router.capacity_factor = options.expert_choice_factor();
+  sparsemoe::ExpertChoiceLayer<Scalar> layer(config);
+  const Index capacity = layer.router().capacity(options.batch);
+  ParadigmDescription description;
+  description.layer = "Expert-choice layer";
+  std::ostringstream settings;
+  settings << "capacity factor " << config.router.capacity_factor << " (C = " << capacity << " of "
+           << options.batch << " tokens)";
+  description.settings = settings.str();
+  description.k = static_cast<double>(options.experts * capacity) / static_cast<double>(options.batch);
+  return train_planned(options, layer, description, [&](const Matrix& x, const sparsemoe::IndexVector&,
+                                                        const sparsemoe::PlannedForwardOptions& forward_options,
+                                                        auto& result, auto& workspace) {
+    layer.forward(x, forward_options, result, workspace);
+  });
+}
+
+/// --router hash: HashMoELayer with k hashes of each token's cluster id.
+int train_hash(const Options& options, sparsemoe::HashMoEConfig config) {
+  config.router.k = options.experts_per_token();
+  config.router.seed = options.seed;
+  sparsemoe::HashMoELayer<Scalar> layer(config);
+  ParadigmDescription description;
+  description.layer = "Hash MoE layer";
+  description.settings = "k " + std::to_string(layer.k()) + " hashes of the cluster id";
+  description.k = static_cast<double>(layer.k());
+  return train_planned(options, layer, description, [&](const Matrix& x, const sparsemoe::IndexVector& ids,
+                                                        const sparsemoe::PlannedForwardOptions& forward_options,
+                                                        auto& result, auto& workspace) {
+    layer.forward(x, ids, forward_options, result, workspace);
+  });
+}
+
+/// --router soft-moe: SoftMoELayer, normalised, n = batch·k/E slots per expert (top-k's FLOPs).
+int train_soft_moe(const Options& options, sparsemoe::SoftMoEConfig config) {
+  config.slots_per_expert = std::max<Index>(1, options.batch * options.experts_per_token() / std::max<Index>(1, options.experts));
+  config.normalize = true;
+  sparsemoe::SoftMoELayer<Scalar> layer(config);
+  auto gradients = layer.make_gradients();
+  sparsemoe::SoftMoELayer<Scalar>::Result result;
+  sparsemoe::SoftMoELayer<Scalar>::ForwardWorkspace workspace;
+  sparsemoe::SoftMoELayer<Scalar>::BackwardWorkspace backward_workspace;
+  Matrix d_output;
+  Matrix d_input(options.batch, input_dim);
+  const auto train_step = [&](const Matrix& x, const Matrix& y, const sparsemoe::IndexVector&, std::uint64_t) {
+    layer.forward(x, sparsemoe::Mode::training, result, workspace);
+    StepRecord record;
+    record.loss = mse_and_gradient(result.output, y, d_output);
+    gradients.set_zero();
+    layer.backward(result, d_output, gradients, backward_workspace, d_input);
+    record.load = sparsemoe::IndexVector::Constant(options.experts, config.slots_per_expert);
+    return record;
+  };
+  const auto predict = [&](const Matrix& x, const sparsemoe::IndexVector&) { return layer.forward(x).output; };
+  ParadigmDescription description;
+  description.layer = "Soft MoE layer";
+  description.settings = std::to_string(config.slots_per_expert) + " slots per expert, normalised";
+  description.k = static_cast<double>(options.experts * config.slots_per_expert) / static_cast<double>(options.batch);
+  return train_paradigm(options, description, layer.tensors(), gradients.tensors(), train_step, predict);
+}
+
+/// --router hierarchical: --groups groups, --k-groups of them per token, --k experts in each.
+int train_hierarchical(const Options& options, sparsemoe::HierarchicalMoEConfig config) {
+  config.num_groups = options.groups.value_or(2);
+  config.k_groups = options.k_groups.value_or(1);
+  config.k_per_group = options.experts_per_token();
+  sparsemoe::HierarchicalMoELayer<Scalar> layer(config);
+  if (options.uniform_gate_init()) {
+    layer.primary_gate().initialize_uniform(options.seed + 3);
+    for (Index i = 0; i < layer.num_groups(); ++i) {
+      layer.secondary_gate(i).initialize_uniform(options.seed + 4 + static_cast<std::uint64_t>(i));
+    }
+  }
+  auto gradients = layer.make_gradients();
+  sparsemoe::HierarchicalForwardOptions forward_options;
+  forward_options.mode = sparsemoe::Mode::training;
+  forward_options.importance_weight = options.importance_weight;
+  forward_options.load_weight = options.load_weight;
+  sparsemoe::HierarchicalMoELayer<Scalar>::Result result;
+  sparsemoe::HierarchicalMoELayer<Scalar>::ForwardWorkspace workspace;
+  sparsemoe::HierarchicalMoELayer<Scalar>::BackwardWorkspace backward_workspace;
+  Matrix d_output;
+  Matrix d_input(options.batch, input_dim);
+  const auto train_step = [&](const Matrix& x, const Matrix& y, const sparsemoe::IndexVector&, std::uint64_t step) {
+    forward_options.step = step;
+    layer.forward(x, forward_options, result, workspace);
+    StepRecord record;
+    record.loss = mse_and_gradient(result.output, y, d_output);
+    record.aux_loss = static_cast<double>(result.losses.total());
+    gradients.set_zero();
+    layer.backward(result, d_output, gradients, backward_workspace, d_input);
+    record.load = result.plan.tokens_per_expert;
+    return record;
+  };
+  const auto predict = [&](const Matrix& x, const sparsemoe::IndexVector&) { return layer.forward(x).output; };
+  ParadigmDescription description;
+  description.layer = "Hierarchical MoE layer";
+  std::ostringstream settings;
+  settings << config.num_groups << " groups, " << config.k_groups << " per token, k " << config.k_per_group
+           << " in each, w_importance " << options.importance_weight << ", w_load " << options.load_weight;
+  description.settings = settings.str();
+  description.k = static_cast<double>(config.k_groups * config.k_per_group);
+  return train_paradigm(options, description, layer.tensors(), gradients.tensors(), train_step, predict);
+}
+
+/// The d, h, E and seed of a layer other than MoELayer, in its config type.
+template <typename Config>
+Config sizes(const Options& options) {
+  Config config;
+  config.input_dim = input_dim;
+  config.hidden_dim = options.hidden;
+  config.num_experts = options.experts;
+  config.seed = options.seed;
+  return config;
+}
+
 /// A layer with the top-k router `router` (built with the config's d, E and k).
 template <typename Router>
 int train_with(const Options& options, const sparsemoe::MoEConfig& config, Router router) {
@@ -785,166 +1113,16 @@ int run(const Options& options) {
       deepseek.k = config.k;
       return train_with(options, config, sparsemoe::SigmoidTopKRouter<Scalar>(input_dim, options.experts, deepseek));
     }
+    case RouterChoice::expert_choice:
+      return train_expert_choice(options, sizes<sparsemoe::ExpertChoiceConfig>(options));
+    case RouterChoice::hash:
+      return train_hash(options, sizes<sparsemoe::HashMoEConfig>(options));
+    case RouterChoice::soft_moe:
+      return train_soft_moe(options, sizes<sparsemoe::SoftMoEConfig>(options));
+    case RouterChoice::hierarchical:
+      return train_hierarchical(options, sizes<sparsemoe::HierarchicalMoEConfig>(options));
   }
   throw std::logic_error("unhandled router");
-}
-
-/// What one training step of a Soft or hierarchical MoE reports.
-struct StepRecord {
-  double loss = 0;
-  double aux_loss = 0;
-  sparsemoe::IndexVector load;  ///< rows each expert processed
-  sparsemoe::RoutingStats stats;  ///< the dispatch telemetry (Soft MoE: n rows per expert, nothing dropped)
-};
-
-/// Mean squared error of `predict` on `batches` fresh batches of `batch` tokens (Soft MoE mixes the
-/// tokens of one call, so it is evaluated in batches of the training size).
-template <typename Predict>
-double held_out_mse(const Predict& predict, Task& task, Index batch, Index batches) {
-  Matrix x(batch, input_dim);
-  Matrix y(batch, input_dim);
-  std::vector<Index> cluster_of;
-  double sum = 0;
-  for (Index i = 0; i < batches; ++i) {
-    task.sample(x, y, cluster_of);
-    sum += static_cast<double>(sparsemoe::mean_squared_error(predict(x), y));
-  }
-  return sum / static_cast<double>(batches);
-}
-
-/// The training loop of run() for a layer other than MoELayer, with a shorter report:
-/// train_step(x, y, step) runs forward and backward (zeroing the gradients first) and returns a
-/// StepRecord; predict(x) is an evaluation-mode forward.
-template <typename TrainStep, typename Predict>
-int run_paradigm(const Options& options, const std::string& description,
-                 const std::vector<sparsemoe::TensorView<Scalar>>& parameters,
-                 const std::vector<sparsemoe::TensorView<Scalar>>& gradient_tensors, const TrainStep& train_step,
-                 const Predict& predict) {
-  sparsemoe::AdamOptions adam_options;
-  adam_options.learning_rate = options.learning_rate;
-  sparsemoe::Adam<Scalar> adam(adam_options);
-  std::ofstream csv = open_csv(options);
-  Task task(options.seed, options.seed + 1);
-  Task evaluation_task(options.seed, options.seed + 2);
-  const Index evaluation_batches = std::max<Index>(1, 4096 / options.batch);
-  const double before = held_out_mse(predict, evaluation_task, options.batch, evaluation_batches);
-  Matrix x(options.batch, input_dim);
-  Matrix y(options.batch, input_dim);
-  std::vector<Index> cluster_of;
-  const Index window = std::min<Index>(20, options.steps);
-  const Index report_every = std::max<Index>(1, options.steps / 20);
-  Window first_steps;
-  Window last_steps;
-  const auto started = std::chrono::steady_clock::now();
-  for (Index step = 0; step < options.steps; ++step) {
-    task.sample(x, y, cluster_of);
-    const StepRecord record = train_step(x, y, static_cast<std::uint64_t>(step));
-    adam.step(parameters, gradient_tensors);
-    csv << step << ',' << record.loss << ',' << record.aux_loss;
-    for (Index e = 0; e < record.load.size(); ++e) csv << ',' << record.load[e];
-    csv << '\n';
-    if (step < window) first_steps.add(record.loss, record.aux_loss, record.load, record.stats);
-    if (step >= options.steps - window) last_steps.add(record.loss, record.aux_loss, record.load, record.stats);
-    if (!options.quiet && ((step + 1) % report_every == 0 || step + 1 == options.steps)) {
-      std::printf("step %lld/%lld  loss %.4f  aux %.4f\n", static_cast<long long>(step + 1),
-                  static_cast<long long>(options.steps), record.loss, record.aux_loss);
-      std::fflush(stdout);
-    }
-  }
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
-  const double after = held_out_mse(predict, evaluation_task, options.batch, evaluation_batches);
-  csv.close();
-  std::printf("\n%s: d=%lld h=%lld E=%lld, batch %lld, %lld steps, Adam lr %g, seed %llu, %d thread(s)\n",
-              description.c_str(), static_cast<long long>(input_dim), static_cast<long long>(options.hidden),
-              static_cast<long long>(options.experts), static_cast<long long>(options.batch),
-              static_cast<long long>(options.steps), options.learning_rate,
-              static_cast<unsigned long long>(options.seed), thread_count());
-  std::printf("time: %.1f s, %.0f tokens/s\n", seconds,
-              static_cast<double>(options.steps * options.batch) / std::max(seconds, 1e-9));
-  print_loss_windows(first_steps, last_steps, window);
-  std::printf("held-out MSE, evaluation mode (%lld batches):       %.4f -> %.4f\n",
-              static_cast<long long>(evaluation_batches), before, after);
-  std::printf("load CV^2 (rows per expert, mean over the windows): %.4f -> %.4f\n", first_steps.mean_cv_squared(),
-              last_steps.mean_cv_squared());
-  std::printf("per-step log written to %s\n", options.csv.c_str());
-  return 0;
-}
-
-/// Soft MoE on the task: normalised logits, batch·k/E slots per expert (top-k's expert FLOPs).
-int run_soft(const Options& options) {
-  sparsemoe::SoftMoEConfig config;
-  config.input_dim = input_dim;
-  config.hidden_dim = options.hidden;
-  config.num_experts = options.experts;
-  config.slots_per_expert = std::max<Index>(1, options.batch * options.experts_per_token() / std::max<Index>(1, options.experts));
-  config.normalize = true;
-  config.seed = options.seed;
-  sparsemoe::SoftMoELayer<Scalar> layer(config);
-  auto gradients = layer.make_gradients();
-  sparsemoe::SoftMoEResult<Scalar> result;
-  sparsemoe::SoftMoELayer<Scalar>::ForwardWorkspace workspace;
-  sparsemoe::SoftMoELayer<Scalar>::BackwardWorkspace backward_workspace;
-  Matrix d_input(options.batch, input_dim);
-  const auto train_step = [&](const Matrix& x, const Matrix& y, std::uint64_t) {
-    layer.forward(x, sparsemoe::Mode::training, result, workspace);
-    StepRecord record;
-    record.loss = static_cast<double>(sparsemoe::mean_squared_error(result.output, y));
-    gradients.set_zero();
-    layer.backward(result, sparsemoe::mean_squared_error_gradient(result.output, y), gradients, backward_workspace,
-                   d_input);
-    record.load = sparsemoe::IndexVector::Constant(options.experts, config.slots_per_expert);
-    record.stats.max_rows_per_expert = config.slots_per_expert;
-    record.stats.mean_rows_per_expert = static_cast<double>(config.slots_per_expert);
-    return record;
-  };
-  const auto predict = [&](const Matrix& x) { return layer.forward(x).output; };
-  const std::string description = "Soft MoE, " + std::to_string(config.slots_per_expert) + " slots per expert";
-  return run_paradigm(options, description, layer.tensors(), gradients.tensors(), train_step, predict);
-}
-
-/// Hierarchical MoE on the task: --groups groups, --k-groups of them per token, --k experts in each.
-int run_hierarchical(const Options& options) {
-  sparsemoe::HierarchicalMoEConfig config;
-  config.input_dim = input_dim;
-  config.hidden_dim = options.hidden;
-  config.num_experts = options.experts;
-  config.num_groups = options.groups;
-  config.k_groups = options.k_groups;
-  config.k_per_group = options.experts_per_token();
-  config.seed = options.seed;
-  sparsemoe::HierarchicalMoELayer<Scalar> layer(config);
-  if (options.uniform_gate_init()) {
-    layer.primary_gate().initialize_uniform(options.seed + 3);
-    for (Index i = 0; i < layer.num_groups(); ++i) {
-      layer.secondary_gate(i).initialize_uniform(options.seed + 4 + static_cast<std::uint64_t>(i));
-    }
-  }
-  auto gradients = layer.make_gradients();
-  sparsemoe::HierarchicalForwardOptions forward_options;
-  forward_options.mode = sparsemoe::Mode::training;
-  forward_options.importance_weight = options.importance_weight;
-  forward_options.load_weight = options.load_weight;
-  sparsemoe::HierarchicalMoEResult<Scalar> result;
-  sparsemoe::HierarchicalMoELayer<Scalar>::ForwardWorkspace workspace;
-  sparsemoe::HierarchicalMoELayer<Scalar>::BackwardWorkspace backward_workspace;
-  Matrix d_input(options.batch, input_dim);
-  const auto train_step = [&](const Matrix& x, const Matrix& y, std::uint64_t step) {
-    forward_options.step = step;
-    layer.forward(x, forward_options, result, workspace);
-    StepRecord record;
-    record.loss = static_cast<double>(sparsemoe::mean_squared_error(result.output, y));
-    record.aux_loss = static_cast<double>(result.losses.total());
-    gradients.set_zero();
-    layer.backward(result, sparsemoe::mean_squared_error_gradient(result.output, y), gradients, backward_workspace,
-                   d_input);
-    record.load = result.plan.tokens_per_expert;
-    record.stats = result.plan.stats;
-    return record;
-  };
-  const auto predict = [&](const Matrix& x) { return layer.forward(x).output; };
-  const std::string description = "Hierarchical MoE, " + std::to_string(config.num_groups) + " groups, k_groups " +
-                                  std::to_string(config.k_groups) + ", k per group " + std::to_string(config.k_per_group);
-  return run_paradigm(options, description, layer.tensors(), gradients.tensors(), train_step, predict);
 }
 
 }  // namespace
@@ -953,11 +1131,6 @@ int main(int argc, char** argv) {
   try {
     Options options;
     if (!parse_options(argc, argv, options)) return 0;
-#ifdef _OPENMP
-    if (options.threads > 0) omp_set_num_threads(static_cast<int>(options.threads));
-#endif
-    if (options.paradigm == "soft") return run_soft(options);
-    if (options.paradigm == "hierarchical") return run_hierarchical(options);
     return run(options);
   } catch (const std::invalid_argument& error) {
     std::cerr << "train: " << error.what() << "\n(see --help)\n";

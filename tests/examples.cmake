@@ -2,8 +2,10 @@
 #
 # Tests of examples/train and the scripts around it (label "examples"; tests/cmake/train_example.cmake
 # runs them): each router for a few tiny steps (exit 0, the summary line, a routing log that
-# respects the capacity), an unknown router (exit 2 with the list of valid ones), the
-# compare-routers table, and, where gnuplot is installed, a plot-routing PNG. Seconds in all.
+# respects the capacity), each other paradigm (expert choice, hash, Soft MoE, hierarchical: exit 0,
+# the summary line, the per-step log), an unknown router (exit 2 with the list of valid ones), the
+# compare-routers table, and, where gnuplot is installed, plot-routing and plot-losses PNGs.
+# Seconds in all.
 if(NOT SPARSEMOE_BUILD_EXAMPLES)
   return()
 endif()
@@ -18,6 +20,9 @@ endfunction()
 
 foreach(_router IN ITEMS default noisy-top-k softmax-top-k switch gshard sigmoid-bias)
   sparsemoe_add_train_test(example_train_${_router} router -DROUTER=${_router})
+endforeach()
+foreach(_paradigm IN ITEMS expert-choice hash soft-moe hierarchical)
+  sparsemoe_add_train_test(example_train_${_paradigm} paradigm -DROUTER=${_paradigm})
 endforeach()
 sparsemoe_add_train_test(example_train_unknown_router unknown)
 foreach(_paradigm IN ITEMS soft hierarchical)

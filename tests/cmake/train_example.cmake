@@ -5,19 +5,22 @@
 #   MODE=router    train --router ROUTER for 5 tiny steps with capacity factor 1: exit 0, the
 #                  summary line, and a routing log (--routing-csv) of 5 rows that never exceed C
 #                  (ROUTER=default: no --router, which must be noisy-top-k)
-#   MODE=paradigm  train --paradigm PARADIGM (soft, hierarchical) for 5 tiny steps: exit 0, the
-#                  loss lines, and a CSV log of 5 rows over the 4 experts
-#   MODE=unknown   train --router nonsense: exit 2 and the list of valid routers on stderr; and
-#                  --help has a line for each router
-#   MODE=compare   scripts/compare-routers --train TRAIN on tiny sizes: a header and one row per
+#   MODE=paradigm  train --router ROUTER (expert-choice, hash, soft-moe, hierarchical) for 5 tiny
+#                  steps at its defaults (the expert FLOPs of k = 2): exit 0, the summary line with
+#                  k=2, and a per-step log of 5 rows
+#   MODE=unknown   train --router nonsense: exit 2 and the list of valid routers on stderr;
+#                  --router hash --capacity-factor 1: exit 2 and why; --help has a line for each
 #                  router
-#   MODE=plot      train --router sigmoid-bias --routing-csv, then scripts/plot-routing: a PNG
+#   MODE=compare   scripts/compare-routers --train TRAIN --logs DIR on tiny sizes: a header, one row
+#                  per router and paradigm, and one kept log each
+#   MODE=plot      train --router sigmoid-bias --routing-csv, then scripts/plot-routing and
+#                  scripts/plot-losses: PNGs
 #   TRAIN          path of the train executable
 #   SOURCE_DIR     the repository root (scripts/)
 #   WORK_DIR       an empty directory of its own for the logs
 cmake_minimum_required(VERSION 3.20)
 
-set(_routers noisy-top-k softmax-top-k switch gshard sigmoid-bias)
+set(_routers noisy-top-k softmax-top-k switch gshard sigmoid-bias expert-choice hash soft-moe hierarchical)
 set(_tiny --steps 5 --batch 64 --experts 4 --hidden 16 --threads 1)
 file(REMOVE_RECURSE "${WORK_DIR}")
 file(MAKE_DIRECTORY "${WORK_DIR}")
@@ -81,40 +84,48 @@ if(MODE STREQUAL "router")
     endif()
   endforeach()
 elseif(MODE STREQUAL "paradigm")
-  run_checked(0 "${TRAIN}" --paradigm ${PARADIGM} ${_tiny} --quiet --csv training.csv)
-  require_match("${output}" "training loss \\(MSE, mean of the first / last 5 steps\\): ${_number} -> ${_number}\n"
-                "the training loss line")
-  require_match("${output}" "held-out MSE, evaluation mode \\(64 batches\\): +${_number} -> ${_number}\n"
-                "the held-out line")
+  run_checked(0 "${TRAIN}" --router ${ROUTER} ${_tiny} --quiet --csv training.csv)
+  require_match("${output}" "\nsummary: router=${ROUTER} k=2 final_loss=${_number} heldout_mse=${_number} load_cv2=${_number} max_mean_rows=${_number} dropped_pct=${_number} ms_per_step=${_number}\n"
+                "the summary")
   file(STRINGS "${WORK_DIR}/training.csv" _lines)
   list(LENGTH _lines _count)
   list(GET _lines 0 _header)
   if(NOT _count EQUAL 6 OR NOT _header STREQUAL "step,loss,aux_loss,load_0,load_1,load_2,load_3")
-    message(FATAL_ERROR "training.csv: expected the header and 5 rows, got ${_count} lines starting '${_header}'")
+    message(FATAL_ERROR "training.csv: expected a header and 5 rows, got ${_count} lines starting '${_header}'")
   endif()
 elseif(MODE STREQUAL "unknown")
   run_checked(2 "${TRAIN}" --router nonsense ${_tiny} --quiet)
   string(REPLACE ";" ", " _list "${_routers}")
   require_match("${errors}" "unknown router 'nonsense'; valid routers: ${_list}" "stderr")
+  # a flag of another router stops with a message, e.g. expert capacity for hash routing
+  run_checked(2 "${TRAIN}" --router hash --capacity-factor 1 ${_tiny} --quiet)
+  require_match("${errors}" "--capacity-factor applies to MoELayer's routers and expert-choice only, not to --router hash"
+                "stderr")
   run_checked(0 "${TRAIN}" --help)  # --help describes every router
   foreach(_router IN LISTS _routers)
     require_match("${output}" "\n +${_router} +[a-z]" "--help's line of ${_router}")
   endforeach()
 elseif(MODE STREQUAL "compare")
-  run_checked(0 bash "${SOURCE_DIR}/scripts/compare-routers" --train "${TRAIN}" ${_tiny})
-  require_match("${output}" "^\\| router \\| k \\| training MSE \\| held-out MSE \\| load CV² \\| max/mean rows \\| dropped % \\| ms/step \\|\n"
+  run_checked(0 bash "${SOURCE_DIR}/scripts/compare-routers" --train "${TRAIN}" --logs logs ${_tiny})
+  require_match("${output}" "^\\| router \\| k \\| training MSE \\| held-out MSE \\| load CV² \\| max/mean rows \\| dropped / unrouted % \\| ms/step \\|\n"
                 "the table header")
   foreach(_router IN LISTS _routers)
     require_match("${output}" "\n\\| ${_router} \\| [12] \\| ${_number} \\| ${_number} \\| ${_number} \\| ${_number} \\| ${_number} \\| ${_number} \\|\n"
                   "the row of ${_router}")
+    if(NOT EXISTS "${WORK_DIR}/logs/${_router}.csv")
+      message(FATAL_ERROR "compare-routers --logs kept no logs/${_router}.csv")
+    endif()
   endforeach()
 elseif(MODE STREQUAL "plot")
   run_checked(0 "${TRAIN}" --router sigmoid-bias ${_tiny} --quiet --csv training.csv --routing-csv routing.csv)
   run_checked(0 bash "${SOURCE_DIR}/scripts/plot-routing" routing.csv routing.png)
-  file(READ "${WORK_DIR}/routing.png" _magic LIMIT 4 HEX)
-  if(NOT _magic STREQUAL "89504e47")
-    message(FATAL_ERROR "routing.png is not a PNG (starts with ${_magic})")
-  endif()
+  run_checked(0 bash "${SOURCE_DIR}/scripts/plot-losses" losses.png training.csv training.csv)
+  foreach(_png IN ITEMS routing.png losses.png)
+    file(READ "${WORK_DIR}/${_png}" _magic LIMIT 4 HEX)
+    if(NOT _magic STREQUAL "89504e47")
+      message(FATAL_ERROR "${_png} is not a PNG (starts with ${_magic})")
+    endif()
+  endforeach()
 else()
   message(FATAL_ERROR "unknown MODE '${MODE}'")
 endif()
