@@ -60,14 +60,7 @@
 #include <fstream>
 #endif
 
-#define FUZZ_CHECK(condition)                                                                      \
-  do {                                                                                             \
-    if (!(condition)) {                                                                            \
-      std::fprintf(stderr, "fuzz_checkpoint: invariant failed: %s (%s:%d)\n", #condition, __FILE__, \
-                   __LINE__);                                                                      \
-      __builtin_trap();                                                                            \
-    }                                                                                              \
-  } while (false)
+#include "fuzz_check.hpp"
 
 namespace {
 

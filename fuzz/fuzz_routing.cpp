@@ -56,14 +56,7 @@
 #include <string>
 #include <vector>
 
-#define FUZZ_CHECK(condition)                                                                   \
-  do {                                                                                          \
-    if (!(condition)) {                                                                         \
-      std::fprintf(stderr, "fuzz_routing: invariant failed: %s (%s:%d)\n", #condition, __FILE__, \
-                   __LINE__);                                                                   \
-      __builtin_trap();                                                                         \
-    }                                                                                           \
-  } while (false)
+#include "fuzz_check.hpp"
 
 namespace {
 
