@@ -36,6 +36,9 @@
 ///
 /// \code
 /// SPARSEMOE_EXPLICIT_LAYER(float, sparsemoe::SwiGluExpert<float>)
+/// // a layer with another router: its bank (above), the router, then the layer
+/// SPARSEMOE_EXPLICIT_ROUTER(sparsemoe::SigmoidTopKRouter<float>)
+/// SPARSEMOE_EXPLICIT_ROUTED_LAYER(float, sparsemoe::SwiGluExpert<float>, sparsemoe::SigmoidTopKRouter<float>)
 /// \endcode
 ///
 /// All translation units, the instantiating one included, must agree on every macro that changes
@@ -64,6 +67,17 @@
   SPARSEMOE_DETAIL_EXPLICIT struct sparsemoe::MoEGradients<Scalar, __VA_ARGS__>; \
   SPARSEMOE_DETAIL_EXPLICIT class sparsemoe::ExpertBank<Scalar, __VA_ARGS__>;
 
+/// Explicit instantiation declarations or definitions of MoELayer<Scalar, ExpertT, RouterT> and
+/// its gradients, for a router other than the default (ExpertT's bank and the router class come
+/// from SPARSEMOE_EXPLICIT_LAYER and SPARSEMOE_EXPLICIT_ROUTER, once each per program).
+#define SPARSEMOE_EXPLICIT_ROUTED_LAYER(Scalar, ExpertT, RouterT)                   \
+  SPARSEMOE_DETAIL_EXPLICIT class sparsemoe::MoELayer<Scalar, ExpertT, RouterT>;      \
+  SPARSEMOE_DETAIL_EXPLICIT struct sparsemoe::MoEGradients<Scalar, ExpertT, RouterT>;
+
+/// Explicit instantiation declaration or definition of a router class (e.g.
+/// sparsemoe::SoftmaxTopKRouter<float>).
+#define SPARSEMOE_EXPLICIT_ROUTER(...) SPARSEMOE_DETAIL_EXPLICIT class __VA_ARGS__;
+
 /// The templates every layer of scalar type `Scalar` uses.
 #define SPARSEMOE_DETAIL_EXPLICIT_SCALAR(Scalar)                                                        \
   SPARSEMOE_DETAIL_EXPLICIT void sparsemoe::detail::gemm<Scalar>(                                       \
@@ -84,6 +98,10 @@ SPARSEMOE_EXPLICIT_LAYER(double, sparsemoe::Expert<double, sparsemoe::Relu>)
 
 /// Not opted in: nothing to declare.
 #define SPARSEMOE_EXPLICIT_LAYER(Scalar, ...)
+/// Not opted in: nothing to declare.
+#define SPARSEMOE_EXPLICIT_ROUTED_LAYER(Scalar, ExpertT, RouterT)
+/// Not opted in: nothing to declare.
+#define SPARSEMOE_EXPLICIT_ROUTER(...)
 
 #endif  // SPARSEMOE_DETAIL_EXPLICIT_ENABLED
 

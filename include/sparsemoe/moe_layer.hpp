@@ -25,6 +25,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <exception>
 #include <memory>
 #include <string>
 #include <utility>
@@ -133,12 +134,11 @@ class MoELayer {
   /// Builds the layer: gate weights zero (the paper's initialisation), expert i initialised by
   /// ExpertT::initialize_uniform with a seed derived from (config.seed, i).
   /// Throws std::invalid_argument unless d, h, E ≥ 1, 1 ≤ k ≤ E and noise_epsilon > 0.
-  explicit MoELayer(const MoEConfig& config)
-      : MoELayer(config, NoisyTopKGate<Scalar>(checked(config).input_dim, config.num_experts, config.k,
-                                               static_cast<Scalar>(config.noise_epsilon), config.seed)) {
-    static_assert(std::is_same<RouterT, NoisyTopKGate<Scalar>>::value,
-                  "MoELayer(config) builds the default NoisyTopKGate; pass the router: MoELayer(config, router)");
-  }
+  /// Only for the default router, NoisyTopKGate; with another router it does not compile (pass
+  /// the router). A template, so that an explicit instantiation of a layer with another router
+  /// (extern_templates.hpp) does not instantiate it.
+  template <typename R = RouterT>
+  explicit MoELayer(const MoEConfig& config) : MoELayer(config, default_router<R>(config)) {}
 
   /// Builds the layer around `router` (for example a SoftmaxTopKRouter), which must have the config's d,
   /// E and k; experts as for MoELayer(config). config.noise_epsilon serves NoisyTopKGate only.
@@ -711,6 +711,19 @@ class MoELayer {
     combine_with_shared(workspace.expert_output, result.routing, result.plan, shared ? &workspace.shared_output : nullptr,
                         &result.shared_gates, result.output);
     if (keep_cache) cache.owner = scratch_;
+  }
+
+  // MoELayer(config)'s router: a NoisyTopKGate with zero weights.
+  template <typename R>
+  static R default_router(const MoEConfig& config) {
+    static_assert(std::is_same<R, NoisyTopKGate<Scalar>>::value,
+                  "MoELayer(config) builds the default NoisyTopKGate; pass the router: MoELayer(config, router)");
+    if constexpr (std::is_same<R, NoisyTopKGate<Scalar>>::value) {
+      return R(checked(config).input_dim, config.num_experts, config.k, static_cast<Scalar>(config.noise_epsilon),
+               config.seed);
+    } else {
+      std::terminate();  // unreachable: the static_assert above has failed
+    }
   }
 
   static const MoEConfig& checked(const MoEConfig& config) {

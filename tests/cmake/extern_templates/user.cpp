@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 // Copyright (c) 2026 The sparsemoe authors
 //
-// A translation unit compiled with SPARSEMOE_EXTERN_TEMPLATES: it trains float and SwiGLU layers
+// A translation unit compiled with SPARSEMOE_EXTERN_TEMPLATES: it trains float, SwiGLU and sigmoid-routed layers
 // for a step and runs a double layer forward, using the instantiations of instances.cpp. Linked
 // without instances.cpp it must fail (undefined references): the declarations took effect.
 #include "layers.hpp"
@@ -40,9 +40,13 @@ int main() {
   config.k = 2;
   sparsemoe::MoELayer<float> relu_layer(config);
   sparsemoe::MoELayer<float, sparsemoe::SwiGluExpert<float>> swiglu_layer(config);
+  sparsemoe::SigmoidTopKRouterOptions sigmoid_options;
+  sigmoid_options.k = config.k;
+  sparsemoe::MoELayer<float, sparsemoe::SwiGluExpert<float>, sparsemoe::SigmoidTopKRouter<float>> sigmoid_layer(
+      config, sparsemoe::SigmoidTopKRouter<float>(config.input_dim, config.num_experts, sigmoid_options));
   const sparsemoe::MoELayer<double> double_layer(config);
   const auto evaluation = double_layer.forward(sparsemoe::Matrix<double>::Ones(8, 16));
-  const bool ok = train_one_step(relu_layer) && train_one_step(swiglu_layer) && evaluation.output.allFinite();
+  const bool ok = train_one_step(relu_layer) && train_one_step(swiglu_layer) && train_one_step(sigmoid_layer) && evaluation.output.allFinite();
   std::cout << "extern templates: " << (ok ? "ok" : "FAILED") << '\n';
   return ok ? 0 : 1;
 }
