@@ -1273,11 +1273,14 @@ void print_phase_table(const RecordingReporter& rec, int threads) {
     const double seconds = rec.seconds(name);
     if (kind != Kind::alternative) step_sum += seconds;
     if (kind == Kind::forward) forward_sum += seconds;
+    // Rates and x of roofline from the row's time (the median with repetitions), not from the
+    // medians of its rate counters: those may come from other repetitions than the median time.
     const double flops = rec.counter(name, "flops"), bytes = rec.counter(name, "bytes");
+    const double bound_ms = rec.counter(name, "bound_ms");
     const bool compute_bound = flops / peak_for(threads) > bytes / bandwidth_for(threads);
-    line({phase, cell(seconds * 1e3, "%.3f"), cell(bytes * 1e-6, "%.1f"), cell(rec.counter(name, "GBps"), "%.1f"),
-          cell(rec.counter(name, "GFLOPs"), "%.1f"), cell(rec.counter(name, "bound_ms"), "%.3f"),
-          std::isnan(bytes) ? "-" : compute_bound ? "flops" : "bytes", cell(rec.counter(name, "x_of_roofline"), "%.2f"),
+    line({phase, cell(seconds * 1e3, "%.3f"), cell(bytes * 1e-6, "%.1f"), cell(bytes / seconds * 1e-9, "%.1f"),
+          cell(flops > 0 ? flops / seconds * 1e-9 : NAN, "%.1f"), cell(bound_ms, "%.3f"),
+          std::isnan(bytes) ? "-" : compute_bound ? "flops" : "bytes", cell(seconds * 1e3 / bound_ms, "%.2f"),
           cell(kind == Kind::backward ? NAN : seconds / forward, "%.3f"),
           cell(kind == Kind::alternative ? NAN : seconds / step, "%.3f")});
   }
