@@ -641,6 +641,9 @@ void BM_ExpertCompute(benchmark::State& state, const Config& c, int threads) {
                         used_expert_bytes(*s.layer, plan) + scalar_bytes(2 * z.T * z.k * z.d), threads);
 }
 
+/// The backward stages of MoELayer, in the order backward runs them.
+enum class BackwardStage { combine, experts, group, route };
+
 /// The data of every backward stage of one training step of config c's layer, made outside the
 /// timing: a training forward that keeps its cache, then the backward stages in the order
 /// MoELayer::backward runs them (as tests/test_stages.cpp does), each output kept as the next
@@ -672,6 +675,15 @@ struct BackwardStages {
     group_backward();
     route_backward();
   }
+  /// Runs `stage` on the data the previous stage left.
+  void run(BackwardStage stage) {
+    switch (stage) {
+      case BackwardStage::combine: return combine_backward();
+      case BackwardStage::experts: return experts_backward();
+      case BackwardStage::group: return group_backward();
+      case BackwardStage::route: return route_backward();
+    }
+  }
   void combine_backward() {
     s.layer->combine_backward(s.d_output, forward.routing, forward.plan, grouped_d_output, gate_of_row);
   }
@@ -687,73 +699,60 @@ struct BackwardStages {
   }
 };
 
-/// Combine backward: no flops. Bytes: reads ∂y (T·d), the gates (T·k) and the row map (T·k
-/// indices); writes the ∂y rows (T·k·d) and the gate of each row (T·k).
-void BM_CombineBackward(benchmark::State& state, const Config& c, int threads) {
-  set_threads(threads);
-  BackwardStages b(c);
-  for (auto _ : state) {
-    b.combine_backward();
-    benchmark::DoNotOptimize(b.grouped_d_output.data());
-  }
+/// The FLOPs and bytes per call (first, second) of one backward stage at config c, with the
+/// expert parameters of `b`'s routing.
+std::pair<double, double> backward_stage_model(BackwardStage stage, const Config& c, const BackwardStages& b) {
   const Sizes z(c);
-  add_roofline_counters(state, 0, scalar_bytes(z.T * z.d + z.T * z.k * z.d + 2 * z.T * z.k) + index_bytes(z.T * z.k),
-                        threads);
+  switch (stage) {
+    case BackwardStage::combine:
+      // No flops. Bytes: reads ∂y (T·d), the gates (T·k) and the row map (T·k indices); writes the
+      // ∂y rows (T·k·d) and the gate of each row (T·k).
+      return {0, scalar_bytes(z.T * z.d + z.T * z.k * z.d + 2 * z.T * z.k) + index_bytes(z.T * z.k)};
+    case BackwardStage::experts: {
+      // 8·T·k·d·h flops (∂hidden, ∂x, ∂W1, ∂W2). Bytes: reads the grouped rows (T·k·d), the
+      // pre-activations (T·k·p), the ∂y rows and writes them back scaled (2·T·k·d), the gates
+      // (T·k), P, and reads and writes the used experts' gradients (2·P); writes ∂x rows (T·k·d)
+      // and ∂gates (T·k). Not counted: the hidden and ∂pre rows (T·k·h and T·k·p) that the row
+      // pass writes and the weight-gradient pass reads back, and the transposed weight copies (P).
+      const double p = static_cast<double>(b.s.layer->expert_bank().pre_activation_width());
+      const double parameters = used_expert_bytes(*b.s.layer, b.forward.plan);
+      return {2 * expert_forward_flops(c),
+              3 * parameters + scalar_bytes(4 * z.T * z.k * z.d + z.T * z.k * p + 2 * z.T * z.k)};
+    }
+    case BackwardStage::group:
+      // A scatter-add: no flops counted (T·k·d adds). Bytes: reads the ∂x rows (T·k·d) and the
+      // row map (T·k indices); writes ∂x (T·d).
+      return {0, scalar_bytes(z.T * z.k * z.d + z.T * z.d) + index_bytes(z.T * z.k)};
+    case BackwardStage::route:
+      // NoisyTopKGate in training (the losses' gradient, then ∂W_g, ∂W_noise and ∂x): 8·T·d·E
+      // flops. Bytes: reads x (T·d), reads and adds into ∂x (2·T·d), reads W_g and W_noise
+      // (2·d·E) and reads and writes their gradients (4·d·E); reads the routing's five T×E arrays
+      // (clean and noisy logits, raw noise, noise scale, noise), the gates and ∂gates (2·T·k),
+      // the expert ids and the plan's token and slot of each row (3·T·k indices).
+      return {8 * z.T * z.d * z.E, scalar_bytes(3 * z.T * z.d + 6 * z.d * z.E + 5 * z.T * z.E + 2 * z.T * z.k) +
+                                       index_bytes(3 * z.T * z.k)};
+  }
+  return {0, 0};
 }
 
-/// Expert backward: 8·T·k·d·h flops (∂hidden, ∂x, ∂W1, ∂W2). Bytes: reads the grouped rows
-/// (T·k·d), the pre-activations (T·k·p), the ∂y rows and writes them back scaled (2·T·k·d), the
-/// gates (T·k), P, and reads and writes the used experts' gradients (2·P); writes ∂x rows (T·k·d)
-/// and ∂gates (T·k). Not counted: the hidden and ∂pre rows (T·k·h and T·k·p) that the row pass
-/// writes and the weight-gradient pass reads back, and the transposed weight copies (P).
-/// The ∂y rows are restored from combine backward's copy before each call, outside the timing.
-void BM_ExpertsBackward(benchmark::State& state, const Config& c, int threads) {
+/// One backward stage alone at config c (rows A/Stage/CombineBackward, ExpertsBackward,
+/// GroupBackward, RouteBackward), on BackwardStages' data. The expert backward scales its ∂y rows
+/// by the gates in place: they are restored from combine backward's copy before each call,
+/// outside the timing.
+void BM_BackwardStage(benchmark::State& state, const Config& c, int threads, BackwardStage stage) {
   set_threads(threads);
   BackwardStages b(c);
   for (auto _ : state) {
-    state.PauseTiming();
-    b.scaled_d_output = b.grouped_d_output;
-    state.ResumeTiming();
-    b.experts_backward();
-    benchmark::DoNotOptimize(b.d_grouped_input.data());
+    if (stage == BackwardStage::experts) {
+      state.PauseTiming();
+      b.scaled_d_output = b.grouped_d_output;
+      state.ResumeTiming();
+    }
+    b.run(stage);
+    benchmark::ClobberMemory();
   }
-  const Sizes z(c);
-  const double p = static_cast<double>(b.s.layer->expert_bank().pre_activation_width());
-  const double parameters = used_expert_bytes(*b.s.layer, b.forward.plan);
-  add_roofline_counters(state, 2 * expert_forward_flops(c),
-                        3 * parameters + scalar_bytes(4 * z.T * z.k * z.d + z.T * z.k * p + 2 * z.T * z.k), threads);
-}
-
-/// Group backward (a scatter-add): no flops counted (T·k·d adds). Bytes: reads the ∂x rows
-/// (T·k·d) and the row map (T·k indices); writes ∂x (T·d).
-void BM_GroupBackward(benchmark::State& state, const Config& c, int threads) {
-  set_threads(threads);
-  BackwardStages b(c);
-  for (auto _ : state) {
-    b.group_backward();
-    benchmark::DoNotOptimize(b.d_input.data());
-  }
-  const Sizes z(c);
-  add_roofline_counters(state, 0, scalar_bytes(z.T * z.k * z.d + z.T * z.d) + index_bytes(z.T * z.k), threads);
-}
-
-/// Route backward (NoisyTopKGate in training: the losses' gradient, then ∂W_g, ∂W_noise and ∂x):
-/// 8·T·d·E flops. Bytes: reads x (T·d), reads and adds into ∂x (2·T·d), reads W_g and W_noise
-/// (2·d·E) and reads and writes their gradients (4·d·E); reads the routing's five T×E arrays
-/// (clean and noisy logits, raw noise, noise scale, noise), the gates and ∂gates (2·T·k), the
-/// expert ids and the plan's token and slot of each row (3·T·k indices).
-void BM_RouteBackward(benchmark::State& state, const Config& c, int threads) {
-  set_threads(threads);
-  BackwardStages b(c);
-  for (auto _ : state) {
-    b.route_backward();
-    benchmark::DoNotOptimize(b.d_input.data());
-  }
-  const Sizes z(c);
-  add_roofline_counters(state, 8 * z.T * z.d * z.E,
-                        scalar_bytes(3 * z.T * z.d + 6 * z.d * z.E + 5 * z.T * z.E + 2 * z.T * z.k) +
-                            index_bytes(3 * z.T * z.k),
-                        threads);
+  const auto [flops, bytes] = backward_stage_model(stage, c, b);
+  add_roofline_counters(state, flops, bytes, threads);
 }
 
 /// Soft MoE (soft_moe.hpp) with the expert FLOPs of a config: S = T·k slots, n = T·k/E per expert,
@@ -1014,13 +1013,12 @@ void register_all() {
     RegisterBenchmark(("A/Stage/ExpertCompute" + suffix).c_str(), BM_ExpertCompute, a, t)
         ->UseRealTime()
         ->Unit(benchmark::kMillisecond);
-    using StageBenchmark = void (*)(benchmark::State&, const Config&, int);
-    const std::pair<const char*, StageBenchmark> backward_stages[] = {{"CombineBackward", BM_CombineBackward},
-                                                                      {"ExpertsBackward", BM_ExpertsBackward},
-                                                                      {"GroupBackward", BM_GroupBackward},
-                                                                      {"RouteBackward", BM_RouteBackward}};
-    for (const auto& [stage, function] : backward_stages) {
-      RegisterBenchmark(("A/Stage/" + std::string(stage) + suffix).c_str(), function, a, t)
+    const std::pair<const char*, BackwardStage> backward_stages[] = {{"CombineBackward", BackwardStage::combine},
+                                                                     {"ExpertsBackward", BackwardStage::experts},
+                                                                     {"GroupBackward", BackwardStage::group},
+                                                                     {"RouteBackward", BackwardStage::route}};
+    for (const auto& [name, stage] : backward_stages) {
+      RegisterBenchmark(("A/Stage/" + std::string(name) + suffix).c_str(), BM_BackwardStage, a, t, stage)
           ->UseRealTime()
           ->Unit(benchmark::kMillisecond);
     }
@@ -1235,19 +1233,12 @@ void print_phase_table(const RecordingReporter& rec, int threads) {
   const double forward = rec.seconds("A/Forward" + T), step = rec.seconds("A/ForwardBackward" + T);
   enum class Kind { forward, backward, alternative };
   const std::pair<const char*, Kind> phases[] = {
-      {"Gate", Kind::forward},
-      {"Group", Kind::forward},
-      {"ExpertCompute", Kind::forward},
-      {"Combine", Kind::forward},
-      {"CombineBackward", Kind::backward},
-      {"ExpertsBackward", Kind::backward},
-      {"GroupBackward", Kind::backward},
-      {"RouteBackward", Kind::backward},
-      {"Router/SoftmaxTopK", Kind::alternative},
-      {"Router/SigmoidTopK", Kind::alternative},
-      {"Router/Switch", Kind::alternative},
-      {"Router/GShard", Kind::alternative},
-  };
+      {"Gate", Kind::forward},           {"Group", Kind::forward},
+      {"ExpertCompute", Kind::forward},  {"Combine", Kind::forward},
+      {"CombineBackward", Kind::backward}, {"ExpertsBackward", Kind::backward},
+      {"GroupBackward", Kind::backward}, {"RouteBackward", Kind::backward},
+      {"Router/SoftmaxTopK", Kind::alternative}, {"Router/SigmoidTopK", Kind::alternative},
+      {"Router/Switch", Kind::alternative},      {"Router/GShard", Kind::alternative}};
   auto cell = [](double value, const char* format) {
     char text[32];
     if (std::isnan(value)) return std::string("-");
@@ -1287,8 +1278,9 @@ void print_phase_table(const RecordingReporter& rec, int threads) {
   line({"sum forward phases", cell(forward_sum * 1e3, "%.3f"), "", "", "", "", "", "", cell(forward_sum / forward, "%.3f"),
         cell(forward_sum / step, "%.3f")});
   line({"sum all phases", cell(step_sum * 1e3, "%.3f"), "", "", "", "", "", "", "-", cell(step_sum / step, "%.3f")});
-  line({"A/Forward", cell(forward * 1e3, "%.3f"), "", "", "", "", "", "", "1.000", cell(forward / step, "%.3f")});
-  line({"A/ForwardBackward", cell(step * 1e3, "%.3f"), "", "", "", "", "", "", "-", "1.000"});
+  line({"A/Forward", cell(forward * 1e3, "%.3f"), "", "", "", "", "", "", cell(forward / forward, "%.3f"),
+        cell(forward / step, "%.3f")});
+  line({"A/ForwardBackward", cell(step * 1e3, "%.3f"), "", "", "", "", "", "", "-", cell(step / step, "%.3f")});
 }
 
 }  // namespace
