@@ -2,10 +2,11 @@
 // Copyright (c) 2026 The sparsemoe authors
 //
 // The benchmark suite of issue 5: the MoE layer (forward, forward+backward) at configs A, B, C, D,
-// Decode and SkewA with 1 and 2 threads; Soft MoE at config A's expert FLOPs; the gate, grouping
-// and combine stages alone; and, in the same binary, the references needed to judge them: an
-// FMA-peak probe, a read-bandwidth probe, a plain GEMM of the same FLOPs through the same
-// backend, and a naive per-token loop.
+// Decode and SkewA with 1 and 2 threads; Soft MoE at config A's expert FLOPs; the forward and
+// backward stages alone at A, each with a byte model and its roofline bound (issue 16: the
+// per-phase table printed after the ratio table); and, in the same binary, the references needed
+// to judge them: an FMA-peak probe, a read-bandwidth probe, a plain GEMM of the same FLOPs through
+// the same backend, and a naive per-token loop.
 //
 // The probes run first, in main(), before any benchmark: their results are stored and used for the
 // "frac_peak" counter (fraction of the FMA peak measured for the same thread count) and for the
@@ -26,6 +27,7 @@
 #endif
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -34,6 +36,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -343,6 +346,29 @@ void add_floor_counter(benchmark::State& state, double bytes, int threads) {
       floor_seconds, benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
 }
 
+/// Bytes of `count` scalars.
+double scalar_bytes(double count) { return count * sizeof(Scalar); }
+/// Bytes of `count` indices (expert ids, the dispatch plan's row maps).
+double index_bytes(double count) { return count * sizeof(Index); }
+
+/// The roofline counters of a stage row: `flops` and `bytes` per call (the stage's analytic
+/// model: the minimum it must read plus write), the achieved GBps and GFLOPs (GFLOPs only when
+/// the stage has FLOPs), bound_ms = max(flops / FMA peak, bytes / read bandwidth) with the probes
+/// of this run at the row's thread count, and x_of_roofline = measured time ÷ bound_ms.
+void add_roofline_counters(benchmark::State& state, double flops, double bytes, int threads) {
+  const double bound_seconds = std::max(flops / (peak_for(threads) * 1e9), bytes / (bandwidth_for(threads) * 1e9));
+  state.counters["flops"] = flops;
+  state.counters["bytes"] = bytes;
+  state.counters["GBps"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  if (flops > 0) {
+    state.counters["GFLOPs"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  }
+  state.counters["bound_ms"] = bound_seconds * 1e3;
+  state.counters["x_of_roofline"] = benchmark::Counter(
+      bound_seconds, benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
+  state.counters["threads"] = threads;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Layer benchmarks
 
@@ -494,7 +520,33 @@ void BM_LayerSimple(benchmark::State& state, const Config& c, int threads, bool 
   state.counters["pooled_workspace_bytes"] = static_cast<double>(s.layer->pooled_workspace_bytes());
 }
 
-// Stages alone, at A.
+// ---------------------------------------------------------------------------------------------
+// Stages alone, at A: the forward stages (route, group, expert compute, combine) and the backward
+// stages (combine backward, expert backward, group backward, route backward), each timed on
+// inputs prepared outside its loop, with the roofline counters of add_roofline_counters. Next to
+// each row: its FLOP and byte models, in T tokens, widths d and h, E experts, k per token, P the
+// bytes of the parameters of the used experts (those with at least one row), p the
+// pre-activation width (h for ReLU experts); a scalar is 4 bytes, an index 8.
+
+/// A config's sizes as doubles, for the FLOP and byte models of the stage rows.
+struct Sizes {
+  double T, d, h, E, k;
+  explicit Sizes(const Config& c)
+      : T(static_cast<double>(c.tokens)),
+        d(static_cast<double>(c.d)),
+        h(static_cast<double>(c.h)),
+        E(static_cast<double>(c.experts)),
+        k(static_cast<double>(c.k)) {}
+};
+
+/// Route, any router: 2·T·d·E flops (the logits). Bytes: reads x (T·d) and the router's weight
+/// (d·E); writes the `kept` T×E arrays the router keeps for backward, the gates (T·k) and the
+/// expert ids (T·k indices).
+double route_bytes(const Sizes& z, double kept) {
+  return scalar_bytes(z.T * z.d + z.d * z.E + kept * z.T * z.E + z.T * z.k) + index_bytes(z.T * z.k);
+}
+
+/// The layer's route stage (NoisyTopKGate, evaluation: no noise): route_bytes with the logits.
 void BM_Gate(benchmark::State& state, const Config& c, int threads) {
   set_threads(threads);
   Setup& s = setup_for(c);
@@ -504,12 +556,15 @@ void BM_Gate(benchmark::State& state, const Config& c, int threads) {
     benchmark::DoNotOptimize(routing.gates.data());
   }
   state.counters["tokens_per_s"] = benchmark::Counter(static_cast<double>(c.tokens), benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["threads"] = threads;
+  const Sizes z(c);
+  add_roofline_counters(state, 2 * z.T * z.d * z.E, route_bytes(z, 1), threads);
 }
 
 /// One top-k router of router.hpp routing config c's batch in training mode (its random parts
 /// on), for its share of a forward at c: softmax (renormalised), sigmoid with groups (DeepSeek-V3
-/// style), Switch with input jitter, GShard.
+/// style), Switch with input jitter, GShard. An alternative to the layer's gate, not a phase of
+/// the layer's step. Bytes: route_bytes with the logits and the scores (Switch's jittered input is
+/// not counted: a fused kernel need not keep it).
 template <typename RouterT>
 void BM_Router(benchmark::State& state, const Config& c, int threads, RouterT router) {
   set_threads(threads);
@@ -523,9 +578,13 @@ void BM_Router(benchmark::State& state, const Config& c, int threads, RouterT ro
     router.route(s.input, options, routing);
     benchmark::DoNotOptimize(routing.gates.data());
   }
-  state.counters["threads"] = threads;
+  const Sizes z(c);
+  add_roofline_counters(state, 2 * z.T * z.d * z.E, route_bytes(z, 2), threads);
 }
 
+/// Group (the dispatch plan, then the grouped rows): no flops. Bytes: reads the expert ids (T·k
+/// indices) and x (T·d: each token once, although it is copied k times); writes the plan's three
+/// row maps (3·T·k indices) and the grouped rows (T·k·d).
 void BM_Group(benchmark::State& state, const Config& c, int threads) {
   set_threads(threads);
   Setup& s = setup_for(c);
@@ -539,9 +598,12 @@ void BM_Group(benchmark::State& state, const Config& c, int threads) {
     benchmark::DoNotOptimize(grouped.data());
   }
   state.counters["tokens_per_s"] = benchmark::Counter(static_cast<double>(c.tokens), benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["threads"] = threads;
+  const Sizes z(c);
+  add_roofline_counters(state, 0, scalar_bytes(z.T * z.d + z.T * z.k * z.d) + index_bytes(4 * z.T * z.k), threads);
 }
 
+/// Combine: no flops counted (2·T·k·d multiply-adds, negligible). Bytes: reads the expert output
+/// rows (T·k·d), the gates (T·k) and the row map (T·k indices); writes y (T·d).
 void BM_Combine(benchmark::State& state, const Config& c, int threads) {
   set_threads(threads);
   Setup& s = setup_for(c);
@@ -554,9 +616,13 @@ void BM_Combine(benchmark::State& state, const Config& c, int threads) {
     s.layer->combine(expert_output, routing, plan, output);
     benchmark::DoNotOptimize(output.data());
   }
-  state.counters["threads"] = threads;
+  const Sizes z(c);
+  add_roofline_counters(state, 0, scalar_bytes(z.T * z.k * z.d + z.T * z.k + z.T * z.d) + index_bytes(z.T * z.k), threads);
 }
 
+/// Expert compute (evaluation: no pre-activations kept): 4·T·k·d·h flops. Bytes: reads P and the
+/// grouped rows (T·k·d); writes the expert output rows (T·k·d). The hidden rows stay in per-thread
+/// tiles and are not counted.
 void BM_ExpertCompute(benchmark::State& state, const Config& c, int threads) {
   set_threads(threads);
   Setup& s = setup_for(c);
@@ -570,6 +636,123 @@ void BM_ExpertCompute(benchmark::State& state, const Config& c, int threads) {
     benchmark::DoNotOptimize(workspace.expert_output.data());
   }
   add_rate_counters(state, expert_forward_flops(c), c.tokens, threads);
+  const Sizes z(c);
+  add_roofline_counters(state, expert_forward_flops(c),
+                        used_expert_bytes(*s.layer, plan) + scalar_bytes(2 * z.T * z.k * z.d), threads);
+}
+
+/// The backward stages of MoELayer, in the order backward runs them.
+enum class BackwardStage { combine, experts, group, route };
+
+/// The data of every backward stage of one training step of config c's layer, made outside the
+/// timing: a training forward that keeps its cache, then the backward stages in the order
+/// MoELayer::backward runs them (as tests/test_stages.cpp does), each output kept as the next
+/// stage's input. Every stage has run once, so its outputs are sized and a timed call allocates
+/// nothing. Gradients, and ∂x in route_backward, accumulate over the timed calls (no effect on
+/// the time).
+struct BackwardStages {
+  Setup& s;
+  Layer::Result forward;
+  Mat grouped_input;     ///< the cached input grouped again, as backward does
+  Mat grouped_d_output;  ///< combine_backward's ∂y rows
+  Mat scaled_d_output;   ///< their copy, which the expert backward scales by the gates in place
+  sparsemoe::Vector<Scalar> gate_of_row, d_gate_of_row;
+  Mat d_grouped_input, d_input;
+  Layer::Gradients gradients;
+  sparsemoe::ExpertBankBackwardWorkspace<Scalar> experts_workspace;
+  Layer::Traits::RoutingGradient routing_gradient;
+
+  explicit BackwardStages(const Config& c) : s(setup_for(c)), gradients(s.layer->make_gradients()) {
+    sparsemoe::ForwardOptions options;
+    options.mode = sparsemoe::Mode::training;
+    options.step = 1;
+    sparsemoe::ForwardWorkspace<Scalar> workspace;
+    s.layer->forward(s.input, options, forward, workspace);
+    combine_backward();
+    Layer::group(forward.cache.input, forward.plan, grouped_input);
+    scaled_d_output = grouped_d_output;
+    experts_backward();
+    group_backward();
+    route_backward();
+  }
+  /// Runs `stage` on the data the previous stage left.
+  void run(BackwardStage stage) {
+    switch (stage) {
+      case BackwardStage::combine: return combine_backward();
+      case BackwardStage::experts: return experts_backward();
+      case BackwardStage::group: return group_backward();
+      case BackwardStage::route: return route_backward();
+    }
+  }
+  void combine_backward() {
+    s.layer->combine_backward(s.d_output, forward.routing, forward.plan, grouped_d_output, gate_of_row);
+  }
+  void experts_backward() {
+    s.layer->compute_experts_backward(forward.plan, grouped_input, forward.cache.pre_activations, scaled_d_output,
+                                      gate_of_row, d_grouped_input, d_gate_of_row, gradients.experts,
+                                      experts_workspace);
+  }
+  void group_backward() { Layer::group_backward(forward.plan, d_grouped_input, d_input); }
+  void route_backward() {
+    s.layer->route_backward(forward.cache.input, forward.routing, forward.losses, forward.plan, d_gate_of_row,
+                            routing_gradient, gradients.router(), d_input);
+  }
+};
+
+/// The FLOPs and bytes per call (first, second) of one backward stage at config c, with the
+/// expert parameters of `b`'s routing.
+std::pair<double, double> backward_stage_model(BackwardStage stage, const Config& c, const BackwardStages& b) {
+  const Sizes z(c);
+  switch (stage) {
+    case BackwardStage::combine:
+      // No flops. Bytes: reads ∂y (T·d), the gates (T·k) and the row map (T·k indices); writes the
+      // ∂y rows (T·k·d) and the gate of each row (T·k).
+      return {0, scalar_bytes(z.T * z.d + z.T * z.k * z.d + 2 * z.T * z.k) + index_bytes(z.T * z.k)};
+    case BackwardStage::experts: {
+      // 8·T·k·d·h flops (∂hidden, ∂x, ∂W1, ∂W2). Bytes: reads the grouped rows (T·k·d), the
+      // pre-activations (T·k·p), the ∂y rows and writes them back scaled (2·T·k·d), the gates
+      // (T·k), P, and reads and writes the used experts' gradients (2·P); writes ∂x rows (T·k·d)
+      // and ∂gates (T·k). Not counted: the hidden and ∂pre rows (T·k·h and T·k·p) that the row
+      // pass writes and the weight-gradient pass reads back, and the transposed weight copies (P).
+      const double p = static_cast<double>(b.s.layer->expert_bank().pre_activation_width());
+      const double parameters = used_expert_bytes(*b.s.layer, b.forward.plan);
+      return {2 * expert_forward_flops(c),
+              3 * parameters + scalar_bytes(4 * z.T * z.k * z.d + z.T * z.k * p + 2 * z.T * z.k)};
+    }
+    case BackwardStage::group:
+      // A scatter-add: no flops counted (T·k·d adds). Bytes: reads the ∂x rows (T·k·d) and the
+      // row map (T·k indices); writes ∂x (T·d).
+      return {0, scalar_bytes(z.T * z.k * z.d + z.T * z.d) + index_bytes(z.T * z.k)};
+    case BackwardStage::route:
+      // NoisyTopKGate in training (the losses' gradient, then ∂W_g, ∂W_noise and ∂x): 8·T·d·E
+      // flops. Bytes: reads x (T·d), reads and adds into ∂x (2·T·d), reads W_g and W_noise
+      // (2·d·E) and reads and writes their gradients (4·d·E); reads the routing's five T×E arrays
+      // (clean and noisy logits, raw noise, noise scale, noise), the gates and ∂gates (2·T·k),
+      // the expert ids and the plan's token and slot of each row (3·T·k indices).
+      return {8 * z.T * z.d * z.E, scalar_bytes(3 * z.T * z.d + 6 * z.d * z.E + 5 * z.T * z.E + 2 * z.T * z.k) +
+                                       index_bytes(3 * z.T * z.k)};
+  }
+  return {0, 0};
+}
+
+/// One backward stage alone at config c (rows A/Stage/CombineBackward, ExpertsBackward,
+/// GroupBackward, RouteBackward), on BackwardStages' data. The expert backward scales its ∂y rows
+/// by the gates in place: they are restored from combine backward's copy before each call,
+/// outside the timing.
+void BM_BackwardStage(benchmark::State& state, const Config& c, int threads, BackwardStage stage) {
+  set_threads(threads);
+  BackwardStages b(c);
+  for (auto _ : state) {
+    if (stage == BackwardStage::experts) {
+      state.PauseTiming();
+      b.scaled_d_output = b.grouped_d_output;
+      state.ResumeTiming();
+    }
+    b.run(stage);
+    benchmark::ClobberMemory();
+  }
+  const auto [flops, bytes] = backward_stage_model(stage, c, b);
+  add_roofline_counters(state, flops, bytes, threads);
 }
 
 /// Soft MoE (soft_moe.hpp) with the expert FLOPs of a config: S = T·k slots, n = T·k/E per expert,
@@ -830,6 +1013,15 @@ void register_all() {
     RegisterBenchmark(("A/Stage/ExpertCompute" + suffix).c_str(), BM_ExpertCompute, a, t)
         ->UseRealTime()
         ->Unit(benchmark::kMillisecond);
+    const std::pair<const char*, BackwardStage> backward_stages[] = {{"CombineBackward", BackwardStage::combine},
+                                                                     {"ExpertsBackward", BackwardStage::experts},
+                                                                     {"GroupBackward", BackwardStage::group},
+                                                                     {"RouteBackward", BackwardStage::route}};
+    for (const auto& [name, stage] : backward_stages) {
+      RegisterBenchmark(("A/Stage/" + std::string(name) + suffix).c_str(), BM_BackwardStage, a, t, stage)
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond);
+    }
     RegisterBenchmark(("A/Ref/PlainGemm" + suffix).c_str(), BM_PlainGemm, a, t)->UseRealTime()->Unit(benchmark::kMillisecond);
     RegisterBenchmark(("C/Ref/PlainGemm" + suffix).c_str(), BM_PlainGemm, config_named("C"), t)
         ->UseRealTime()
@@ -1032,6 +1224,65 @@ void print_table(const RecordingReporter& rec, const char* tsv_path) {
   }
 }
 
+/// The per-phase section of issue 16: each stage row of config A at `threads` threads against
+/// its roofline bound (bench/NOTES.md gives the byte models), and its share of A's forward and
+/// forward+backward rows of the same run. The routers of router.hpp follow as alternatives to
+/// the gate, outside the sums.
+void print_phase_table(const RecordingReporter& rec, int threads) {
+  const std::string T = "/threads:" + std::to_string(threads);
+  const double forward = rec.seconds("A/Forward" + T), step = rec.seconds("A/ForwardBackward" + T);
+  enum class Kind { forward, backward, alternative };
+  const std::pair<const char*, Kind> phases[] = {
+      {"Gate", Kind::forward},           {"Group", Kind::forward},
+      {"ExpertCompute", Kind::forward},  {"Combine", Kind::forward},
+      {"CombineBackward", Kind::backward}, {"ExpertsBackward", Kind::backward},
+      {"GroupBackward", Kind::backward}, {"RouteBackward", Kind::backward},
+      {"Router/SoftmaxTopK", Kind::alternative}, {"Router/SigmoidTopK", Kind::alternative},
+      {"Router/Switch", Kind::alternative},      {"Router/GShard", Kind::alternative}};
+  auto cell = [](double value, const char* format) {
+    char text[32];
+    if (std::isnan(value)) return std::string("-");
+    std::snprintf(text, sizeof text, format, value);
+    return std::string(text);
+  };
+  const Config& a = config_named("A");
+  std::printf("\nsparsemoe per-phase roofline, config A (T=%ld d=%ld h=%ld E=%ld k=%ld), %d threads: FMA peak %.1f GFLOP/s, "
+              "read bandwidth %.1f GB/s\n",
+              static_cast<long>(a.tokens), static_cast<long>(a.d), static_cast<long>(a.h), static_cast<long>(a.experts),
+              static_cast<long>(a.k), threads, peak_for(threads), bandwidth_for(threads));
+  // One line of the table: the phase's name left-aligned, then the columns right-aligned.
+  auto line = [](const std::array<std::string, 10>& columns) {
+    constexpr int widths[10] = {20, 9, 9, 8, 9, 9, 7, 10, 8, 10};
+    std::printf("%-*s", widths[0], columns[0].c_str());
+    for (std::size_t i = 1; i < columns.size(); ++i) std::printf(" %*s", widths[i], columns[i].c_str());
+    std::printf("\n");
+  };
+  line({"phase", "ms", "MB", "GB/s", "GFLOP/s", "bound ms", "bound", "x roofline", "of fwd", "of fwd+bwd"});
+  double forward_sum = 0, step_sum = 0;
+  for (const auto& [phase, kind] : phases) {
+    const std::string name = std::string("A/Stage/") + phase + T;
+    const double seconds = rec.seconds(name);
+    if (kind != Kind::alternative) step_sum += seconds;
+    if (kind == Kind::forward) forward_sum += seconds;
+    // Rates and x of roofline from the row's time (the median with repetitions), not from the
+    // medians of its rate counters: those may come from other repetitions than the median time.
+    const double flops = rec.counter(name, "flops"), bytes = rec.counter(name, "bytes");
+    const double bound_ms = rec.counter(name, "bound_ms");
+    const bool compute_bound = flops / peak_for(threads) > bytes / bandwidth_for(threads);
+    line({phase, cell(seconds * 1e3, "%.3f"), cell(bytes * 1e-6, "%.1f"), cell(bytes / seconds * 1e-9, "%.1f"),
+          cell(flops > 0 ? flops / seconds * 1e-9 : NAN, "%.1f"), cell(bound_ms, "%.3f"),
+          std::isnan(bytes) ? "-" : compute_bound ? "flops" : "bytes", cell(seconds * 1e3 / bound_ms, "%.2f"),
+          cell(kind == Kind::backward ? NAN : seconds / forward, "%.3f"),
+          cell(kind == Kind::alternative ? NAN : seconds / step, "%.3f")});
+  }
+  line({"sum forward phases", cell(forward_sum * 1e3, "%.3f"), "", "", "", "", "", "", cell(forward_sum / forward, "%.3f"),
+        cell(forward_sum / step, "%.3f")});
+  line({"sum all phases", cell(step_sum * 1e3, "%.3f"), "", "", "", "", "", "", "-", cell(step_sum / step, "%.3f")});
+  line({"A/Forward", cell(forward * 1e3, "%.3f"), "", "", "", "", "", "", cell(forward / forward, "%.3f"),
+        cell(forward / step, "%.3f")});
+  line({"A/ForwardBackward", cell(step * 1e3, "%.3f"), "", "", "", "", "", "", "-", cell(step / step, "%.3f")});
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -1068,6 +1319,7 @@ int main(int argc, char** argv) {
   RecordingReporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
   print_table(reporter, tsv_path);
+  print_phase_table(reporter, available_threads() >= 2 ? 2 : 1);
   benchmark::Shutdown();
   return 0;
 }

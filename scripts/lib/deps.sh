@@ -1,13 +1,16 @@
 # SPDX-License-Identifier: MIT
 # shellcheck shell=bash
 #
-# Shared helpers for scripts/run-example, scripts/run-tests, scripts/compare-routers and .ci/run.
+# Shared helpers for scripts/run-example, scripts/run-tests, scripts/compare-routers, scripts/bench,
+# scripts/bench-phases and .ci/run.
 # Source it; do not execute it.
 #
 #   sparsemoe_repo_root             prints the repository root
 #   sparsemoe_ensure_deps [pkg...]  installs (Debian/Ubuntu, apt) whichever of the
 #                                   build dependencies plus the extra pkgs are missing
 #   sparsemoe_build_example NAME    builds examples/NAME.cpp in $BUILD_DIR, prints its path
+#   sparsemoe_build_bench DIR [ARGS] configures DIR as scripts/bench does (Release, -march=native,
+#                                   benchmarks only, plus the cmake ARGS) and builds bench_moe there
 
 # Everything needed to configure, build and run the whole test suite
 # (tests, examples, benchmarks, consumer tests incl. pkg-config, the MPI tests) with g++.
@@ -108,4 +111,19 @@ sparsemoe_build_example() {
   sparsemoe_log "building $name"
   cmake --build "$build_dir" --target "$name" >&2
   printf '%s\n' "$build_dir/examples/$name"
+}
+
+# Configures DIR for the benchmarks (Release, -march=native: the FMA probe and the kernels use the
+# host's widest vectors; Ninja when present; tests, examples and install off) with the extra cmake
+# arguments, and builds bench_moe there (DIR/bench/bench_moe). Quiet: messages go to stderr.
+sparsemoe_build_bench() {
+  local dir=$1; shift
+  local generator=()
+  command -v ninja >/dev/null 2>&1 && generator=(-G Ninja)
+  sparsemoe_log "configuring $dir (Release, -march=native $*)"
+  cmake -S . -B "$dir" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS=-march=native \
+    -DSPARSEMOE_BUILD_TESTS=OFF -DSPARSEMOE_BUILD_EXAMPLES=OFF -DSPARSEMOE_BUILD_BENCHMARKS=ON \
+    -DSPARSEMOE_INSTALL=OFF "$@" >/dev/null
+  sparsemoe_log "building bench_moe in $dir"
+  cmake --build "$dir" --target bench_moe >/dev/null
 }
