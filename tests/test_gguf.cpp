@@ -589,16 +589,6 @@ TEST(GgufWrite, Errors) {
 
 // --- Exporting MoE blocks ------------------------------------------------------------------------
 
-const std::vector<std::string> all_families = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"};
-
-template <typename Layer>
-std::vector<std::vector<typename Layer::Scalar>> all_state(Layer& layer) {
-  std::vector<std::vector<typename Layer::Scalar>> state;
-  for (const auto& view : layer.tensors()) state.emplace_back(view.data, view.data + view.size());
-  for (const auto& view : layer.router().state()) state.emplace_back(view.data, view.data + view.size());
-  return state;
-}
-
 template <typename Layer>
 void expect_bitwise_equal(Layer& a, Layer& b) {
   using Scalar = typename Layer::Scalar;
@@ -710,11 +700,7 @@ TEST(GgufExport, Q8_0ExpertsAreTheNaiveRoundTrip) {
 }
 
 TEST(GgufExport, RejectsWhatAFamilyCannotExpress) {
-  sparsemoe::MoEConfig config;
-  config.input_dim = 4;
-  config.hidden_dim = 3;
-  config.num_experts = 4;
-  config.k = 2;
+  sparsemoe::MoEConfig config = small_block_config();
   sparsemoe::SoftmaxTopKRouterOptions options;
   options.k = 2;
   using Softmax = sparsemoe::HfSoftmaxMoELayer<float>;

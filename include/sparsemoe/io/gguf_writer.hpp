@@ -405,18 +405,7 @@ class GgufWriter {
   /// Writes bytes() to `path` atomically (a temporary file next to it, renamed over it; see
   /// file.hpp): `path` is either untouched or the whole new file. Throws ModelFileError(io)
   /// naming the step, the path and errno.
-  void write(const std::string& path) const {
-    const std::string content = bytes();
-#if defined(__cpp_exceptions) || defined(__EXCEPTIONS)
-    try {
-      detail::write_file_atomically(path, content, "sparsemoe::GgufWriter::write");
-    } catch (const CheckpointError& error) {
-      SPARSEMOE_THROW(ModelFileError, (detail::ModelFileFailure{ModelFileErrorKind::io, error.what()}));
-    }
-#else
-    detail::write_file_atomically(path, content, "sparsemoe::GgufWriter::write");
-#endif
-  }
+  void write(const std::string& path) const { detail::write_model_file(path, bytes(), "sparsemoe::GgufWriter::write"); }
 
  private:
   struct Key {
@@ -515,12 +504,7 @@ template <typename Layer>
 void export_gguf_moe_block(const Layer& layer, HfFamily family, Index layer_index, GgufWriter& writer,
                            GgmlType type = GgmlType::f32) {
   using Scalar = typename Layer::Scalar;
-  using RouterT = typename Layer::RouterType;
-  static_assert(std::is_same<typename Layer::ExpertType, SwiGluExpert<Scalar>>::value,
-                "GGUF MoE blocks have SwiGLU experts: use HfSoftmaxMoELayer or HfSigmoidMoELayer");
-  constexpr bool sigmoid = std::is_same<RouterT, SigmoidTopKRouter<Scalar>>::value;
-  static_assert(sigmoid || std::is_same<RouterT, SoftmaxTopKRouter<Scalar>>::value,
-                "the layer needs a SoftmaxTopKRouter or a SigmoidTopKRouter");
+  constexpr bool sigmoid = detail::is_sigmoid_block_layer<Layer>();
   const char* function = "sparsemoe::export_gguf_moe_block";
   detail::require(layer_index >= 0 && layer_index < 0x7FFFFFFF, function, "layer_index must be in [0, 2^31 - 1), got ",
                   layer_index);
@@ -542,10 +526,10 @@ void export_gguf_moe_block(const Layer& layer, HfFamily family, Index layer_inde
   block.set_u32(a + "expert_count", u32(experts));
   block.set_u32(a + "expert_used_count", u32(layer.k()));
   block.set_u32(a + (family == HfFamily::mixtral ? "feed_forward_length" : "expert_feed_forward_length"), u32(h));
-  if (family == HfFamily::qwen2_moe) block.set_u32(a + "expert_shared_feed_forward_length", u32(shared_width));
   if (family == HfFamily::qwen2_moe) {
     detail::require(shared_width > 0 && layer.shared_expert_gate().size() > 0, function, "qwen2_moe has a shared "
                     "expert with a sigmoid gate; the layer lacks it");
+    block.set_u32(a + "expert_shared_feed_forward_length", u32(shared_width));
   }
   if (deepseek) {
     detail::require(shared_width % h == 0, function, to_string(family), " writes expert_shared_count = h_s / h: h_s = ",
