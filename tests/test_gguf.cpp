@@ -665,6 +665,27 @@ TEST(GgufExport, EachFamilyRoundTripsBitwise) {
   }
 }
 
+TEST(GgufExport, DoubleLayersRoundTripBitwiseThroughF64) {
+  for (const std::string& type : all_families) {
+    SCOPED_TRACE(type);
+    const Family f = make_family(type, 2);
+    with_layer<double>(f, [&](auto* tag) {
+      using Layer = std::remove_pointer_t<decltype(tag)>;
+      Layer first = random_layer<Layer>(f, 57);
+      for (const auto& view : first.tensors()) {  // values a float cannot hold
+        for (Index i = 0; i < view.size(); ++i) view.data[i] += 1e-10 * static_cast<double>(i + 1);
+      }
+      GgufWriter writer;
+      sparsemoe::export_gguf_moe_block(first, *sparsemoe::parse_hf_family(type), 2, writer, GgmlType::f64);
+      const GgufFile file = GgufFile::from_bytes(writer.bytes());
+      EXPECT_EQ(file.info("blk.2.ffn_gate_inp.weight").type, GgmlType::f64);
+      EXPECT_EQ(file.info("blk.2.ffn_down_exps.weight").type, GgmlType::f64);
+      Layer second = sparsemoe::load_gguf_moe_block<Layer>(file, 2);
+      expect_bitwise_equal(first, second);
+    });
+  }
+}
+
 TEST(GgufExport, Q8_0ExpertsAreTheNaiveRoundTrip) {
   for (const std::string& type : all_families) {
     SCOPED_TRACE(type);

@@ -201,9 +201,12 @@ class GgufWriter {
       detail::require(element_type != GgufValueType::array, function, "metadata '", key,
                       "': arrays of arrays are not written");
       for (nlohmann::json& element : stored) {
+        if ((element_type == GgufValueType::f32 || element_type == GgufValueType::f64) && element.is_number()) {
+          element = element_type == GgufValueType::f32 ? static_cast<double>(static_cast<float>(element.get<double>()))
+                                                       : element.get<double>();
+        }
         detail::require(detail::gguf_scalar_fits(element_type, element), function, "metadata '", key, "': element ",
                         element.dump(), " does not fit value type ", static_cast<std::uint32_t>(element_type));
-        if (element_type == GgufValueType::f32) element = static_cast<double>(static_cast<float>(element.get<double>()));
       }
     } else {
       nlohmann::json converted = value;
@@ -356,8 +359,7 @@ class GgufWriter {
       index_.emplace(tensor.name, tensors_.size());
       tensors_.push_back(std::move(tensor));
     }
-    other.tensors_.clear();
-    other.index_.clear();
+    other = GgufWriter();
   }
 
   /// The file's bytes (see the file comment for the layout). Cost: one copy of every tensor.
