@@ -482,6 +482,7 @@ TEST(GgufWrite, SameBytesAsTheTestWriter) {
   writer.set_bool("b", true);
   writer.set("strings", GgufValueType::array, {"a", "bc"}, GgufValueType::string);
   writer.set("u32s", GgufValueType::array, {1, 2, 3}, GgufValueType::u32);
+  writer.set("f32s", GgufValueType::array, {0.5, 2}, GgufValueType::f32);  // an integer element too
   writer.set_u32("n", 8);  // replaces the value, keeps the place
   const std::vector<float> a = f32_values(6, 5);
   const std::vector<float> half = {1.0f, -2.0f, std::ldexp(1.0f, -24), 65504.0f};
@@ -496,7 +497,8 @@ TEST(GgufWrite, SameBytesAsTheTestWriter) {
   const std::string want = make_gguf({kv_string("general.architecture", "tiny"), kv_u32("general.alignment", 64),
                                       kv_u32("n", 8), kv_f32("f", 1.5f), kv_bool("b", true),
                                       {"strings", 9, le(8, 4) + le(2, 8) + gguf_string("a") + gguf_string("bc")},
-                                      {"u32s", 9, le(4, 4) + le(3, 8) + le(1, 4) + le(2, 4) + le(3, 4)}},
+                                      {"u32s", 9, le(4, 4) + le(3, 8) + le(1, 4) + le(2, 4) + le(3, 4)},
+                                      {"f32s", 9, le(6, 4) + le(2, 8) + le(0x3F000000, 4) + le(0x40000000, 4)}},
                                      {{"a", {3, 2}, 0, raw_bytes(a)},
                                       {"h", {4}, 1, raw_bytes(half_bits)},
                                       {"b", {2}, 30, raw_bytes(brain_bits)}},
