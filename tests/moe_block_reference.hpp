@@ -11,6 +11,7 @@
 #define SPARSEMOE_TESTS_MOE_BLOCK_REFERENCE_HPP
 
 #include <sparsemoe/config.hpp>
+#include <sparsemoe/layer_options.hpp>
 
 #include "safetensors_test_writer.hpp"
 
@@ -32,6 +33,29 @@ namespace moe_block_reference {
 using safetensors_test::RawTensor;
 using safetensors_test::raw_bytes;
 using sparsemoe::Index;
+
+/// Every family's model_type.
+inline const std::vector<std::string> all_families = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2",
+                                                      "deepseek_v3"};
+
+/// A copy of every parameter and state tensor of `layer`: its tensors(), then its router's state().
+template <typename Layer>
+std::vector<std::vector<typename Layer::Scalar>> all_state(Layer& layer) {
+  std::vector<std::vector<typename Layer::Scalar>> state;
+  for (const auto& view : layer.tensors()) state.emplace_back(view.data, view.data + view.size());
+  for (const auto& view : layer.router().state()) state.emplace_back(view.data, view.data + view.size());
+  return state;
+}
+
+/// The sizes of the small layers the export tests build by hand: d = 4, h = 3, E = 4, k = 2.
+inline sparsemoe::MoEConfig small_block_config() {
+  sparsemoe::MoEConfig config;
+  config.input_dim = 4;
+  config.hidden_dim = 3;
+  config.num_experts = 4;
+  config.k = 2;
+  return config;
+}
 
 /// A family's MoE block as the test describes it, independently of the library.
 struct Family {

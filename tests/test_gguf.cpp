@@ -10,14 +10,23 @@
 //     (V2 softmax with groups, V3 sigmoid with exp_probs_b) from stacked expert tensors equal the
 //     naive reference of moe_block_reference.hpp on the same raw weights (Q8_0 experts too).
 //   * Each malformed file gets its own ModelFileErrorKind; every truncation is rejected.
+//   * Writing (io/gguf_writer.hpp): the library's GgufWriter gives the test writer's bytes (plus
+//     llama.cpp's trailing padding) for the same metadata and F32/F16/BF16 tensors; its Q8_0
+//     equals a naive quantiser written here (own binary16 encoder); its errors. Each family's
+//     block exported and read back is bitwise the layer (F32), stable after the first rounding
+//     (BF16, F16), the naive Q8_0 round trip of its experts (Q8_0); what a family cannot express
+//     is rejected with nothing written.
 #include <sparsemoe/io/gguf.hpp>
+#include <sparsemoe/io/gguf_writer.hpp>
 
 #include "moe_block_reference.hpp"
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <random>
@@ -420,6 +429,364 @@ TEST(GgufMoE, MetadataAndTensorErrors) {
                   GgufFile::from_bytes(make_gguf(kvs, fewer)), 1);
             }),
             ModelFileErrorKind::missing_tensor);
+}
+
+// --- Writing -------------------------------------------------------------------------------------
+
+using sparsemoe::GgmlType;
+using sparsemoe::GgufValueType;
+using sparsemoe::GgufWriter;
+using sparsemoe::HfFamily;
+
+/// binary16 of a finite v >= 0 below 65520, rounded to nearest even, from the definition.
+std::uint16_t encode_f16(double v) {
+  if (v == 0) return 0;
+  int e = 0;
+  std::frexp(v, &e);  // v = m·2^e, m in [0.5, 1): the leading bit is 2^(e−1)
+  int exponent = e - 1 + 15;
+  if (exponent < 1) return static_cast<std::uint16_t>(std::nearbyint(std::ldexp(v, 24)));  // subnormal (or 2^−14)
+  double mantissa = std::nearbyint(std::ldexp(v, 10 - (e - 1)));  // in [1024, 2048]
+  if (mantissa == 2048) {
+    mantissa = 1024;
+    ++exponent;
+  }
+  return static_cast<std::uint16_t>(exponent << 10 | (static_cast<int>(mantissa) - 1024));
+}
+
+/// llama.cpp's reference Q8_0 written out naively: per 32 values d = max|x|/127, q = round(x·(1/d))
+/// in [−127, 127], the scale stored as binary16; `bytes` gets the blocks, the result is f16(d)·q.
+std::vector<float> naive_q8_0(const std::vector<float>& x, std::string* bytes = nullptr) {
+  std::vector<float> out(x.size());
+  for (std::size_t block = 0; block < x.size() / 32; ++block) {
+    float amax = 0;
+    for (std::size_t j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[32 * block + j]));
+    const float d = amax / 127.0f;
+    const float inverse = d != 0 ? 1.0f / d : 0.0f;
+    const std::uint16_t bits = encode_f16(d);
+    if (bytes) *bytes += le(bits, 2);
+    for (std::size_t j = 0; j < 32; ++j) {
+      const float q = std::min(127.0f, std::max(-127.0f, std::round(x[32 * block + j] * inverse)));
+      if (bytes) bytes->push_back(static_cast<char>(static_cast<std::int8_t>(q)));
+      out[32 * block + j] = static_cast<float>(decode_f16(bits) * q);
+    }
+  }
+  return out;
+}
+
+TEST(GgufWrite, SameBytesAsTheTestWriter) {
+  GgufWriter writer;
+  writer.set_string("general.architecture", "tiny");
+  writer.set_u32("general.alignment", 64);
+  writer.set_u32("n", 7);
+  writer.set_f32("f", 1.5f);
+  writer.set_bool("b", true);
+  writer.set("strings", GgufValueType::array, {"a", "bc"}, GgufValueType::string);
+  writer.set("u32s", GgufValueType::array, {1, 2, 3}, GgufValueType::u32);
+  writer.set("f32s", GgufValueType::array, {0.5, 2}, GgufValueType::f32);  // an integer element too
+  writer.set_u32("n", 8);  // replaces the value, keeps the place
+  const std::vector<float> a = f32_values(6, 5);
+  const std::vector<float> half = {1.0f, -2.0f, std::ldexp(1.0f, -24), 65504.0f};
+  const std::vector<float> brain = {1.0f, -3.0f};
+  writer.add("a", {3, 2}, a.data(), a.size());
+  writer.add("h", {4}, half.data(), half.size(), GgmlType::f16);
+  writer.add("b", {2}, brain.data(), brain.size(), GgmlType::bf16);
+  const std::string bytes = writer.bytes();
+
+  const std::vector<std::uint16_t> half_bits = {0x3C00, 0xC000, 0x0001, 0x7BFF};
+  const std::vector<std::uint16_t> brain_bits = {0x3F80, 0xC040};
+  const std::string want = make_gguf({kv_string("general.architecture", "tiny"), kv_u32("general.alignment", 64),
+                                      kv_u32("n", 8), kv_f32("f", 1.5f), kv_bool("b", true),
+                                      {"strings", 9, le(8, 4) + le(2, 8) + gguf_string("a") + gguf_string("bc")},
+                                      {"u32s", 9, le(4, 4) + le(3, 8) + le(1, 4) + le(2, 4) + le(3, 4)},
+                                      {"f32s", 9, le(6, 4) + le(2, 8) + le(0x3F000000, 4) + le(0x40000000, 4)}},
+                                     {{"a", {3, 2}, 0, raw_bytes(a)},
+                                      {"h", {4}, 1, raw_bytes(half_bits)},
+                                      {"b", {2}, 30, raw_bytes(brain_bits)}},
+                                     64);
+  // llama.cpp pads after the last tensor too; the test writer does not.
+  ASSERT_GE(bytes.size(), want.size());
+  EXPECT_EQ(bytes.substr(0, want.size()), want);
+  EXPECT_EQ(bytes.substr(want.size()), std::string(bytes.size() - want.size(), '\0'));
+  EXPECT_EQ(bytes.size() % 64, 0u);
+  const GgufFile file = GgufFile::from_bytes(bytes);
+  EXPECT_EQ(file.metadata(), writer.metadata());
+  EXPECT_EQ(file.alignment(), 64u);
+  EXPECT_EQ(file.values<float>("a"), a);
+  EXPECT_EQ(file.values<float>("h"), half);
+  EXPECT_EQ(file.values<float>("b"), brain);
+}
+
+TEST(GgufWrite, Q8_0IsTheNaiveQuantiser) {
+  std::vector<float> x = f32_values(32 * 6, 9);
+  for (std::size_t j = 32; j < 64; ++j) x[j] = 0;        // an all-zero block: d = 0
+  x[70] = 1000;                                          // a block with one large value
+  for (std::size_t j = 96; j < 128; ++j) x[j] = static_cast<float>(j) - 111.5f;  // an evenly spaced block
+  std::vector<double> as_double(x.begin(), x.end());
+  GgufWriter writer;
+  writer.add("q", {64, 3}, x.data(), x.size(), GgmlType::q8_0);
+  writer.add("qd", {32, 6}, as_double.data(), as_double.size(), GgmlType::q8_0);
+  std::string want_bytes;
+  const std::vector<float> want = naive_q8_0(x, &want_bytes);
+  const GgufFile file = GgufFile::from_bytes(writer.bytes());
+  EXPECT_EQ(file.info("q").type, GgmlType::q8_0);
+  EXPECT_EQ(file.info("q").size_bytes, 6u * 34u);
+  const std::string bytes = writer.bytes();
+  const std::size_t data = bytes.size() - 2 * 224;  // two tensors of 204 bytes, each padded to 224
+  EXPECT_EQ(bytes.substr(data, want_bytes.size()), want_bytes);
+  EXPECT_EQ(file.values<float>("q"), want);
+  EXPECT_EQ(file.values<float>("qd"), want);
+  for (std::size_t block = 0; block < 6; ++block) {  // within half a step, plus the scale's rounding
+    double d = 0;
+    for (std::size_t j = 0; j < 32; ++j) d = std::max(d, std::fabs(static_cast<double>(x[32 * block + j])) / 127);
+    for (std::size_t j = 32 * block; j < 32 * block + 32; ++j) {
+      EXPECT_LE(std::fabs(static_cast<double>(want[j]) - x[j]), 0.5 * d + 127 * d / 2048) << j;
+    }
+  }
+}
+
+TEST(GgufWrite, Errors) {
+  GgufWriter writer;
+  const std::vector<float> v(64, 1.0f);
+  EXPECT_THROW(writer.add("", {4}, v.data(), 4), std::invalid_argument);
+  EXPECT_THROW(writer.add(std::string(64, 'n'), {4}, v.data(), 4), std::invalid_argument);
+  EXPECT_THROW(writer.add("t", {4}, v.data(), 5), std::invalid_argument);
+  EXPECT_THROW(writer.add("t", {1, 1, 1, 1, 4}, v.data(), 4), std::invalid_argument);
+  EXPECT_THROW(writer.add("t", {0}, v.data(), 0), std::invalid_argument);
+  EXPECT_THROW(writer.add("t", {4}, v.data(), 4, GgmlType::q4_0), std::invalid_argument);
+  EXPECT_THROW(writer.add("t", {16, 4}, v.data(), 64, GgmlType::q8_0), std::invalid_argument);
+  std::vector<float> nan = v;
+  nan[3] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_THROW(writer.add("t", {64}, nan.data(), 64, GgmlType::q8_0), std::invalid_argument);
+  std::vector<float> huge = v;
+  huge[0] = 1e10f;
+  EXPECT_THROW(writer.add("t", {64}, huge.data(), 64, GgmlType::q8_0), std::invalid_argument);
+  EXPECT_EQ(writer.size(), 0u);
+  writer.add("t", {64}, v.data(), 64);
+  EXPECT_THROW(writer.add("t", {64}, v.data(), 64), std::invalid_argument);
+  EXPECT_THROW(writer.set_u32("", 1), std::invalid_argument);
+  EXPECT_THROW(writer.set_u32("general.alignment", 48), std::invalid_argument);
+  EXPECT_THROW(writer.set_u64("general.alignment", 64), std::invalid_argument);
+  EXPECT_THROW(writer.set("x", GgufValueType::u8, 256), std::invalid_argument);
+  EXPECT_THROW(writer.set("x", GgufValueType::i32, "text"), std::invalid_argument);
+  EXPECT_THROW(writer.set("x", GgufValueType::array, {{1}}, GgufValueType::array), std::invalid_argument);
+  EXPECT_THROW(writer.set("x", GgufValueType::array, {1, -1}, GgufValueType::u32), std::invalid_argument);
+  EXPECT_TRUE(writer.metadata().empty());
+  try {
+    writer.write("/nonexistent-directory/model.gguf");
+    ADD_FAILURE() << "wrote into a missing directory";
+  } catch (const ModelFileError& error) {
+    EXPECT_EQ(error.kind(), ModelFileErrorKind::io);
+    EXPECT_NE(std::string(error.what()).find("/nonexistent-directory/model.gguf"), std::string::npos) << error.what();
+  }
+  // A write that succeeds replaces the file, and GgufFile::open reads it.
+  const std::string path = ::testing::TempDir() + "sparsemoe_gguf_writer_test.gguf";
+  writer.set_string("general.name", "x");
+  writer.write(path);
+  writer.write(path);
+  const GgufFile file = GgufFile::open(path);
+  EXPECT_EQ(file.metadata()["general.name"], "x");
+  EXPECT_EQ(file.values<float>("t"), v);
+  std::remove(path.c_str());
+}
+
+// --- Exporting MoE blocks ------------------------------------------------------------------------
+
+template <typename Layer>
+void expect_bitwise_equal(Layer& a, Layer& b) {
+  using Scalar = typename Layer::Scalar;
+  const auto x = all_state(a), y = all_state(b);
+  ASSERT_EQ(x.size(), y.size());
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    ASSERT_EQ(x[i].size(), y[i].size()) << "tensor " << i;
+    EXPECT_EQ(std::memcmp(x[i].data(), y[i].data(), x[i].size() * sizeof(Scalar)), 0) << "tensor " << i;
+  }
+  sparsemoe::Matrix<Scalar> input(7, a.input_dim());
+  std::mt19937 random(5);
+  for (Index i = 0; i < input.size(); ++i) input.data()[i] = std::normal_distribution<Scalar>(0, 1)(random);
+  const auto ra = a.forward(input), rb = b.forward(input);
+  ASSERT_EQ(ra.output.size(), rb.output.size());
+  EXPECT_EQ(std::memcmp(ra.output.data(), rb.output.data(), sizeof(Scalar) * static_cast<std::size_t>(ra.output.size())), 0);
+}
+
+/// A float layer of family `f` with random weights, read from the test writer's file.
+template <typename Layer>
+Layer random_layer(const Family& f, unsigned seed) {
+  RawWeights w = random_weights(f, seed);
+  return sparsemoe::load_gguf_moe_block<Layer>(GgufFile::from_bytes(make_gguf(gguf_metadata(f), gguf_tensors(f, w, 2, false))), 2);
+}
+
+TEST(GgufExport, EachFamilyRoundTripsBitwise) {
+  for (const std::string& type : all_families) {
+    SCOPED_TRACE(type);
+    const Family f = make_family(type, 2);
+    const HfFamily family = *sparsemoe::parse_hf_family(type);
+    with_layer<float>(f, [&](auto* tag) {
+      using Layer = std::remove_pointer_t<decltype(tag)>;
+      Layer first = random_layer<Layer>(f, 51);
+      GgufWriter writer;
+      sparsemoe::export_gguf_moe_block(first, family, 2, writer);
+      const GgufFile file = GgufFile::from_bytes(writer.bytes());
+      const std::string arch = sparsemoe::gguf_architecture(family);
+      const nlohmann::json& m = file.metadata();
+      EXPECT_EQ(m["general.architecture"], arch);
+      EXPECT_EQ(m[arch + ".block_count"], 3);
+      EXPECT_EQ(m[arch + ".embedding_length"], f.d);
+      EXPECT_EQ(m[arch + ".expert_count"], f.experts);
+      EXPECT_EQ(m[arch + ".expert_used_count"], f.k);
+      EXPECT_EQ(m[arch + (arch == "llama" ? ".feed_forward_length" : ".expert_feed_forward_length")], f.h);
+      if (arch == "deepseek2") {
+        EXPECT_EQ(m[arch + ".expert_gating_func"], f.sigmoid ? 2 : 1);
+        EXPECT_EQ(m[arch + ".expert_weights_scale"], f.scale);
+        EXPECT_EQ(m[arch + ".expert_group_count"], f.groups);
+        EXPECT_EQ(m[arch + ".expert_group_used_count"], f.top_groups);
+        EXPECT_EQ(m[arch + ".expert_shared_count"], f.shared_width / f.h);
+      }
+      const auto u = [](Index v) { return static_cast<std::uint64_t>(v); };
+      EXPECT_EQ(file.info("blk.2.ffn_gate_inp.weight").ne, (std::vector<std::uint64_t>{u(f.d), u(f.experts)}));
+      EXPECT_EQ(file.info("blk.2.ffn_up_exps.weight").ne, (std::vector<std::uint64_t>{u(f.d), u(f.h), u(f.experts)}));
+      EXPECT_EQ(file.info("blk.2.ffn_down_exps.weight").ne, (std::vector<std::uint64_t>{u(f.h), u(f.d), u(f.experts)}));
+      EXPECT_EQ(file.contains("blk.2.ffn_down_shexp.weight"), f.shared_width > 0);
+      EXPECT_EQ(file.contains("blk.2.exp_probs_b.bias"), f.sigmoid);
+      Layer second = sparsemoe::load_gguf_moe_block<Layer>(file, 2);
+      expect_bitwise_equal(first, second);
+
+      for (const GgmlType half : {GgmlType::bf16, GgmlType::f16}) {
+        SCOPED_TRACE(sparsemoe::to_string(half));
+        GgufWriter once, twice;
+        sparsemoe::export_gguf_moe_block(first, family, 2, once, half);
+        const GgufFile rounded = GgufFile::from_bytes(once.bytes());
+        EXPECT_EQ(rounded.info("blk.2.ffn_gate_exps.weight").type, half);
+        EXPECT_EQ(rounded.info("blk.2.ffn_gate_inp.weight").type, GgmlType::f32);
+        Layer a = sparsemoe::load_gguf_moe_block<Layer>(rounded, 2);
+        sparsemoe::export_gguf_moe_block(a, family, 2, twice, half);
+        EXPECT_EQ(twice.bytes(), once.bytes());
+        Layer b = sparsemoe::load_gguf_moe_block<Layer>(GgufFile::from_bytes(twice.bytes()), 2);
+        expect_bitwise_equal(a, b);
+      }
+    });
+  }
+}
+
+TEST(GgufExport, DoubleLayersRoundTripBitwiseThroughF64) {
+  for (const std::string& type : all_families) {
+    SCOPED_TRACE(type);
+    const Family f = make_family(type, 2);
+    with_layer<double>(f, [&](auto* tag) {
+      using Layer = std::remove_pointer_t<decltype(tag)>;
+      Layer first = random_layer<Layer>(f, 57);
+      for (const auto& view : first.tensors()) {  // values a float cannot hold
+        for (Index i = 0; i < view.size(); ++i) view.data[i] += 1e-10 * static_cast<double>(i + 1);
+      }
+      GgufWriter writer;
+      sparsemoe::export_gguf_moe_block(first, *sparsemoe::parse_hf_family(type), 2, writer, GgmlType::f64);
+      const GgufFile file = GgufFile::from_bytes(writer.bytes());
+      EXPECT_EQ(file.info("blk.2.ffn_gate_inp.weight").type, GgmlType::f64);
+      EXPECT_EQ(file.info("blk.2.ffn_down_exps.weight").type, GgmlType::f64);
+      Layer second = sparsemoe::load_gguf_moe_block<Layer>(file, 2);
+      expect_bitwise_equal(first, second);
+    });
+  }
+}
+
+TEST(GgufExport, Q8_0ExpertsAreTheNaiveRoundTrip) {
+  for (const std::string& type : all_families) {
+    SCOPED_TRACE(type);
+    Family f = make_family(type, 2, 32, 32);
+    if (f.shared_gate) f.shared_width = 32;
+    const HfFamily family = *sparsemoe::parse_hf_family(type);
+    with_layer<float>(f, [&](auto* tag) {
+      using Layer = std::remove_pointer_t<decltype(tag)>;
+      using M = sparsemoe::Matrix<float>;
+      Layer first = random_layer<Layer>(f, 53);
+      GgufWriter writer;
+      sparsemoe::export_gguf_moe_block(first, family, 2, writer, GgmlType::q8_0);
+      const GgufFile file = GgufFile::from_bytes(writer.bytes());
+      EXPECT_EQ(file.info("blk.2.ffn_down_exps.weight").type, GgmlType::q8_0);
+      Layer second = sparsemoe::load_gguf_moe_block<Layer>(file, 2);
+      // [out, in] row-major, quantised along in (rows of 32): as the naive quantiser sees them.
+      const auto naive = [](const M& out_in) {
+        const std::vector<float> values(out_in.data(), out_in.data() + out_in.size());
+        const std::vector<float> decoded = naive_q8_0(values);
+        return M(Eigen::Map<const M>(decoded.data(), out_in.rows(), out_in.cols()));
+      };
+      const auto check = [&](const sparsemoe::SwiGluExpert<float>& a, const sparsemoe::SwiGluExpert<float>& b, Index width) {
+        EXPECT_EQ(M(b.w1().leftCols(width).transpose()), naive(a.w1().leftCols(width).transpose()));
+        EXPECT_EQ(M(b.w1().rightCols(width).transpose()), naive(a.w1().rightCols(width).transpose()));
+        EXPECT_EQ(M(b.w2().transpose()), naive(a.w2().transpose()));
+      };
+      for (Index e = 0; e < f.experts; ++e) check(first.expert(e), second.expert(e), f.h);
+      if (f.shared_width > 0) check(first.shared_expert(), second.shared_expert(), f.shared_width);
+      EXPECT_EQ(first.router().weight(), second.router().weight());  // the router stays F32
+      EXPECT_EQ(first.shared_expert_gate(), second.shared_expert_gate());
+    });
+  }
+}
+
+TEST(GgufExport, RejectsWhatAFamilyCannotExpress) {
+  sparsemoe::MoEConfig config = small_block_config();
+  sparsemoe::SoftmaxTopKRouterOptions options;
+  options.k = 2;
+  using Softmax = sparsemoe::HfSoftmaxMoELayer<float>;
+  using Sigmoid = sparsemoe::HfSigmoidMoELayer<float>;
+  const Softmax plain(config, sparsemoe::SoftmaxTopKRouter<float>(4, 4, options));
+  GgufWriter writer;
+  const auto rejects = [&](const auto& layer, HfFamily family, GgmlType type = GgmlType::f32) {
+    try {
+      sparsemoe::export_gguf_moe_block(layer, family, 0, writer, type);
+      ADD_FAILURE() << "exported as " << sparsemoe::to_string(family);
+    } catch (const std::invalid_argument& error) {
+      return std::string(error.what());
+    }
+    return std::string();
+  };
+  EXPECT_NE(rejects(plain, HfFamily::mixtral).find("normalize_top_k"), std::string::npos);  // always renormalised
+  EXPECT_NE(rejects(plain, HfFamily::qwen3_moe).find("normalize_top_k"), std::string::npos);
+  rejects(plain, HfFamily::qwen2_moe);                                                      // no shared expert
+  EXPECT_NE(rejects(plain, HfFamily::deepseek_v3).find("SigmoidTopKRouter"), std::string::npos);
+  EXPECT_EQ(writer.size(), 0u);
+  EXPECT_TRUE(writer.metadata().empty());
+  options.use_bias = true;
+  EXPECT_NE(rejects(Softmax(config, sparsemoe::SoftmaxTopKRouter<float>(4, 4, options)), HfFamily::olmoe).find("use_bias"),
+            std::string::npos);
+  options.use_bias = false;
+  options.scale = 0.1;  // not a float: expert_weights_scale is an f32
+  EXPECT_NE(rejects(Softmax(config, sparsemoe::SoftmaxTopKRouter<float>(4, 4, options)), HfFamily::deepseek_v2).find("scale"),
+            std::string::npos);
+  options.scale = 1.0;
+  sparsemoe::SigmoidTopKRouterOptions sigmoid;
+  sigmoid.k = 2;  // the default normalize_epsilon 1e-20 is Hugging Face's, not llama.cpp's
+  const Sigmoid hf_v3(config, sparsemoe::SigmoidTopKRouter<float>(4, 4, sigmoid));
+  EXPECT_NE(rejects(hf_v3, HfFamily::deepseek_v3).find("normalize_epsilon"), std::string::npos);
+  EXPECT_NE(rejects(plain, HfFamily::olmoe, GgmlType::q8_0).find("multiples of 32"), std::string::npos);
+  config.shared_hidden_dim = 5;  // not a multiple of h = 3
+  rejects(Softmax(config, sparsemoe::SoftmaxTopKRouter<float>(4, 4, options)), HfFamily::deepseek_v2);
+  EXPECT_EQ(writer.size(), 0u);
+  EXPECT_TRUE(writer.metadata().empty());
+  EXPECT_THROW(sparsemoe::export_gguf_moe_block(plain, HfFamily::olmoe, -1, writer), std::invalid_argument);
+
+  // Several layers of one model into one file; a block that disagrees with the file's keys, or a
+  // layer exported twice, is rejected and leaves the writer as it was.
+  sparsemoe::export_gguf_moe_block(plain, HfFamily::olmoe, 3, writer);
+  sparsemoe::export_gguf_moe_block(plain, HfFamily::olmoe, 1, writer);
+  EXPECT_EQ(writer.metadata()["olmoe.block_count"], 4);
+  const std::size_t tensors = writer.size();
+  sparsemoe::export_gguf_moe_block(plain, HfFamily::olmoe, 0, writer);
+  EXPECT_EQ(writer.size(), tensors + 4);
+  EXPECT_THROW(sparsemoe::export_gguf_moe_block(plain, HfFamily::olmoe, 1, writer), std::invalid_argument);
+  config.shared_hidden_dim = 0;
+  config.k = 3;
+  options.k = 3;
+  EXPECT_THROW(sparsemoe::export_gguf_moe_block(Softmax(config, sparsemoe::SoftmaxTopKRouter<float>(4, 4, options)),
+                                                HfFamily::olmoe, 5, writer),
+               std::invalid_argument);  // expert_used_count 3 against the file's 2
+  EXPECT_EQ(writer.size(), tensors + 4);
+  EXPECT_EQ(writer.metadata()["olmoe.block_count"], 4);
+  const GgufFile file = GgufFile::from_bytes(writer.bytes());
+  for (const Index layer : {0, 1, 3}) {
+    Softmax read = sparsemoe::load_gguf_moe_block<Softmax>(file, layer);
+    Softmax copy = plain;
+    expect_bitwise_equal(copy, read);
+  }
 }
 
 }  // namespace

@@ -12,6 +12,7 @@
 #endif
 #ifdef SPARSEMOE_ODR_MODEL_FILES
 #include <sparsemoe/io/gguf.hpp>
+#include <sparsemoe/io/gguf_writer.hpp>
 #include <sparsemoe/io/hf_models.hpp>
 #endif
 
@@ -69,5 +70,7 @@ TEST(Odr, ModelFileHeadersLinkFromTwoTranslationUnits) {
   EXPECT_EQ(*sparsemoe::parse_hf_family("olmoe"), sparsemoe::HfFamily::olmoe);
   EXPECT_STREQ(sparsemoe::to_string(sparsemoe::GgmlType::q8_0), "Q8_0");
   EXPECT_THROW(sparsemoe::GgufFile::from_bytes("GGUF"), sparsemoe::ModelFileError);
+  EXPECT_STREQ(sparsemoe::gguf_architecture(sparsemoe::HfFamily::mixtral), "llama");
+  EXPECT_EQ(sparsemoe::GgufWriter().bytes().size(), 32u);  // the 24-byte header, padded
 }
 #endif

@@ -12,6 +12,7 @@
 #endif
 #ifdef SPARSEMOE_ODR_MODEL_FILES
 #include <sparsemoe/io/gguf.hpp>
+#include <sparsemoe/io/gguf_writer.hpp>
 #include <sparsemoe/io/hf_models.hpp>
 #endif
 

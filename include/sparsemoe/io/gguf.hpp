@@ -8,7 +8,8 @@
 /// and tensor directory checked before use, F32/F16/BF16/F64 and Q8_0 tensors dequantised to the
 /// Scalar on load, and the MoE blocks of the GGUF architectures llama (Mixtral), qwen2moe,
 /// qwen3moe, olmoe and deepseek2 (DeepSeek-V2/V3) built as MoELayers (load_gguf_moe_block).
-/// Needs nlohmann/json (the metadata is held as JSON values); not in the umbrella header.
+/// Needs nlohmann/json (the metadata is held as JSON values); not in the umbrella header. Writing
+/// GGUF files, and MoE layers into them: gguf_writer.hpp.
 ///
 /// Layout: "GGUF", u32 version, u64 tensor count, u64 metadata count, the metadata (key string,
 /// u32 value type, value), the tensor infos (name, u32 n_dims, n_dims × u64 ne, u32 ggml type,

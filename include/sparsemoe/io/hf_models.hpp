@@ -381,10 +381,10 @@ inline nlohmann::json read_hf_config(const std::string& path) {
 
 namespace detail {
 
-/// Checks at compile time that `Layer` is an HfSoftmaxMoELayer or HfSigmoidMoELayer, and at run
-/// time that its router is the one `spec`'s family needs (ModelFileError(router_mismatch)).
+/// Checks at compile time that `Layer` is an HfSoftmaxMoELayer or HfSigmoidMoELayer; true for
+/// the sigmoid one (DeepSeek-V3's).
 template <typename Layer>
-void require_block_layer(const HfMoEBlockSpec& spec, const char* context) {
+constexpr bool is_sigmoid_block_layer() {
   using Scalar = typename Layer::Scalar;
   using RouterT = typename Layer::RouterType;
   static_assert(std::is_same<typename Layer::ExpertType, SwiGluExpert<Scalar>>::value,
@@ -392,6 +392,14 @@ void require_block_layer(const HfMoEBlockSpec& spec, const char* context) {
   constexpr bool sigmoid = std::is_same<RouterT, SigmoidTopKRouter<Scalar>>::value;
   static_assert(sigmoid || std::is_same<RouterT, SoftmaxTopKRouter<Scalar>>::value,
                 "the layer needs a SoftmaxTopKRouter or a SigmoidTopKRouter");
+  return sigmoid;
+}
+
+/// Checks at compile time that `Layer` is an HfSoftmaxMoELayer or HfSigmoidMoELayer, and at run
+/// time that its router is the one `spec`'s family needs (ModelFileError(router_mismatch)).
+template <typename Layer>
+void require_block_layer(const HfMoEBlockSpec& spec, const char* context) {
+  constexpr bool sigmoid = is_sigmoid_block_layer<Layer>();
   if (spec.sigmoid_router != sigmoid) {
     model_file_fail(ModelFileErrorKind::router_mismatch, context, "model family '", to_string(spec.family),
                     "' routes with a ", spec.sigmoid_router ? "sigmoid" : "softmax", " top-k router; load it into ",

@@ -651,6 +651,24 @@ class SafetensorsModel {
   std::map<std::string, std::size_t> shard_of_;
 };
 
+namespace detail {
+
+/// write_file_atomically(path, content, function) for the model-file writers: its
+/// CheckpointError(io) becomes a ModelFileError(io) with the same message.
+inline void write_model_file(const std::string& path, const std::string& content, const char* function) {
+#if defined(__cpp_exceptions) || defined(__EXCEPTIONS)
+  try {
+    write_file_atomically(path, content, function);
+  } catch (const CheckpointError& error) {
+    SPARSEMOE_THROW(ModelFileError, (ModelFileFailure{ModelFileErrorKind::io, error.what()}));
+  }
+#else
+  write_file_atomically(path, content, function);
+#endif
+}
+
+}  // namespace detail
+
 /// Builds a safetensors file: add tensors (converted from float or double to F64, F32, F16 or
 /// BF16, rounding to nearest even), set metadata, then bytes() or write(). The output is
 /// canonical: tensors ordered by element size (largest first, so that every tensor starts at a
@@ -752,16 +770,7 @@ class SafetensorsWriter {
   /// Writes bytes() to `path` atomically (a temporary file renamed over it; see file.hpp).
   /// Throws ModelFileError(io) naming the step, the path and errno.
   void write(const std::string& path) const {
-    const std::string content = bytes();
-#if defined(__cpp_exceptions) || defined(__EXCEPTIONS)
-    try {
-      detail::write_file_atomically(path, content, "sparsemoe::SafetensorsWriter::write");
-    } catch (const CheckpointError& error) {
-      SPARSEMOE_THROW(ModelFileError, (detail::ModelFileFailure{ModelFileErrorKind::io, error.what()}));
-    }
-#else
-    detail::write_file_atomically(path, content, "sparsemoe::SafetensorsWriter::write");
-#endif
+    detail::write_model_file(path, bytes(), "sparsemoe::SafetensorsWriter::write");
   }
 
  private:
