@@ -805,4 +805,10 @@ class DistributedMoELayer {
 /// @}
 }  // namespace sparsemoe
 
+// Sharded checkpoints (save_distributed_checkpoint, load_distributed_checkpoint) need the
+// safetensors reader, hence nlohmann/json: included when it is available.
+#if __has_include(<nlohmann/json.hpp>)
+#include "distributed/checkpoint.hpp"
+#endif
+
 #endif  // SPARSEMOE_DISTRIBUTED_HPP
