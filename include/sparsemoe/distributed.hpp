@@ -169,18 +169,23 @@ struct DistributedWorkspace {
 ///
 /// Routers: the top-k routers whose route() fills a TopKRouting (SoftmaxTopKRouter,
 /// SigmoidTopKRouter, SwitchRouter, GShardRouter), with the balance and z-losses of the global
-/// batch (tested with SoftmaxTopKRouter, SigmoidTopKRouter and SwitchRouter). Random decisions of
-/// a router (Switch's input jitter, GShard's sampling) are keyed by the LOCAL token row, so they
-/// equal one process's only for rank 0. Expert capacity
+/// batch (tested with SoftmaxTopKRouter, SigmoidTopKRouter, SwitchRouter and GShardRouter).
+/// Random decisions of a router (Switch's input jitter, GShard's sampling) are keyed by the
+/// GLOBAL token row: each forward passes the exclusive prefix sum of the ranks' token counts
+/// (one MPI_Exscan) as RouteOptions::token_offset, so a training step draws what one process
+/// draws for the concatenated batch. Expert capacity
 /// (ForwardOptions::capacity) is global: C comes from the global token count and the slots that
 /// are dropped are those one process drops for the concatenated batch (DropPolicy::by_position
 /// and by_slot_then_position). A shared expert (MoEConfig::shared_hidden_dim, with its optional
 /// gate) is replicated like the router: each rank runs it on its own tokens and its gradient is
-/// summed over the ranks. Not yet supported: DropPolicy::by_probability, the NoisyTopKGate.
+/// summed over the ranks. Not yet supported: DropPolicy::by_probability, and the NoisyTopKGate
+/// (its routing is not a TopKRouting and its importance and smooth-load losses would need a
+/// distributed form of their own; its route() already takes the token offset).
 ///
 /// Cost per forward on one rank: the router on T tokens, the experts on the R rows they receive
-/// (4·R·d·h flops), and three all-to-alls: P·⌈E/P⌉ counts, then T·k rows of d scalars out and
-/// back (each rank's rows for itself stay in memory but still pass through MPI); backward twice
+/// (4·R·d·h flops), one MPI_Exscan of one integer (the token offset), and three all-to-alls:
+/// P·⌈E/P⌉ counts, then T·k rows of d scalars out and back (each rank's rows for itself stay in
+/// memory but still pass through MPI); backward twice
 /// the expert work, four row exchanges (∂y rows, gates, ∂x rows, gate gradients) and one
 /// all-gather of the router's d·E (+E) gradient.
 ///
@@ -383,6 +388,12 @@ class DistributedMoELayer {
       step = options.step ? *options.step : training_step_.fetch_add(1, std::memory_order_relaxed);
     }
     result.step = step;
+    // The global row of this rank's first token (rank 0's tokens first): it keys the router's
+    // random draws, so that they are those of one process on the concatenated batch.
+    const std::int64_t local_tokens = input.rows();
+    std::int64_t first_token = 0;
+    detail::mpi_check(MPI_Exscan(&local_tokens, &first_token, 1, MPI_INT64_T, MPI_SUM, comm_), "MPI_Exscan");
+    if (rank_ == 0) first_token = 0;  // MPI leaves rank 0's result undefined
     detail::check_on_all_ranks(comm_, function, [&] {
       detail::require(input.cols() == input_dim_, function, "input must have ", input_dim_,
                       " columns (the layer's input_dim), got ", input.rows(), "x", input.cols());
@@ -394,7 +405,7 @@ class DistributedMoELayer {
       }
       bank_.require_expert_shapes(function);
       Traits::check_router(router_, input_dim_, num_experts(), k_, function);
-      Traits::route(router_, input, options.mode, step, result.routing);
+      Traits::route(router_, input, options.mode, step, result.routing, static_cast<std::uint64_t>(first_token));
       if (options.capacity) {
         detail::count_routed_slots(result.routing.expert_ids, num_experts(), result.plan, function);
       } else {
