@@ -40,16 +40,19 @@ namespace detail {
 /// an expert type of the user's (then only the tensors' names and shapes are compared).
 template <typename ExpertT>
 struct DistributedExpertKind {
+  /// The kind name ("": unknown).
   static std::string name() { return {}; }
 };
 /// "expert:" + the activation's name.
 template <typename Scalar, typename Activation>
 struct DistributedExpertKind<Expert<Scalar, Activation>> {
+  /// The kind name.
   static std::string name() { return std::string("expert:") + Activation::name; }
 };
 /// "swiglu".
 template <typename Scalar>
 struct DistributedExpertKind<SwiGluExpert<Scalar>> {
+  /// The kind name.
   static std::string name() { return "swiglu"; }
 };
 
