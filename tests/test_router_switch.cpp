@@ -415,16 +415,16 @@ TYPED_TEST(SwitchRouters, TokenOffsetKeysTheDrawsByGlobalRow) {
   GShardRouter<Scalar> gshard(20, 5, gshard_options(5));
   randomize(gshard, 6);
   TopKRouting<Scalar> whole, tail, unkeyed;
-  const RouteOptions all{Mode::training, 9}, offset{Mode::training, 9, 128}, plain{Mode::training, 9, 0};
-  switch_router.route(input, all, whole);
-  switch_router.route(input.bottomRows(172), offset, tail);
-  switch_router.route(input.bottomRows(172), plain, unkeyed);
+  const auto route = [&](const auto& router) {  // the whole batch, its tail with and without the offset
+    router.route(input, RouteOptions{Mode::training, 9}, whole);
+    router.route(input.bottomRows(172), RouteOptions{Mode::training, 9, 128}, tail);
+    router.route(input.bottomRows(172), RouteOptions{Mode::training, 9, 0}, unkeyed);
+  };
+  route(switch_router);
   EXPECT_TRUE(tail.input_jitter == whole.input_jitter.bottomRows(172));
   EXPECT_TRUE(tail.expert_ids == whole.expert_ids.bottomRows(172));
   EXPECT_FALSE(unkeyed.input_jitter == whole.input_jitter.bottomRows(172));
-  gshard.route(input, all, whole);
-  gshard.route(input.bottomRows(172), offset, tail);
-  gshard.route(input.bottomRows(172), plain, unkeyed);
+  route(gshard);
   EXPECT_TRUE(tail.expert_ids == whole.expert_ids.bottomRows(172));
   EXPECT_TRUE(tail.gates == whole.gates.bottomRows(172));
   EXPECT_FALSE(unkeyed.expert_ids == whole.expert_ids.bottomRows(172));

@@ -13,6 +13,7 @@
 
 #include "../distributed.hpp"
 #include "../expert.hpp"
+#include "../io/checkpoint_layer.hpp"
 #include "../io/file.hpp"
 #include "../io/safetensors.hpp"
 #include "../moe_layer.hpp"
@@ -36,48 +37,27 @@ namespace sparsemoe {
 
 namespace detail {
 
-/// The name a distributed checkpoint gives an expert type ("expert:relu", "swiglu"), or "" for
-/// an expert type of the user's (then only the tensors' names and shapes are compared).
-template <typename ExpertT>
-struct DistributedExpertKind {
-  /// The kind name ("": unknown).
-  static std::string name() { return {}; }
-};
-/// "expert:" + the activation's name.
-template <typename Scalar, typename Activation>
-struct DistributedExpertKind<Expert<Scalar, Activation>> {
-  /// The kind name.
-  static std::string name() { return std::string("expert:") + Activation::name; }
-};
-/// "swiglu".
-template <typename Scalar>
-struct DistributedExpertKind<SwiGluExpert<Scalar>> {
-  /// The kind name.
-  static std::string name() { return "swiglu"; }
-};
-
-/// The metadata every distributed checkpoint of a layer with these shapes, router and expert
-/// type records, and that a loader requires to be equal: format, dtype, d, h, E, k, the shared
-/// expert and its gate, the router's kind and options (RouterKind), the expert kind.
-template <typename Scalar, typename ExpertT, typename RouterT>
-std::map<std::string, std::string> distributed_checkpoint_identity(Index input_dim, Index hidden_dim, Index num_experts,
-                                                                   Index k, Index shared_hidden_dim, bool shared_gate,
-                                                                   const RouterT& router) {
+/// The metadata every distributed checkpoint of `layer` (a DistributedMoELayer or an MoELayer)
+/// records, and that a loader requires to be equal: format, dtype, d, h, E, k, the shared expert
+/// and its gate, the router's kind and options (RouterKind), the expert kind (ExpertKind).
+template <typename Layer>
+std::map<std::string, std::string> distributed_checkpoint_identity(const Layer& layer) {
+  using RouterT = typename Layer::RouterType;
   std::string options;
-  for (const RouterOption& option : RouterKind<RouterT>::options(router)) {
+  for (const RouterOption& option : RouterKind<RouterT>::options(layer.router())) {
     options += option.name + "=" + option.value_text() + ";";
   }
   return {{"format", "sparsemoe.distributed.1"},
-          {"dtype", std::is_same<Scalar, float>::value ? "F32" : "F64"},
-          {"input_dim", std::to_string(input_dim)},
-          {"hidden_dim", std::to_string(hidden_dim)},
-          {"num_experts", std::to_string(num_experts)},
-          {"k", std::to_string(k)},
-          {"shared_hidden_dim", std::to_string(shared_hidden_dim)},
-          {"shared_expert_gate", shared_gate ? "1" : "0"},
+          {"dtype", std::is_same<typename Layer::Scalar, float>::value ? "F32" : "F64"},
+          {"input_dim", std::to_string(layer.input_dim())},
+          {"hidden_dim", std::to_string(layer.hidden_dim())},
+          {"num_experts", std::to_string(layer.num_experts())},
+          {"k", std::to_string(layer.k())},
+          {"shared_hidden_dim", std::to_string(layer.has_shared_expert() ? layer.shared_expert().hidden_dim() : 0)},
+          {"shared_expert_gate", layer.shared_expert_gate().size() > 0 ? "1" : "0"},
           {"router_kind", RouterKind<RouterT>::name()},
           {"router_options", options},
-          {"expert_kind", DistributedExpertKind<ExpertT>::name()}};
+          {"expert_kind", ExpertKind<typename Layer::ExpertType>::name()}};
 }
 
 /// The safetensors shape of a view: [rows] for a column (vectors), else [rows, cols].
@@ -85,13 +65,6 @@ template <typename Scalar>
 std::vector<std::uint64_t> checkpoint_shape(const TensorView<Scalar>& view) {
   if (view.cols == 1) return {static_cast<std::uint64_t>(view.rows)};
   return {static_cast<std::uint64_t>(view.rows), static_cast<std::uint64_t>(view.cols)};
-}
-
-/// Hex text of a 64-bit value (the per-tensor checksums of the metadata).
-inline std::string hex64(std::uint64_t value) {
-  char text[17] = {};
-  std::snprintf(text, sizeof text, "%016llx", static_cast<unsigned long long>(value));
-  return text;
 }
 
 /// The router's tensors (under Traits::prefix), its state (under prefix + "state."), then the
@@ -153,7 +126,7 @@ std::vector<std::vector<Scalar>> stage_distributed_checkpoint(const std::string&
       staged.push_back(file.template values<Scalar>(target.name));
       const auto checksum = file.metadata().find("checksum." + target.name);
       const std::string computed =
-          hex64(fingerprint(staged.back().data(), staged.back().size() * sizeof(Scalar)));
+          hex64(checkpoint_checksum(staged.back().data(), staged.back().size() * sizeof(Scalar)));
       require(checksum != file.metadata().end() && checksum->second == computed, function, file.path(),
               ": tensor '", target.name, "' does not match its checksum (a corrupted file)");
     }
@@ -167,10 +140,20 @@ std::vector<std::vector<Scalar>> stage_distributed_checkpoint(const std::string&
   return staged;
 }
 
-/// Copies `staged` (from stage_distributed_checkpoint) into `targets`.
-template <typename Scalar>
-void commit_staged(const std::vector<std::vector<Scalar>>& staged, const std::vector<TensorView<Scalar>>& targets) {
+/// Loads the checkpoint `index_path` into `layer` (a DistributedMoELayer or an MoELayer): stages
+/// every tensor (stage_distributed_checkpoint, run through `agree(function, stage)`, which lets
+/// the ranks agree on a failure or just runs it), then copies them in and sets the training step.
+template <typename Layer, typename Agree>
+void load_checkpoint_into(Layer& layer, const std::string& index_path, const Agree& agree) {
+  using Scalar = typename Layer::Scalar;
+  const char* function = "sparsemoe::load_distributed_checkpoint";
+  const auto identity = distributed_checkpoint_identity(layer);
+  const std::vector<TensorView<Scalar>> targets = checkpoint_views(layer.router(), layer.tensors());
+  std::vector<std::vector<Scalar>> staged;
+  std::uint64_t step = 0;
+  agree(function, [&] { staged = stage_distributed_checkpoint(index_path, identity, targets, step, function); });
   for (std::size_t i = 0; i < targets.size(); ++i) std::copy(staged[i].begin(), staged[i].end(), targets[i].data);
+  layer.set_training_step(step);
 }
 
 }  // namespace detail
@@ -184,7 +167,7 @@ inline std::string distributed_checkpoint_index(const std::string& prefix) { ret
 /// the router (router.weight, …), its state (router.state.selection_bias for SigmoidTopKRouter),
 /// the shared expert and its gate. Tensors keep the layer's Scalar (F32 or F64, so a round trip is
 /// bitwise); each shard's `__metadata__` holds the layer's identity (d, h, E, k, shared expert,
-/// router kind and options, expert kind), P, this rank, the training step and an FNV-1a checksum
+/// router kind and options, expert kind), P, this rank, the training step and an XXH3-64 checksum
 /// of every tensor; then rank 0 writes distributed_checkpoint_index(prefix), a
 /// model.safetensors.index.json-style object {"metadata": {…}, "weight_map": {tensor: file}}.
 /// Each file is written atomically. Collective: every rank throws std::invalid_argument when
@@ -198,10 +181,7 @@ void save_distributed_checkpoint(const DistributedMoELayer<Scalar, ExpertT, Rout
   const std::string directory = detail::directory_of(prefix);
   const std::string base = prefix.substr(prefix.find_last_of('/') == std::string::npos ? 0 : prefix.find_last_of('/') + 1);
   const int rank = layer.rank(), ranks = layer.num_ranks();
-  std::map<std::string, std::string> metadata = detail::distributed_checkpoint_identity<Scalar, ExpertT>(
-      layer.input_dim(), layer.hidden_dim(), layer.num_experts(), layer.k(),
-      layer.has_shared_expert() ? layer.shared_expert().hidden_dim() : 0, layer.shared_expert_gate().size() > 0,
-      layer.router());
+  std::map<std::string, std::string> metadata = detail::distributed_checkpoint_identity(layer);
   metadata["num_ranks"] = std::to_string(ranks);
   metadata["step"] = std::to_string(layer.training_step());
   const SafetensorsDtype dtype = std::is_same<Scalar, float>::value ? SafetensorsDtype::f32 : SafetensorsDtype::f64;
@@ -217,8 +197,8 @@ void save_distributed_checkpoint(const DistributedMoELayer<Scalar, ExpertT, Rout
     writer.set_metadata("rank", std::to_string(rank));
     for (const TensorView<Scalar>& view : views) {
       writer.add(view.name, detail::checkpoint_shape(view), view.data, static_cast<std::size_t>(view.size()), dtype);
-      writer.set_metadata("checksum." + view.name,
-                          detail::hex64(detail::fingerprint(view.data, static_cast<std::size_t>(view.size()) * sizeof(Scalar))));
+      const std::size_t bytes = static_cast<std::size_t>(view.size()) * sizeof(Scalar);
+      writer.set_metadata("checksum." + view.name, detail::hex64(detail::checkpoint_checksum(view.data, bytes)));
     }
 #if defined(__cpp_exceptions) || defined(__EXCEPTIONS)
     try {
@@ -269,19 +249,9 @@ void save_distributed_checkpoint(const DistributedMoELayer<Scalar, ExpertT, Rout
 /// (shards are memory-mapped; only their headers and this rank's tensors are read).
 template <typename Scalar, typename ExpertT, typename RouterT>
 void load_distributed_checkpoint(DistributedMoELayer<Scalar, ExpertT, RouterT>& layer, const std::string& index_path) {
-  const char* function = "sparsemoe::load_distributed_checkpoint";
-  const auto identity = detail::distributed_checkpoint_identity<Scalar, ExpertT>(
-      layer.input_dim(), layer.hidden_dim(), layer.num_experts(), layer.k(),
-      layer.has_shared_expert() ? layer.shared_expert().hidden_dim() : 0, layer.shared_expert_gate().size() > 0,
-      layer.router());
-  const std::vector<TensorView<Scalar>> targets = detail::checkpoint_views(layer.router(), layer.tensors());
-  std::vector<std::vector<Scalar>> staged;
-  std::uint64_t step = 0;
-  detail::check_on_all_ranks(layer.communicator(), function, [&] {
-    staged = detail::stage_distributed_checkpoint(index_path, identity, targets, step, function);
+  detail::load_checkpoint_into(layer, index_path, [&layer](const char* function, const auto& stage) {
+    detail::check_on_all_ranks(layer.communicator(), function, stage);
   });
-  detail::commit_staged(staged, targets);
-  layer.set_training_step(step);
 }
 
 /// Loads the checkpoint whose index is `index_path`, saved by any number P of ranks, into one
@@ -291,16 +261,7 @@ void load_distributed_checkpoint(DistributedMoELayer<Scalar, ExpertT, RouterT>& 
 /// std::invalid_argument on a mismatch and then changes nothing. Not collective.
 template <typename Scalar, typename ExpertT, typename RouterT>
 void load_distributed_checkpoint(MoELayer<Scalar, ExpertT, RouterT>& layer, const std::string& index_path) {
-  const char* function = "sparsemoe::load_distributed_checkpoint";
-  const auto identity = detail::distributed_checkpoint_identity<Scalar, ExpertT>(
-      layer.input_dim(), layer.hidden_dim(), layer.num_experts(), layer.k(),
-      layer.has_shared_expert() ? layer.shared_expert().hidden_dim() : 0, layer.shared_expert_gate().size() > 0,
-      layer.router());
-  const std::vector<TensorView<Scalar>> targets = detail::checkpoint_views(layer.router(), layer.tensors());
-  std::uint64_t step = 0;
-  const auto staged = detail::stage_distributed_checkpoint(index_path, identity, targets, step, function);
-  detail::commit_staged(staged, targets);
-  layer.set_training_step(step);
+  detail::load_checkpoint_into(layer, index_path, [](const char*, const auto& stage) { stage(); });
 }
 
 /// @}
