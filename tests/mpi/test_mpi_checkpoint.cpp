@@ -25,6 +25,8 @@
 #include <fstream>
 #include <map>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -38,7 +40,9 @@ using ExpertT = sparsemoe::Expert<float, sparsemoe::Relu>;
 using Layer = sparsemoe::DistributedMoELayer<float, ExpertT, Router>;
 using Single = sparsemoe::MoELayer<float, ExpertT, Router>;
 
-constexpr Index d = 8, h = 16, experts = 7, k = 2, tile = 64;
+// Tokens per rank: a multiple of the router's 64-row tile and of the shared expert's 128-row
+// tile, so that every per-token result is bitwise one process's.
+constexpr Index d = 8, h = 16, experts = 7, k = 2, tile = 128;
 
 sparsemoe::MoEConfig make_config(std::uint64_t seed, Index hidden = h) {
   sparsemoe::MoEConfig config{d, hidden, experts, k};
@@ -95,9 +99,30 @@ bool bitwise(const Matrix<float>& a, const Matrix<float>& b) {
          std::memcmp(a.data(), b.data(), static_cast<std::size_t>(a.size()) * sizeof(float)) == 0;
 }
 
+/// What the saved layer held and computed on this rank.
+struct Saved {
+  std::map<std::string, Matrix<float>> tensors;  ///< its tensors and router state
+  Matrix<float> output, d_input;                 ///< one step on `tile` tokens per rank (batch_step)
+};
+
+/// A training step's output and ∂L/∂x (∂L/∂y = y) on rows [first, first + rows) of the batch of
+/// `total` tokens that check_resharded also uses.
+template <typename L>
+std::pair<Matrix<float>, Matrix<float>> batch_step(const L& layer, Index first, Index rows, Index total) {
+  sparsemoe::ForwardOptions options;
+  options.mode = sparsemoe::Mode::training;
+  options.step = 0;
+  const Matrix<float> input = sparsemoe_test::random_matrix<float>(total, d, 7);
+  const auto result = layer.forward(input.middleRows(first, rows), options);
+  auto gradients = layer.make_gradients();
+  Matrix<float> d_input = layer.backward(result, result.output, gradients);
+  return {result.output, d_input};
+}
+
 /// Trains a P-rank layer one SGD step (so that nothing is at its initial value), with a
-/// non-zero selection bias and training step, and saves it as `prefix`. Returns its tensors.
-std::map<std::string, Matrix<float>> train_and_save(MPI_Comm comm, const std::string& prefix, std::uint64_t step) {
+/// non-zero selection bias and training step, and saves it as `prefix`. Returns its tensors,
+/// then its output and ∂L/∂x on this rank's `tile` rows of a batch.
+Saved train_and_save(MPI_Comm comm, const std::string& prefix, std::uint64_t step) {
   Layer layer(make_config(3), make_router(4), comm);
   int rank = 0, ranks = 0;
   MPI_Comm_rank(comm, &rank);
@@ -114,7 +139,9 @@ std::map<std::string, Matrix<float>> train_and_save(MPI_Comm comm, const std::st
   layer.router().selection_bias() = sparsemoe_test::random_matrix<float>(experts, 1, 6).col(0);
   layer.set_training_step(step);
   sparsemoe::save_distributed_checkpoint(layer, prefix);
-  return snapshot(layer);
+  Saved saved{snapshot(layer), {}, {}};
+  std::tie(saved.output, saved.d_input) = batch_step(layer, tile * rank, tile, tile * ranks);
+  return saved;
 }
 
 /// Loads `index` onto the first `ranks` ranks and checks them against `single` (already loaded)
@@ -155,7 +182,7 @@ TEST(DistributedCheckpoint, SaveAtEveryRankCountLoadAtOneAndOtherCounts) {
   for (int saved_ranks = 1; saved_ranks <= world_size(); ++saved_ranks) {
     const std::string prefix = directory + "/moe_p" + std::to_string(saved_ranks);
     const std::uint64_t step = 40 + static_cast<std::uint64_t>(saved_ranks);
-    std::map<std::string, Matrix<float>> saved;
+    Saved saved;
     MPI_Comm comm = first_ranks(saved_ranks);
     if (comm != MPI_COMM_NULL) {
       saved = train_and_save(comm, prefix, step);
@@ -168,10 +195,15 @@ TEST(DistributedCheckpoint, SaveAtEveryRankCountLoadAtOneAndOtherCounts) {
     sparsemoe::load_distributed_checkpoint(single, index);
     EXPECT_EQ(single.training_step(), step);
     const auto loaded = snapshot(single);
-    for (const auto& entry : saved) {
+    for (const auto& entry : saved.tensors) {
       const auto found = loaded.find(entry.first);
       ASSERT_NE(found, loaded.end()) << entry.first;
       EXPECT_TRUE(bitwise(found->second, entry.second)) << entry.first << ", saved at P = " << saved_ranks;
+    }
+    if (world_rank() < saved_ranks) {  // the loaded layer computes what the saved one did, bitwise
+      const auto [output, d_input] = batch_step(single, 0, tile * saved_ranks, tile * saved_ranks);
+      EXPECT_TRUE(bitwise(saved.output, output.middleRows(tile * world_rank(), tile))) << "P = " << saved_ranks;
+      EXPECT_TRUE(bitwise(saved.d_input, d_input.middleRows(tile * world_rank(), tile))) << "P = " << saved_ranks;
     }
     // Q = W and Q = ⌈W/2⌉ ranks against the single process.
     check_resharded(single, index, world_size(), step);
