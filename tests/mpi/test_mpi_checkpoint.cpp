@@ -44,18 +44,18 @@ using Single = sparsemoe::MoELayer<float, ExpertT, Router>;
 // tile, so that every per-token result is bitwise one process's.
 constexpr Index d = 8, h = 16, experts = 7, k = 2, tile = 128;
 
-sparsemoe::MoEConfig make_config(std::uint64_t seed, Index hidden = h) {
-  sparsemoe::MoEConfig config{d, hidden, experts, k};
+sparsemoe::MoEConfig make_config(std::uint64_t seed, Index hidden = h, Index num_experts = experts) {
+  sparsemoe::MoEConfig config{d, hidden, num_experts, k};
   config.seed = seed;
   config.shared_hidden_dim = 8;
   config.shared_expert_gate = true;
   return config;
 }
 
-Router make_router(std::uint64_t seed) {
+Router make_router(std::uint64_t seed, Index num_experts = experts) {
   sparsemoe::SigmoidTopKRouterOptions options;
   options.k = k;
-  Router router(d, experts, options);
+  Router router(d, num_experts, options);
   router.initialize_uniform(seed);
   return router;
 }
@@ -209,6 +209,22 @@ TEST(DistributedCheckpoint, SaveAtEveryRankCountLoadAtOneAndOtherCounts) {
     check_resharded(single, index, world_size(), step);
     check_resharded(single, index, (world_size() + 1) / 2, step);
   }
+  remove_shared(directory);
+}
+
+TEST(DistributedCheckpoint, RanksWithoutExpertsWriteNoExperts) {
+  // E = 2 over up to 4 ranks: some shards hold no expert (rank 0's still holds the router).
+  const std::string directory = shared_directory();
+  const std::string prefix = directory + "/few";
+  Layer layer(make_config(3, h, 2), make_router(4, 2), MPI_COMM_WORLD);
+  layer.set_training_step(9);
+  sparsemoe::save_distributed_checkpoint(layer, prefix);
+  MPI_Barrier(MPI_COMM_WORLD);
+  Single single(make_config(5, h, 2), make_router(6, 2));
+  sparsemoe::load_distributed_checkpoint(single, sparsemoe::distributed_checkpoint_index(prefix));
+  EXPECT_EQ(single.training_step(), 9u);
+  const auto loaded = snapshot(single);
+  for (const auto& entry : snapshot(layer)) EXPECT_TRUE(bitwise(loaded.at(entry.first), entry.second)) << entry.first;
   remove_shared(directory);
 }
 
