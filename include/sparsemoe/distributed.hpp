@@ -853,8 +853,9 @@ class DistributedMoELayer {
 }  // namespace sparsemoe
 
 // Sharded checkpoints (save_distributed_checkpoint, load_distributed_checkpoint) need the
-// safetensors reader, hence nlohmann/json: included when it is available.
-#if __has_include(<nlohmann/json.hpp>)
+// safetensors reader (nlohmann/json) and the checkpoints' checksum (xxhash.h, header only):
+// included when both are available.
+#if __has_include(<nlohmann/json.hpp>) && __has_include(<xxhash.h>)
 #include "distributed/checkpoint.hpp"
 #endif
 

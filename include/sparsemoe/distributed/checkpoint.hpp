@@ -8,8 +8,9 @@
 /// P ranks writes one shard with its own experts (rank 0 also the replicated router, its state and
 /// the shared expert), rank 0 writes `<prefix>.index.json` (weight_map tensor → shard file, as a
 /// model.safetensors.index.json), and a loader re-shards the files onto any number Q of ranks, or
-/// into one single-process MoELayer. Included by distributed.hpp when nlohmann/json is available
-/// (the safetensors reader needs it).
+/// into one single-process MoELayer. Included by distributed.hpp when nlohmann/json (the
+/// safetensors reader) and xxhash.h (the checksum of the checkpoints, Debian libxxhash-dev) are
+/// available.
 
 #include "../distributed.hpp"
 #include "../expert.hpp"
