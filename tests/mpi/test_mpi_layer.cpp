@@ -286,35 +286,23 @@ TEST(DistributedMoELayer, GlobalCapacityBySlotThenPosition) {
   check_against_one_process<double>(c);
 }
 
-TEST(DistributedMoELayer, SwitchRouterTopOne) {
+// Switch (k = 1) without and with input jitter, GShard with its random second expert. The random
+// parts are keyed by the global token row (the layer passes the exclusive prefix sum of the token
+// counts as the offset): a training step on P ranks draws what one process draws for the
+// concatenated batch. Uneven splits, where keying by the local row would differ on every rank
+// but the first; the last case tile-aligned, so everything per token is bitwise.
+TEST(DistributedMoELayer, SwitchAndGShardRoutersDrawWhatOneProcessDraws) {
+  using Relu = sparsemoe::Expert<double, sparsemoe::Relu>;
   Case c;
   c.k = 1;
   c.seed = 14;
-  check_against_one_process<double, sparsemoe::Expert<double, sparsemoe::Relu>, sparsemoe::SwitchRouter<double>>(c);
-}
-
-// The random parts of a router are keyed by the global token row (the layer passes the exclusive
-// prefix sum of the token counts as the offset): a training step on P ranks draws what one
-// process draws for the concatenated batch. Uneven splits, so that keying by the local row
-// would differ on every rank but the first.
-TEST(DistributedMoELayer, SwitchJitterDrawsWhatOneProcessDraws) {
-  Case c;
-  c.k = 1;
+  check_against_one_process<double, Relu, sparsemoe::SwitchRouter<double>>(c);
   c.seed = 15;
   c.jitter = 0.5;
-  check_against_one_process<double, sparsemoe::Expert<double, sparsemoe::Relu>, sparsemoe::SwitchRouter<double>>(c);
-}
-
-TEST(DistributedMoELayer, GShardRandomSecondExpertDrawsWhatOneProcessDraws) {
-  Case c;
+  check_against_one_process<double, Relu, sparsemoe::SwitchRouter<double>>(c);
   c.k = 2;
   c.seed = 16;
-  check_against_one_process<double, sparsemoe::Expert<double, sparsemoe::Relu>, sparsemoe::GShardRouter<double>>(c);
-}
-
-TEST(DistributedMoELayer, GShardRandomSecondExpertTileAlignedIsBitwise) {
-  Case c;
-  c.k = 2;
+  check_against_one_process<double, Relu, sparsemoe::GShardRouter<double>>(c);
   c.seed = 18;
   c.multiple = 64;
   c.max_tokens = 192;
