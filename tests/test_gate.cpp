@@ -918,4 +918,21 @@ TYPED_TEST(Gate, EmptyBatch) {
   }
 }
 
+TEST(NoisyTopKGate, TokenOffsetKeysTheNoiseByGlobalRow) {
+  // A batch routed in two parts, each with its first global row as the offset, draws the noise
+  // of the whole batch; offset 0 on the second part draws other noise.
+  NoisyTopKGate<double> gate(10, 6, 2, 0.01, 77);
+  gate.initialize_uniform(3);
+  const Mat<double> input = reference::uniform<double>(300, 10, 4);
+  Routing<double> whole, head, tail, unkeyed;
+  gate.route(input, Mode::training, 5, whole);
+  gate.route(input.topRows(128), Mode::training, 5, head, 0);
+  gate.route(input.bottomRows(172), Mode::training, 5, tail, 128);
+  gate.route(input.bottomRows(172), Mode::training, 5, unkeyed);
+  EXPECT_TRUE(head.noise == whole.noise.topRows(128));
+  EXPECT_TRUE(tail.noise == whole.noise.bottomRows(172));
+  EXPECT_TRUE(tail.expert_ids == whole.expert_ids.bottomRows(172));
+  EXPECT_FALSE(unkeyed.noise == whole.noise.bottomRows(172));
+}
+
 }  // namespace

@@ -403,6 +403,33 @@ TYPED_TEST(SwitchRouters, BitwiseIdenticalAcrossThreadCounts) {
   router_checks::expect_router_deterministic(gshard, RouteOptions{Mode::training, 17}, 1200);
 }
 
+TYPED_TEST(SwitchRouters, TokenOffsetKeysTheDrawsByGlobalRow) {
+  // A batch routed in two parts, each with RouteOptions::token_offset = its first global row,
+  // draws what the whole batch draws (jitter, GShard's second-expert samples); offset 0 on the
+  // second part draws otherwise. The split is at a multiple of the 64-row tile, so the logits
+  // are bitwise too.
+  using Scalar = TypeParam;
+  const auto input = reference::uniform<Scalar>(300, 20, 8);
+  SwitchRouter<Scalar> switch_router(20, 5, switch_options(0.2, 3));
+  randomize(switch_router, 4);
+  GShardRouter<Scalar> gshard(20, 5, gshard_options(5));
+  randomize(gshard, 6);
+  TopKRouting<Scalar> whole, tail, unkeyed;
+  const auto route = [&](const auto& router) {  // the whole batch, its tail with and without the offset
+    router.route(input, RouteOptions{Mode::training, 9}, whole);
+    router.route(input.bottomRows(172), RouteOptions{Mode::training, 9, 128}, tail);
+    router.route(input.bottomRows(172), RouteOptions{Mode::training, 9, 0}, unkeyed);
+  };
+  route(switch_router);
+  EXPECT_TRUE(tail.input_jitter == whole.input_jitter.bottomRows(172));
+  EXPECT_TRUE(tail.expert_ids == whole.expert_ids.bottomRows(172));
+  EXPECT_FALSE(unkeyed.input_jitter == whole.input_jitter.bottomRows(172));
+  route(gshard);
+  EXPECT_TRUE(tail.expert_ids == whole.expert_ids.bottomRows(172));
+  EXPECT_TRUE(tail.gates == whole.gates.bottomRows(172));
+  EXPECT_FALSE(unkeyed.expert_ids == whole.expert_ids.bottomRows(172));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Gradients (double).
 // ---------------------------------------------------------------------------------------------

@@ -131,6 +131,13 @@ struct DistributedWorkspace {
   Vector<Scalar> shared_gate_share;   ///< this rank's share of ∂L/∂w_shared
   std::vector<Scalar> reduced;     ///< the replicated parameters' gradients, flattened for the sum over ranks
   std::vector<Scalar> reduce_scratch;  ///< scratch of sum_over_ranks
+  /// Seconds spent inside the exchanges (MPI_Wtime around plan_expert_exchange,
+  /// exchange_to_experts and exchange_from_experts, waiting for other ranks included), ADDED by
+  /// every forward and backward: zero it to measure a span (bench/bench_distributed.cpp).
+  double exchange_seconds = 0;
+  /// Bytes this rank sent to OTHER ranks in those exchanges (its rows for itself and the count
+  /// tables left out), added likewise.
+  std::uint64_t exchange_bytes_sent = 0;
 };
 
 /// An expert-parallel MoE layer over the P ranks of an MPI communicator: y = Σ_{i∈S(x)} g_i(x)·E_i(x)
@@ -169,18 +176,23 @@ struct DistributedWorkspace {
 ///
 /// Routers: the top-k routers whose route() fills a TopKRouting (SoftmaxTopKRouter,
 /// SigmoidTopKRouter, SwitchRouter, GShardRouter), with the balance and z-losses of the global
-/// batch (tested with SoftmaxTopKRouter, SigmoidTopKRouter and SwitchRouter). Random decisions of
-/// a router (Switch's input jitter, GShard's sampling) are keyed by the LOCAL token row, so they
-/// equal one process's only for rank 0. Expert capacity
+/// batch (tested with SoftmaxTopKRouter, SigmoidTopKRouter, SwitchRouter and GShardRouter).
+/// Random decisions of a router (Switch's input jitter, GShard's sampling) are keyed by the
+/// GLOBAL token row: each forward passes the exclusive prefix sum of the ranks' token counts
+/// (one MPI_Exscan) as RouteOptions::token_offset, so a training step draws what one process
+/// draws for the concatenated batch. Expert capacity
 /// (ForwardOptions::capacity) is global: C comes from the global token count and the slots that
 /// are dropped are those one process drops for the concatenated batch (DropPolicy::by_position
 /// and by_slot_then_position). A shared expert (MoEConfig::shared_hidden_dim, with its optional
 /// gate) is replicated like the router: each rank runs it on its own tokens and its gradient is
-/// summed over the ranks. Not yet supported: DropPolicy::by_probability, the NoisyTopKGate.
+/// summed over the ranks. Not yet supported: DropPolicy::by_probability, and the NoisyTopKGate
+/// (its routing is not a TopKRouting and its importance and smooth-load losses would need a
+/// distributed form of their own; its route() already takes the token offset).
 ///
 /// Cost per forward on one rank: the router on T tokens, the experts on the R rows they receive
-/// (4·R·d·h flops), and three all-to-alls: P·⌈E/P⌉ counts, then T·k rows of d scalars out and
-/// back (each rank's rows for itself stay in memory but still pass through MPI); backward twice
+/// (4·R·d·h flops), one MPI_Exscan of one integer (the token offset), and three all-to-alls:
+/// P·⌈E/P⌉ counts, then T·k rows of d scalars out and back (each rank's rows for itself stay in
+/// memory but still pass through MPI); backward twice
 /// the expert work, four row exchanges (∂y rows, gates, ∂x rows, gate gradients) and one
 /// all-gather of the router's d·E (+E) gradient.
 ///
@@ -383,6 +395,12 @@ class DistributedMoELayer {
       step = options.step ? *options.step : training_step_.fetch_add(1, std::memory_order_relaxed);
     }
     result.step = step;
+    // The global row of this rank's first token (rank 0's tokens first): it keys the router's
+    // random draws, so that they are those of one process on the concatenated batch.
+    const std::int64_t local_tokens = input.rows();
+    std::int64_t first_token = 0;
+    detail::mpi_check(MPI_Exscan(&local_tokens, &first_token, 1, MPI_INT64_T, MPI_SUM, comm_), "MPI_Exscan");
+    if (rank_ == 0) first_token = 0;  // MPI leaves rank 0's result undefined
     detail::check_on_all_ranks(comm_, function, [&] {
       detail::require(input.cols() == input_dim_, function, "input must have ", input_dim_,
                       " columns (the layer's input_dim), got ", input.rows(), "x", input.cols());
@@ -394,7 +412,7 @@ class DistributedMoELayer {
       }
       bank_.require_expert_shapes(function);
       Traits::check_router(router_, input_dim_, num_experts(), k_, function);
-      Traits::route(router_, input, options.mode, step, result.routing);
+      Traits::route(router_, input, options.mode, step, result.routing, static_cast<std::uint64_t>(first_token));
       if (options.capacity) {
         detail::count_routed_slots(result.routing.expert_ids, num_experts(), result.plan, function);
       } else {
@@ -408,9 +426,9 @@ class DistributedMoELayer {
     result.plan.stats.auxiliary_loss = static_cast<double>(result.losses.total());
     const DispatchPlan& plan = result.plan;
     Stages::group(input, plan, workspace.grouped);
-    plan_expert_exchange(plan, placement_, comm_, result.exchange);
+    timed_exchange(workspace, 0, [&] { plan_expert_exchange(plan, placement_, comm_, result.exchange); });
     Matrix<Scalar>& expert_input = keep_cache ? result.expert_input : workspace.expert_input;
-    exchange_to_experts<Scalar>(result.exchange, workspace.grouped, expert_input, workspace.staging, comm_);
+    to_experts(result.exchange, workspace.grouped, expert_input, workspace);
     if (keep_cache) {
       result.input = input;
     } else {
@@ -426,8 +444,7 @@ class DistributedMoELayer {
     run_bank_forward(result.exchange, expert_input, keep_cache ? &result.pre_activations : nullptr, input,
                      keep_cache ? &result.shared_pre_activations : nullptr, workspace);
     if (!keep_cache || !has_shared_expert()) result.shared_pre_activations.resize(0, 0);
-    exchange_from_experts<Scalar>(result.exchange, workspace.expert_rows, workspace.local_rows, workspace.staging,
-                                  comm_);
+    from_experts(result.exchange, workspace.expert_rows, workspace.local_rows, workspace);
     // Combine, slots in order: output_t = 0 + g_t0·E(x)_0 + g_t1·E(x)_1 + … (+ s_t·shared_t), as MoELayer.
     result.output.resize(plan.num_tokens, input_dim_);
     detail::parallel_for(plan.num_tokens, static_cast<double>((plan.k + 1) * input_dim_), [&](Index token) {
@@ -515,14 +532,11 @@ class DistributedMoELayer {
     for (Index row = 0; row < plan.num_rows(); ++row) {
       workspace.gate_of_row[row] = routing.gates(plan.token_of_row[row], plan.slot_of_row[row]);
     }
-    exchange_to_experts<Scalar>(result.exchange, workspace.grouped, workspace.expert_rows, workspace.staging, comm_);
-    exchange_to_experts<Scalar>(result.exchange, workspace.gate_of_row, workspace.expert_gates, workspace.staging,
-                                comm_);
+    to_experts(result.exchange, workspace.grouped, workspace.expert_rows, workspace);
+    to_experts(result.exchange, workspace.gate_of_row, workspace.expert_gates, workspace);
     run_bank_backward(result, workspace, gradients);
-    exchange_from_experts<Scalar>(result.exchange, workspace.expert_d_input, workspace.local_rows, workspace.staging,
-                                  comm_);
-    exchange_from_experts<Scalar>(result.exchange, workspace.expert_d_gates, workspace.d_gate_of_row,
-                                  workspace.staging, comm_);
+    from_experts(result.exchange, workspace.expert_d_input, workspace.local_rows, workspace);
+    from_experts(result.exchange, workspace.expert_d_gates, workspace.d_gate_of_row, workspace);
 
     for (Index row = 0; row < plan.num_rows(); ++row) {
       routing_gradient.gates(plan.token_of_row[row], plan.slot_of_row[row]) += workspace.d_gate_of_row[row];
@@ -566,6 +580,39 @@ class DistributedMoELayer {
   }
 
  private:
+  /// Runs the exchange `call`, adding its MPI_Wtime span and `bytes` to the workspace's counters.
+  template <typename Call>
+  static void timed_exchange(Workspace& workspace, std::uint64_t bytes, const Call& call) {
+    const double start = MPI_Wtime();
+    call();
+    workspace.exchange_seconds += MPI_Wtime() - start;
+    workspace.exchange_bytes_sent += bytes;
+  }
+
+  /// Rows of `counts` (per rank) that go to other ranks than this one.
+  std::uint64_t off_rank_rows(const std::vector<int>& counts) const {
+    std::uint64_t rows = 0;
+    for (std::size_t r = 0; r < counts.size(); ++r) {
+      if (static_cast<int>(r) != rank_) rows += static_cast<std::uint64_t>(counts[r]);
+    }
+    return rows;
+  }
+
+  /// exchange_to_experts over the layer's communicator, timed.
+  template <typename Rows, typename Output>
+  void to_experts(const ExpertExchangePlan& exchange, const Rows& rows, Output& out, Workspace& workspace) const {
+    const std::uint64_t bytes = off_rank_rows(exchange.send_counts) * static_cast<std::uint64_t>(rows.cols()) * sizeof(Scalar);
+    timed_exchange(workspace, bytes, [&] { exchange_to_experts<Scalar>(exchange, rows, out, workspace.staging, comm_); });
+  }
+
+  /// exchange_from_experts over the layer's communicator, timed.
+  template <typename Rows, typename Output>
+  void from_experts(const ExpertExchangePlan& exchange, const Rows& rows, Output& out, Workspace& workspace) const {
+    const std::uint64_t bytes =
+        off_rank_rows(exchange.receive_counts) * static_cast<std::uint64_t>(rows.cols()) * sizeof(Scalar);
+    timed_exchange(workspace, bytes, [&] { exchange_from_experts<Scalar>(exchange, rows, out, workspace.staging, comm_); });
+  }
+
   Index local_index(Index global_id) const {
     const Index local = global_id - first_local_expert();
     if (global_id < 0 || global_id >= num_experts() || local < 0 || local >= num_local_experts()) {
@@ -804,5 +851,12 @@ class DistributedMoELayer {
 
 /// @}
 }  // namespace sparsemoe
+
+// Sharded checkpoints (save_distributed_checkpoint, load_distributed_checkpoint) need the
+// safetensors reader (nlohmann/json) and the checkpoints' checksum (xxhash.h, header only):
+// included when both are available.
+#if __has_include(<nlohmann/json.hpp>) && __has_include(<xxhash.h>)
+#include "distributed/checkpoint.hpp"
+#endif
 
 #endif  // SPARSEMOE_DISTRIBUTED_HPP

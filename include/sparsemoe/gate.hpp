@@ -102,8 +102,10 @@ Scalar sigmoid(Scalar a) {
 /// \f[ H(x) = x W_g + n \odot \big(\operatorname{softplus}(x W_{\text{noise}}) + \varepsilon\big), \qquad
 ///     G(x) = \operatorname{softmax}\big(\operatorname{KeepTopK}(H(x), k)\big) \f]
 /// The noise sample of (token t, expert i) at
-/// training step `step` is Philox4x32-10 at (noise_seed, step, t, i) through Box–Muller: the
-/// same arguments always give the same routing, whatever the thread count.
+/// training step `step` is Philox4x32-10 at (noise_seed, step, t, i) through Box–Muller, t the
+/// global row token_offset + the local row (token_offset = 0 by default): the same arguments
+/// always give the same routing, whatever the thread count, and a batch routed in parts with
+/// the parts' first global rows as offsets draws what the whole batch draws.
 ///
 /// Parameters: W_g and W_noise, both d×E, zero-initialised as the paper recommends ("no signal and
 /// some noise"); `initialize_uniform` gives them small random values instead.
@@ -185,8 +187,10 @@ class NoisyTopKGate {
   }
 
   /// Like route(input, mode, step), writing into `routing` and reusing its storage: no
-  /// allocation when T, E and the mode are those of the previous call.
-  void route(ConstMatrixRef<Scalar> input, Mode mode, std::uint64_t step, Routing<Scalar>& routing) const {
+  /// allocation when T, E and the mode are those of the previous call. `token_offset` is the
+  /// global row of input's first row, which keys the noise (see the class comment).
+  void route(ConstMatrixRef<Scalar> input, Mode mode, std::uint64_t step, Routing<Scalar>& routing,
+             std::uint64_t token_offset = 0) const {
     const char* function = "sparsemoe::NoisyTopKGate::route";
     detail::require(input.cols() == input_dim(), function, "input must have ", input_dim(),
                     " columns (the gate's input_dim), got ", input.rows(), "x", input.cols());
@@ -223,7 +227,7 @@ class NoisyTopKGate {
         for (Index expert = 0; expert < experts; ++expert) {
           const Scalar scale = softplus(routing.raw_noise(token, expert)) + noise_epsilon_;
           const auto noise = static_cast<Scalar>(detail::standard_normal(
-              noise_seed_, step, static_cast<std::uint64_t>(token), static_cast<std::uint64_t>(expert)));
+              noise_seed_, step, token_offset + static_cast<std::uint64_t>(token), static_cast<std::uint64_t>(expert)));
           routing.noise_scale(token, expert) = scale;
           routing.noise(token, expert) = noise;
           routing.noisy_logits(token, expert) = routing.clean_logits(token, expert) + noise * scale;

@@ -80,12 +80,13 @@ struct RouterTraits {
   /// Prefix of the router's tensors in MoELayer::tensors(): "router.weight", "router.bias".
   static constexpr const char* prefix = "router.";
 
-  /// router.route(input, {mode, step}, routing).
+  /// router.route(input, {mode, step, token_offset}, routing).
   static void route(const RouterT& router, ConstMatrixRef<Scalar> input, Mode mode, std::uint64_t step,
-                    Routing& routing) {
+                    Routing& routing, std::uint64_t token_offset = 0) {
     RouteOptions options;
     options.mode = mode;
     options.step = step;
+    options.token_offset = token_offset;
     router.route(input, options, routing);
   }
 
@@ -193,9 +194,10 @@ struct RouterTraits<NoisyTopKGate<Scalar>> {
   /// Prefix of the gate's tensors in MoELayer::tensors(): "gate.gate_weight", "gate.noise_weight".
   static constexpr const char* prefix = "gate.";
 
-  /// gate.route(input, mode, step, routing).
-  static void route(const Router& gate, ConstMatrixRef<Scalar> input, Mode mode, std::uint64_t step, Routing& routing) {
-    gate.route(input, mode, step, routing);
+  /// gate.route(input, mode, step, routing, token_offset).
+  static void route(const Router& gate, ConstMatrixRef<Scalar> input, Mode mode, std::uint64_t step, Routing& routing,
+                    std::uint64_t token_offset = 0) {
+    gate.route(input, mode, step, routing, token_offset);
   }
 
   /// auxiliary_losses with ForwardOptions::importance_weight and load_weight.

@@ -84,6 +84,11 @@ struct RouteOptions {
   /// Sample index of the random parts: the same (seed, step) always gives the same decisions.
   /// Must be below 2^32 for routers that draw random numbers.
   std::uint64_t step = 0;
+  /// Global row of the batch's first token: the random draws of local row t are keyed by token
+  /// row token_offset + t, so that a batch split into parts (over the ranks of
+  /// DistributedMoELayer, which passes the exclusive prefix sum of the ranks' token counts) draws
+  /// what the whole batch draws. 0 (the default) for a batch on its own.
+  std::uint64_t token_offset = 0;
 };
 
 /// What a top-k router decided for a batch of T tokens over E experts, and what its backward

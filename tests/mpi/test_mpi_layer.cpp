@@ -77,6 +77,7 @@ struct Case {
   std::optional<sparsemoe::CapacityOptions> capacity;
   Index shared_hidden = 0;  ///< a shared expert of this hidden width (0: none)
   bool shared_gate = false;
+  double jitter = 0;  ///< SwitchRouter's input jitter ε
   std::uint64_t seed = 1;
 
   /// A router bias of `amount` on experts [first, last).
@@ -126,7 +127,12 @@ void check_against_one_process(const Case& c) {
   config.shared_hidden_dim = c.shared_hidden;
   config.shared_expert_gate = c.shared_gate;
   typename Router::Options options;
-  if constexpr (!std::is_same<Router, sparsemoe::SwitchRouter<Scalar>>::value) {  // Switch: k = 1, no renormalisation
+  if constexpr (std::is_same<Router, sparsemoe::SwitchRouter<Scalar>>::value) {  // Switch: k = 1, no renormalisation
+    options.jitter_epsilon = c.jitter;
+    options.seed = c.seed + 17;
+  } else if constexpr (std::is_same<Router, sparsemoe::GShardRouter<Scalar>>::value) {  // k = 2, random second expert
+    options.seed = c.seed + 17;
+  } else {
     options.k = c.k;
     options.normalize_top_k = c.normalize;
   }
@@ -280,11 +286,27 @@ TEST(DistributedMoELayer, GlobalCapacityBySlotThenPosition) {
   check_against_one_process<double>(c);
 }
 
-TEST(DistributedMoELayer, SwitchRouterTopOne) {
+// Switch (k = 1) without and with input jitter, GShard with its random second expert. The random
+// parts are keyed by the global token row (the layer passes the exclusive prefix sum of the token
+// counts as the offset): a training step on P ranks draws what one process draws for the
+// concatenated batch. Uneven splits, where keying by the local row would differ on every rank
+// but the first; the last case tile-aligned, so everything per token is bitwise.
+TEST(DistributedMoELayer, SwitchAndGShardRoutersDrawWhatOneProcessDraws) {
+  using Relu = sparsemoe::Expert<double, sparsemoe::Relu>;
   Case c;
   c.k = 1;
   c.seed = 14;
-  check_against_one_process<double, sparsemoe::Expert<double, sparsemoe::Relu>, sparsemoe::SwitchRouter<double>>(c);
+  check_against_one_process<double, Relu, sparsemoe::SwitchRouter<double>>(c);
+  c.seed = 15;
+  c.jitter = 0.5;
+  check_against_one_process<double, Relu, sparsemoe::SwitchRouter<double>>(c);
+  c.k = 2;
+  c.seed = 16;
+  check_against_one_process<double, Relu, sparsemoe::GShardRouter<double>>(c);
+  c.seed = 18;
+  c.multiple = 64;
+  c.max_tokens = 192;
+  check_against_one_process<float, sparsemoe::Expert<float, sparsemoe::Relu>, sparsemoe::GShardRouter<float>>(c);
 }
 
 TEST(DistributedMoELayer, GatedSharedExpert) {

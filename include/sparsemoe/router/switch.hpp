@@ -50,7 +50,8 @@ struct SwitchRouterOptions {
   /// Transformer paper used 1e-2). 0 ≤ ε < 1.
   double jitter_epsilon = 0.0;
   /// Seed of the jitter: m of (token t, column c) at step s is
-  /// 1 − ε + 2ε·u(seed, s, t, c), u the Philox uniform of detail::counter_uniform.
+  /// 1 − ε + 2ε·u(seed, s, t, c), u the Philox uniform of detail::counter_uniform, t the global
+  /// row RouteOptions::token_offset + the local row.
   std::uint64_t seed = 0;
   /// Add a learned bias b_r (E) to the logits.
   bool use_bias = false;
@@ -137,7 +138,8 @@ class SwitchRouter : public LinearRouterParameters<Scalar_> {
       const double epsilon = options_.jitter_epsilon;
       detail::parallel_for(tokens, 200.0 * static_cast<double>(width), [&](Index token) {
         for (Index column = 0; column < width; ++column) {
-          const double u = detail::counter_uniform(options_.seed, options.step, static_cast<std::uint64_t>(token),
+          const double u = detail::counter_uniform(options_.seed, options.step,
+                                                   options.token_offset + static_cast<std::uint64_t>(token),
                                                    static_cast<std::uint64_t>(column));
           const auto multiplier = static_cast<Scalar>(1.0 - epsilon + 2.0 * epsilon * u);
           routing.input_jitter(token, column) = multiplier;
@@ -203,7 +205,8 @@ struct GShardRouterOptions {
   /// random routing). Off, or in evaluation, the second expert is always dispatched.
   bool random_second_expert = true;
   /// Seed of the second-expert draws: token t at step s is kept when
-  /// u(seed, s, t, 0) < 2·g₂, u the Philox uniform of detail::counter_uniform.
+  /// u(seed, s, t, 0) < 2·g₂, u the Philox uniform of detail::counter_uniform, t the global row
+  /// RouteOptions::token_offset + the local row.
   std::uint64_t seed = 0;
   /// Add a learned bias b_r (E) to the logits.
   bool use_bias = false;
@@ -294,7 +297,8 @@ class GShardRouter : public LinearRouterParameters<Scalar_> {
       routing.gates(token, 0) = p[ids[0]] / sum;
       routing.gates(token, 1) = p[ids[1]] / sum;
       if (!sample) return;
-      const double u = detail::counter_uniform(options_.seed, options.step, static_cast<std::uint64_t>(token), 0);
+      const double u =
+          detail::counter_uniform(options_.seed, options.step, options.token_offset + static_cast<std::uint64_t>(token), 0);
       if (u < 2.0 * static_cast<double>(routing.gates(token, 1))) return;
       ids[1] = -1;
       routing.gates(token, 1) = 0;
