@@ -4,15 +4,17 @@
 #define SPARSEMOE_CHECKPOINT_HPP
 
 /// \file checkpoint.hpp
-/// Lossless checkpoints of an MoELayer with any router (and, optionally, of its Sgd or Adam
+/// Lossless checkpoints of an MoELayer with any router, and of an ExpertChoiceLayer,
+/// HashMoELayer, SoftMoELayer or HierarchicalMoELayer (and, optionally, of its Sgd or Adam
 /// optimizer) in a documented, checksummed binary format, written atomically.
 ///
 /// This is the public entry point; the implementation lives in io/ (one purpose per file):
 /// io/checkpoint_error.hpp (CheckpointError), io/byte_codec.hpp (little-endian fields),
 /// io/file.hpp (POSIX reads and atomic writes), io/checkpoint_format.hpp (format constants,
 /// CheckpointInfo, parsing and validation), io/checkpoint_optimizer.hpp (optimizer sections),
-/// io/checkpoint_router.hpp (router options and state) and io/checkpoint_layer.hpp (ExpertKind,
-/// the layer's tensors, validate-then-commit loading). A router's kind string and options come
+/// io/checkpoint_router.hpp (router options and state), io/checkpoint_layer.hpp (ExpertKind,
+/// the layer's tensors, validate-then-commit loading) and io/checkpoint_paradigm.hpp (the other
+/// layer types: their kind "layer:<kind>", options and tensors). A router's kind string and options come
 /// from RouterKind<RouterT> (router/router_kind.hpp), specialised in each router's header.
 ///
 /// Not part of the umbrella header sparsemoe.hpp, because it needs xxHash (`xxhash.h`, Debian
@@ -59,7 +61,9 @@
 ///                i64 d, i64 h, i64 E, i64 k
 ///                u64 training step (MoELayer::training_step())
 ///                str router kind: "noisy_top_k" | "softmax_top_k" | "sigmoid_top_k" | "switch" |
-///                "gshard" (RouterKind<RouterT>::name())
+///                "gshard" (RouterKind<RouterT>::name()); for the other layer types the layer
+///                kind instead: "layer:expert_choice" | "layer:hash" | "layer:soft_moe" |
+///                "layer:hierarchical" (CheckpointInfo::layer_kind)
 ///                u64 router option count, then that many option records
 ///                u64 parameter tensor count, then that many tensor records
 ///                u64 router state tensor count, then that many tensor records
