@@ -297,7 +297,14 @@ class ParadigmCheckpoint : public ::testing::Test {
 
 using Cases = ::testing::Types<ExpertChoiceCase<float>, ExpertChoiceCase<double>, HashCase<float>, HashCase<double>,
                                SoftCase<float>, SoftCase<double>, HierarchicalCase<float>, HierarchicalCase<double>>;
-TYPED_TEST_SUITE(ParadigmCheckpoint, Cases);
+/// Test names: "<layer kind>_float", "<layer kind>_double".
+struct CaseNames {
+  template <typename Case>
+  static std::string GetName(int) {
+    return std::string(Case::kind) + (std::is_same<typename Case::Scalar, float>::value ? "_float" : "_double");
+  }
+};
+TYPED_TEST_SUITE(ParadigmCheckpoint, Cases, CaseNames);
 
 TYPED_TEST(ParadigmCheckpoint, RoundTripIsBitwise) {
   using Layer = typename TypeParam::Layer;
