@@ -82,6 +82,18 @@ constexpr Index width = 6;   // d
 constexpr Index hidden = 5;  // h
 constexpr Index experts = 4;
 
+/// The raw bytes of the output, ∂x and every gradient of `forward(x)` (a training forward of
+/// `layer` on a fixed random T×d batch x) and one backward of a fixed random ∂L/∂y.
+template <typename Layer, typename Forward>
+std::string run_once(const Layer& layer, const Forward& forward) {
+  using Scalar = typename Layer::Scalar;
+  const sparsemoe::Matrix<Scalar> x = random_matrix<Scalar>(tokens, width, 5);
+  const auto result = forward(x);
+  auto gradients = layer.make_gradients();
+  const sparsemoe::Matrix<Scalar> d_input = layer.backward(result, random_matrix<Scalar>(tokens, width, 6), gradients);
+  return raw(result.output) + raw(d_input) + raw(gradients.tensors());
+}
+
 // ---- One case per layer type: how to build it, run it and what else defines it ------------------
 
 template <typename Scalar_>
@@ -109,16 +121,11 @@ struct ExpertChoiceCase {
     return Layer(other);
   }
   static std::string state(const Layer&) { return {}; }
-  /// Output, ∂x and every gradient of a training forward and one backward.
+  /// Output, ∂x and every gradient of a training forward and one backward (run_once).
   static std::string run(const Layer& layer) {
-    const sparsemoe::Matrix<Scalar> x = random_matrix<Scalar>(tokens, width, 5);
     sparsemoe::PlannedForwardOptions options;
     options.mode = Mode::training;
-    const auto result = layer.forward(x, options);
-    auto gradients = layer.make_gradients();
-    const sparsemoe::Matrix<Scalar> d_input =
-        layer.backward(result, random_matrix<Scalar>(tokens, width, 6), gradients);
-    return raw(result.output) + raw(d_input) + raw(gradients.tensors());
+    return run_once(layer, [&](const sparsemoe::Matrix<Scalar>& x) { return layer.forward(x, options); });
   }
 };
 
@@ -157,16 +164,11 @@ struct HashCase {
     return std::string(reinterpret_cast<const char*>(table.data()), static_cast<std::size_t>(table.size()) * sizeof(Index));
   }
   static std::string run(const Layer& layer) {
-    const sparsemoe::Matrix<Scalar> x = random_matrix<Scalar>(tokens, width, 5);
     sparsemoe::IndexVector ids(tokens);
     for (Index t = 0; t < tokens; ++t) ids[t] = (t * 3) % 20;
     sparsemoe::PlannedForwardOptions options;
     options.mode = Mode::training;
-    const auto result = layer.forward(x, ids, options);
-    auto gradients = layer.make_gradients();
-    const sparsemoe::Matrix<Scalar> d_input =
-        layer.backward(result, random_matrix<Scalar>(tokens, width, 6), gradients);
-    return raw(result.output) + raw(d_input) + raw(gradients.tensors());
+    return run_once(layer, [&](const sparsemoe::Matrix<Scalar>& x) { return layer.forward(x, ids, options); });
   }
 };
 
@@ -197,12 +199,7 @@ struct SoftCase {
   }
   static std::string state(const Layer&) { return {}; }
   static std::string run(const Layer& layer) {
-    const sparsemoe::Matrix<Scalar> x = random_matrix<Scalar>(tokens, width, 5);
-    const auto result = layer.forward(x, Mode::training);
-    auto gradients = layer.make_gradients();
-    const sparsemoe::Matrix<Scalar> d_input =
-        layer.backward(result, random_matrix<Scalar>(tokens, width, 6), gradients);
-    return raw(result.output) + raw(d_input) + raw(gradients.tensors());
+    return run_once(layer, [&](const sparsemoe::Matrix<Scalar>& x) { return layer.forward(x, Mode::training); });
   }
 };
 
@@ -241,15 +238,10 @@ struct HierarchicalCase {
     return text;
   }
   static std::string run(const Layer& layer) {
-    const sparsemoe::Matrix<Scalar> x = random_matrix<Scalar>(tokens, width, 5);
     sparsemoe::HierarchicalForwardOptions options;
     options.mode = Mode::training;
     options.step = 3;
-    const auto result = layer.forward(x, options);
-    auto gradients = layer.make_gradients();
-    const sparsemoe::Matrix<Scalar> d_input =
-        layer.backward(result, random_matrix<Scalar>(tokens, width, 6), gradients);
-    return raw(result.output) + raw(d_input) + raw(gradients.tensors());
+    return run_once(layer, [&](const sparsemoe::Matrix<Scalar>& x) { return layer.forward(x, options); });
   }
 };
 

@@ -47,14 +47,19 @@ namespace sparsemoe {
 
 namespace detail {
 
-/// What the four layer types share by default: no router state section, and options that must
-/// equal the target's bit for bit.
+/// What the four layer types share by default (`Traits` is the ParadigmCheckpoint
+/// specialisation that derives from it): no router state section, and options that must equal
+/// the target's bit for bit.
+template <typename Traits>
 struct ParadigmCheckpointDefaults {
-  /// Checks that the file's options (`info.router_options`) equal `target` (the staged layer's
-  /// options) name by name and bit by bit (router_option_mismatch otherwise).
-  static void check_options(const CheckpointInfo& info, const std::vector<RouterOption>& target,
-                            const std::string& context) {
-    check_router_options(info.router_options, target, info.layer_kind, true, context, "layer");
+  /// Whether the layer type has a checkpoint: true for every specialisation built on this.
+  static constexpr bool supported = true;
+
+  /// Checks that the file's options (`info.router_options`) equal Traits::options(staged) name by
+  /// name and bit by bit (router_option_mismatch otherwise); restores nothing.
+  template <typename LayerT>
+  static void stage_options(LayerT& staged, const CheckpointInfo& info, const std::string& context) {
+    check_router_options(info.router_options, Traits::options(staged), info.layer_kind, true, context, "layer");
   }
 
   /// Appends an empty router state section (a count of 0).
@@ -80,7 +85,7 @@ struct ParadigmCheckpointDefaults {
 /// typed options that define the layer), `stage_options(staged, info, context)` (check the
 /// file's options against the staged copy, restoring those that a load restores),
 /// `write_state(writer, layer)` and `stage_state(staged, data, parsed, context)` (the router
-/// state section).
+/// state section); `supported` comes from ParadigmCheckpointDefaults.
 template <typename LayerT>
 struct ParadigmCheckpoint {
   /// Whether LayerT has a checkpoint of this kind.
@@ -91,9 +96,8 @@ struct ParadigmCheckpoint {
 /// capacity_factor (real) and capacity (integer, 0 when unset), both compared. The router's
 /// weight is the tensor "router.weight".
 template <typename Scalar, typename ExpertT>
-struct ParadigmCheckpoint<ExpertChoiceLayer<Scalar, ExpertT>> : ParadigmCheckpointDefaults {
-  /// Whether this layer type has a checkpoint.
-  static constexpr bool supported = true;
+struct ParadigmCheckpoint<ExpertChoiceLayer<Scalar, ExpertT>>
+    : ParadigmCheckpointDefaults<ParadigmCheckpoint<ExpertChoiceLayer<Scalar, ExpertT>>> {
   /// The layer kind.
   static constexpr const char* kind = "expert_choice";
   /// The layer type.
@@ -106,10 +110,6 @@ struct ParadigmCheckpoint<ExpertChoiceLayer<Scalar, ExpertT>> : ParadigmCheckpoi
     return {RouterOption::real("capacity_factor", options.capacity_factor),
             RouterOption::integer("capacity", options.capacity ? static_cast<std::int64_t>(*options.capacity) : 0)};
   }
-  /// Compares the options (nothing is restored).
-  static void stage_options(Layer& staged, const CheckpointInfo& info, const std::string& context) {
-    check_options(info, options(staged), context);
-  }
 };
 
 /// HashMoELayer: kind "hash"; k = the router's k; option hash_seed (unsigned, compared). With a
@@ -117,9 +117,8 @@ struct ParadigmCheckpoint<ExpertChoiceLayer<Scalar, ExpertT>> : ParadigmCheckpoi
 /// V×k tensor of expert ids stored as Scalar values (exact: ids are < E ≤ 2^24); without one the
 /// section is empty. A load installs the file's table, or clears the target's when there is none.
 template <typename Scalar, typename ExpertT>
-struct ParadigmCheckpoint<HashMoELayer<Scalar, ExpertT>> : ParadigmCheckpointDefaults {
-  /// Whether this layer type has a checkpoint.
-  static constexpr bool supported = true;
+struct ParadigmCheckpoint<HashMoELayer<Scalar, ExpertT>>
+    : ParadigmCheckpointDefaults<ParadigmCheckpoint<HashMoELayer<Scalar, ExpertT>>> {
   /// The layer kind.
   static constexpr const char* kind = "hash";
   /// The layer type.
@@ -131,10 +130,6 @@ struct ParadigmCheckpoint<HashMoELayer<Scalar, ExpertT>> : ParadigmCheckpointDef
   /// The hash seed.
   static std::vector<RouterOption> options(const Layer& layer) {
     return {RouterOption::unsigned_integer("hash_seed", layer.router().options().seed)};
-  }
-  /// Compares the options (nothing is restored).
-  static void stage_options(Layer& staged, const CheckpointInfo& info, const std::string& context) {
-    check_options(info, options(staged), context);
   }
   /// Appends the table (V×k expert ids as Scalar values), or an empty section without a table.
   static void write_state(CheckpointWriter& writer, const Layer& layer) {
@@ -193,9 +188,8 @@ struct ParadigmCheckpoint<HashMoELayer<Scalar, ExpertT>> : ParadigmCheckpointDef
 /// options slots_per_expert (integer) and normalize (flag), both compared. Tensors "phi", "scale"
 /// (normalised layers only), then the experts'.
 template <typename Scalar, typename ExpertT>
-struct ParadigmCheckpoint<SoftMoELayer<Scalar, ExpertT>> : ParadigmCheckpointDefaults {
-  /// Whether this layer type has a checkpoint.
-  static constexpr bool supported = true;
+struct ParadigmCheckpoint<SoftMoELayer<Scalar, ExpertT>>
+    : ParadigmCheckpointDefaults<ParadigmCheckpoint<SoftMoELayer<Scalar, ExpertT>>> {
   /// The layer kind.
   static constexpr const char* kind = "soft_moe";
   /// The layer type.
@@ -207,10 +201,6 @@ struct ParadigmCheckpoint<SoftMoELayer<Scalar, ExpertT>> : ParadigmCheckpointDef
     return {RouterOption::integer("slots_per_expert", static_cast<std::int64_t>(layer.slots_per_expert())),
             RouterOption::flag("normalize", layer.normalized())};
   }
-  /// Compares the options (nothing is restored).
-  static void stage_options(Layer& staged, const CheckpointInfo& info, const std::string& context) {
-    check_options(info, options(staged), context);
-  }
 };
 
 /// HierarchicalMoELayer: kind "hierarchical"; k = k_p·k_s (experts per token); options
@@ -219,9 +209,8 @@ struct ParadigmCheckpoint<SoftMoELayer<Scalar, ExpertT>> : ParadigmCheckpointDef
 /// (unsigned), restored like an MoELayer's noisy gate's. Tensors "primary.gate_weight",
 /// "primary.noise_weight", "group<i>.gate_weight", "group<i>.noise_weight", then the experts'.
 template <typename Scalar, typename ExpertT>
-struct ParadigmCheckpoint<HierarchicalMoELayer<Scalar, ExpertT>> : ParadigmCheckpointDefaults {
-  /// Whether this layer type has a checkpoint.
-  static constexpr bool supported = true;
+struct ParadigmCheckpoint<HierarchicalMoELayer<Scalar, ExpertT>>
+    : ParadigmCheckpointDefaults<ParadigmCheckpoint<HierarchicalMoELayer<Scalar, ExpertT>>> {
   /// The layer kind.
   static constexpr const char* kind = "hierarchical";
   /// The layer type.
