@@ -28,6 +28,7 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -247,7 +248,7 @@ struct HierarchicalCase {
 
 template <typename Case>
 class ParadigmCheckpoint : public ::testing::Test {
- protected:
+ public:
   using Scalar = typename Case::Scalar;
   using Layer = typename Case::Layer;
 
@@ -454,6 +455,126 @@ TYPED_TEST(ParadigmCheckpoint, OtherShapesOptionsAndTypesAreRejected) {
   this->expect_rejected(
       layer, [&] { sparsemoe::deserialize_checkpoint(other_expert.data(), other_expert.size(), layer); },
       CheckpointErrorKind::wrong_expert_kind, "expected expert kind \"expert:relu\"");
+}
+
+TYPED_TEST(ParadigmCheckpoint, SgdAndAdamThroughFiles) {
+  using Scalar = typename TypeParam::Scalar;
+  using Layer = typename TypeParam::Layer;
+  Layer original = this->source();
+  sparsemoe::SgdOptions sgd_options;
+  sgd_options.momentum = 0.9;
+  sparsemoe::Sgd<Scalar> sgd(sgd_options);
+  sparsemoe::Adam<Scalar> adam;
+  auto gradients = original.make_gradients();
+  for (const TensorView<Scalar>& view : gradients.tensors()) {
+    for (Index i = 0; i < view.size(); ++i) view.data[i] = static_cast<Scalar>(0.25 - 0.01 * static_cast<double>(i));
+  }
+  sgd.step(original.tensors(), gradients.tensors());
+  Layer adam_layer = original;
+  adam.step(adam_layer.tensors(), gradients.tensors());
+  const std::string base = ::testing::TempDir() + "paradigm_opt_" + TypeParam::kind + "_" +
+                           std::to_string(sizeof(Scalar)) + "_" + std::to_string(::getpid());
+  sparsemoe::save_checkpoint(base + ".sgd", original, sgd);
+  sparsemoe::save_checkpoint(base + ".adam", adam_layer, adam);
+  EXPECT_EQ(sparsemoe::read_checkpoint_info(base + ".sgd").optimizer, "sgd");
+  EXPECT_EQ(sparsemoe::serialize_checkpoint(original, sgd), sparsemoe::serialize_checkpoint(original, sgd));
+  Layer sgd_target = this->target();
+  sparsemoe::Sgd<Scalar> sgd_loaded;
+  sparsemoe::load_checkpoint(base + ".sgd", sgd_target, sgd_loaded);
+  EXPECT_EQ(this->snapshot(sgd_target), this->snapshot(original));
+  EXPECT_EQ(sgd_loaded.step_count(), 1);
+  EXPECT_EQ(sgd_loaded.options().momentum, 0.9);
+  // One more step on both gives the same parameters (the velocities came back).
+  sgd.step(original.tensors(), gradients.tensors());
+  sgd_loaded.step(sgd_target.tensors(), gradients.tensors());
+  EXPECT_EQ(this->snapshot(sgd_target), this->snapshot(original));
+  Layer adam_target = this->target();
+  sparsemoe::Adam<Scalar> adam_loaded;
+  sparsemoe::load_checkpoint(base + ".adam", adam_target, adam_loaded);
+  EXPECT_EQ(this->snapshot(adam_target), this->snapshot(adam_layer));
+  EXPECT_EQ(adam_loaded.step_count(), 1);
+  // A file without optimizer state cannot fill one.
+  sparsemoe::save_checkpoint(base + ".none", original);
+  sparsemoe::Adam<Scalar> fresh;
+  this->expect_rejected(
+      adam_target, [&] { sparsemoe::load_checkpoint(base + ".none", adam_target, fresh); },
+      CheckpointErrorKind::optimizer_mismatch, "without optimizer state");
+  EXPECT_EQ(fresh.step_count(), 0);
+  for (const char* suffix : {".sgd", ".adam", ".none"}) std::remove((base + suffix).c_str());
+}
+
+TYPED_TEST(ParadigmCheckpoint, NonFiniteParametersAreRefusedUnlessAllowed) {
+  using Scalar = typename TypeParam::Scalar;
+  using Layer = typename TypeParam::Layer;
+  Layer diverged = this->source();
+  diverged.tensors().back().data[0] = std::numeric_limits<Scalar>::quiet_NaN();
+  const std::string bytes = sparsemoe::serialize_checkpoint(diverged);
+  Layer layer = this->target();
+  this->expect_rejected(
+      layer, [&] { sparsemoe::deserialize_checkpoint(bytes.data(), bytes.size(), layer); },
+      CheckpointErrorKind::non_finite_value, diverged.tensors().back().name);
+  sparsemoe::CheckpointLoadOptions options;
+  options.allow_non_finite = true;
+  sparsemoe::deserialize_checkpoint(bytes.data(), bytes.size(), layer, options);
+  EXPECT_EQ(this->snapshot(layer), this->snapshot(diverged));
+}
+
+TYPED_TEST(ParadigmCheckpoint, AFileWithoutATableClearsTheTargetsTable) {
+  using Layer = typename TypeParam::Layer;
+  const Layer plain(TypeParam::config(1));  // never decorated: no hash table
+  const std::string bytes = sparsemoe::serialize_checkpoint(plain);
+  Layer layer = this->source();  // decorated: a hash layer has a table
+  sparsemoe::deserialize_checkpoint(bytes.data(), bytes.size(), layer);
+  EXPECT_EQ(this->snapshot(layer), this->snapshot(plain));
+  EXPECT_EQ(TypeParam::run(layer), TypeParam::run(plain));
+}
+
+/// The hash table's entries are checked: an id outside [0, E), a fraction, an id twice in a row
+/// (each in a file with a valid checksum) are refused, and the layer keeps its table.
+TEST(HashCheckpoint, ForgedTablesAreRefused) {
+  using Layer = HashCase<float>::Layer;
+  Layer source(HashCase<float>::config(1));
+  HashCase<float>::decorate(source);
+  const std::string bytes = sparsemoe::serialize_checkpoint(source);
+  // The table is the last tensor: its last two entries (row V − 1) end before the optimizer kind
+  // "none" (4 + 4 bytes) and the checksum (8 bytes).
+  const std::size_t last = bytes.size() - 8 - 8 - sizeof(float);
+  const auto forge = [&](float second_last, float value) {
+    std::string forged = bytes;
+    std::memcpy(&forged[last - sizeof(float)], &second_last, sizeof(float));
+    std::memcpy(&forged[last], &value, sizeof(float));
+    const std::uint64_t checksum = sparsemoe::detail::checkpoint_checksum(forged.data(), forged.size() - 8);
+    std::memcpy(&forged[forged.size() - 8], &checksum, 8);
+    return forged;
+  };
+  {  // The unchanged entries load (the forging itself is right).
+    float a = 0, b = 0;
+    std::memcpy(&a, &bytes[last - sizeof(float)], sizeof(float));
+    std::memcpy(&b, &bytes[last], sizeof(float));
+    const std::string same = forge(a, b);
+    EXPECT_EQ(same, bytes);
+  }
+  const struct {
+    float second_last, last;
+    const char* needle;
+  } cases[] = {{0.0f, static_cast<float>(experts), "expected an expert id in [0, 4)"},
+               {0.0f, -1.0f, "expected an expert id in [0, 4)"},
+               {0.0f, 1.5f, "expected an expert id in [0, 4)"},
+               {2.0f, 2.0f, "names expert 2 twice"}};
+  for (const auto& item : cases) {
+    const std::string forged = forge(item.second_last, item.last);
+    Layer layer = ParadigmCheckpoint<HashCase<float>>::target();
+    HashCase<float>::decorate(layer);
+    const sparsemoe::IndexMatrix table = layer.router().table();
+    try {
+      sparsemoe::deserialize_checkpoint(forged.data(), forged.size(), layer);
+      ADD_FAILURE() << "accepted " << item.needle;
+    } catch (const CheckpointError& error) {
+      EXPECT_EQ(error.kind(), CheckpointErrorKind::malformed) << error.what();
+      EXPECT_NE(std::string(error.what()).find(item.needle), std::string::npos) << error.what();
+    }
+    EXPECT_EQ(layer.router().table(), table);
+  }
 }
 
 }  // namespace
