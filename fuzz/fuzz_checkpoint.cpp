@@ -207,7 +207,7 @@ Target<Layer>& pristine(std::uint64_t seed) {
 
 /// Checks an error thrown by the reader.
 void check_error(const CheckpointError& error, const char* function) {
-  FUZZ_CHECK(error.kind() >= CheckpointErrorKind::io && error.kind() <= CheckpointErrorKind::router_option_mismatch);
+  FUZZ_CHECK(error.kind() >= CheckpointErrorKind::io && error.kind() <= CheckpointErrorKind::wrong_layer_kind);
   FUZZ_CHECK(std::strncmp(error.what(), function, std::strlen(function)) == 0);
 }
 

@@ -376,6 +376,16 @@ TYPED_TEST(ParadigmCheckpoint, CorruptionAndTruncationLeaveTheLayerUnchanged) {
         layer, [&] { sparsemoe::deserialize_checkpoint(bytes.data(), size, layer); }, CheckpointErrorKind::truncated,
         "");
   }
+  // A training step other than 0 (these layers keep none), with a valid checksum, is malformed.
+  std::string stepped = bytes;
+  const std::size_t step_offset = 28 + 4 + std::string("expert:relu").size() + 4 * 8;
+  ASSERT_EQ(stepped.substr(28 + 4, 11), "expert:relu");
+  stepped[step_offset] = 1;
+  const std::uint64_t checksum = sparsemoe::detail::checkpoint_checksum(stepped.data(), stepped.size() - 8);
+  std::memcpy(&stepped[stepped.size() - 8], &checksum, 8);
+  this->expect_rejected(
+      layer, [&] { sparsemoe::deserialize_checkpoint(stepped.data(), stepped.size(), layer); },
+      CheckpointErrorKind::malformed, "records training step 0, got 1");
   // A flip in the middle of a payload is a checksum mismatch, named as such.
   std::string corrupted = bytes;
   corrupted[bytes.size() / 2] = static_cast<char>(corrupted[bytes.size() / 2] ^ 0x01);
@@ -560,6 +570,7 @@ TEST(HashCheckpoint, ForgedTablesAreRefused) {
   } cases[] = {{0.0f, static_cast<float>(experts), "expected an expert id in [0, 4)"},
                {0.0f, -1.0f, "expected an expert id in [0, 4)"},
                {0.0f, 1.5f, "expected an expert id in [0, 4)"},
+               {0.0f, -0.0f, "expected an expert id in [0, 4)"},  // would save as +0
                {2.0f, 2.0f, "names expert 2 twice"}};
   for (const auto& item : cases) {
     const std::string forged = forge(item.second_last, item.last);

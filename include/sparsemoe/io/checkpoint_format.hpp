@@ -439,6 +439,11 @@ inline ParsedCheckpoint parse_checkpoint(const unsigned char* data, std::size_t 
     read_router_options(reader, context, info.router_options);
   }
   info.layer_kind = layer_kind_of(info.router_kind);
+  if (info.layer_kind != moe_layer_kind && info.training_step != 0) {
+    // The other layer types keep no step and write 0: anything else is not their encoding.
+    checkpoint_fail(Kind::malformed, context, "a ", info.layer_kind, " layer's checkpoint records training step 0, got ",
+                    info.training_step);
+  }
   if (info.router_kind == noisy_top_k_kind) check_noisy_top_k_options(info, context);
   const std::uint64_t tensor_count = reader.u64("the tensor count");
   // Each record takes at least 20 bytes: the count cannot exceed what remains / 20.

@@ -167,7 +167,9 @@ struct ParadigmCheckpoint<HashMoELayer<Scalar, ExpertT>>
       for (Index slot = 0; slot < k; ++slot) {
         Scalar value;
         std::memcpy(&value, values + static_cast<std::size_t>(row * k + slot) * sizeof(Scalar), sizeof(Scalar));
-        if (!(value >= Scalar(0) && value < static_cast<Scalar>(experts) && std::floor(value) == value)) {
+        // −0 is refused too: it would load as expert 0 and save as +0 (one state, one encoding).
+        if (!(value >= Scalar(0) && !std::signbit(value) && value < static_cast<Scalar>(experts) &&
+              std::floor(value) == value)) {
           checkpoint_fail(Kind::malformed, context, "tensor '", table_name, "' row ", row, " holds ", value,
                           ", expected an expert id in [0, ", experts, ")");
         }
