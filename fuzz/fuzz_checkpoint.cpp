@@ -276,6 +276,18 @@ std::string upgrade_version_1(const std::string& v1, const sparsemoe::Checkpoint
   return v2;
 }
 
+/// deserialize_checkpoint of `bytes` into `layer` (entry 0), with `sgd` (1) or with `adam` (2).
+template <typename Layer, typename Sgd, typename Adam>
+void load(const std::string& bytes, int entry, Layer& layer, Sgd& sgd, Adam& adam) {
+  if (entry == 0) {
+    sparsemoe::deserialize_checkpoint(bytes.data(), bytes.size(), layer);
+  } else if (entry == 1) {
+    sparsemoe::deserialize_checkpoint(bytes.data(), bytes.size(), layer, sgd);
+  } else {
+    sparsemoe::deserialize_checkpoint(bytes.data(), bytes.size(), layer, adam);
+  }
+}
+
 template <typename Layer>
 void run(const std::string& bytes, int entry, std::uint64_t seed) {
   Target<Layer>& clean = pristine<Layer>(seed);
@@ -288,13 +300,7 @@ void run(const std::string& bytes, int entry, std::uint64_t seed) {
   const std::uint64_t step_before = layer.training_step();
   const char* function = "sparsemoe::deserialize_checkpoint";
   try {
-    if (entry == 0) {
-      sparsemoe::deserialize_checkpoint(bytes.data(), bytes.size(), layer);
-    } else if (entry == 1) {
-      sparsemoe::deserialize_checkpoint(bytes.data(), bytes.size(), layer, sgd);
-    } else {
-      sparsemoe::deserialize_checkpoint(bytes.data(), bytes.size(), layer, adam);
-    }
+    load(bytes, entry, layer, sgd, adam);
   } catch (const CheckpointError& error) {
     check_error(error, function);
     FUZZ_CHECK(layer_bytes(layer) == layer_before);
@@ -431,13 +437,7 @@ void run_paradigm(const std::string& bytes, int entry, std::uint64_t seed) {
   auto adam = clean.adam;
   const std::string before = paradigm_bytes(layer, sgd, adam);
   try {
-    if (entry == 0) {
-      sparsemoe::deserialize_checkpoint(bytes.data(), bytes.size(), layer);
-    } else if (entry == 1) {
-      sparsemoe::deserialize_checkpoint(bytes.data(), bytes.size(), layer, sgd);
-    } else {
-      sparsemoe::deserialize_checkpoint(bytes.data(), bytes.size(), layer, adam);
-    }
+    load(bytes, entry, layer, sgd, adam);
   } catch (const CheckpointError& error) {
     check_error(error, "sparsemoe::deserialize_checkpoint");
     FUZZ_CHECK(paradigm_bytes(layer, sgd, adam) == before);

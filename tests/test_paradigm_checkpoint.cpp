@@ -22,6 +22,8 @@
 #include <sparsemoe/optimizers.hpp>
 #include <sparsemoe/soft_moe.hpp>
 
+#include "planned_reference.hpp"
+
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -83,6 +85,12 @@ constexpr Index width = 6;   // d
 constexpr Index hidden = 5;  // h
 constexpr Index experts = 4;
 
+/// A config of any of the four layer types with d, h, E = 4 and `seed` (the rest default).
+template <typename Config>
+Config sized(std::uint64_t seed, Index d, Index h) {
+  return planned_reference::layer_sizes<Config>(d, h, experts, seed);
+}
+
 /// The raw bytes of the output, ∂x and every gradient of `forward(x)` (a training forward of
 /// `layer` on a fixed random T×d batch x) and one backward of a fixed random ∂L/∂y.
 template <typename Layer, typename Forward>
@@ -106,11 +114,7 @@ struct ExpertChoiceCase {
   using Rebind = ExpertChoiceCase<Other>;
   static constexpr const char* kind = "expert_choice";
   static sparsemoe::ExpertChoiceConfig config(std::uint64_t seed, Index d = width, Index h = hidden) {
-    sparsemoe::ExpertChoiceConfig config;
-    config.input_dim = d;
-    config.hidden_dim = h;
-    config.num_experts = experts;
-    config.seed = seed;
+    sparsemoe::ExpertChoiceConfig config = sized<sparsemoe::ExpertChoiceConfig>(seed, d, h);
     config.router.capacity_factor = 2.0;
     return config;
   }
@@ -139,11 +143,7 @@ struct HashCase {
   using Rebind = HashCase<Other>;
   static constexpr const char* kind = "hash";
   static sparsemoe::HashMoEConfig config(std::uint64_t seed, Index d = width, Index h = hidden) {
-    sparsemoe::HashMoEConfig config;
-    config.input_dim = d;
-    config.hidden_dim = h;
-    config.num_experts = experts;
-    config.seed = seed;
+    sparsemoe::HashMoEConfig config = sized<sparsemoe::HashMoEConfig>(seed, d, h);
     config.router.k = 2;
     config.router.seed = 7;
     return config;
@@ -182,13 +182,9 @@ struct SoftCase {
   using Rebind = SoftCase<Other>;
   static constexpr const char* kind = "soft_moe";
   static sparsemoe::SoftMoEConfig config(std::uint64_t seed, Index d = width, Index h = hidden) {
-    sparsemoe::SoftMoEConfig config;
-    config.input_dim = d;
-    config.hidden_dim = h;
-    config.num_experts = experts;
+    sparsemoe::SoftMoEConfig config = sized<sparsemoe::SoftMoEConfig>(seed, d, h);
     config.slots_per_expert = 2;
     config.normalize = true;
-    config.seed = seed;
     return config;
   }
   static void decorate(Layer&) {}
@@ -213,15 +209,11 @@ struct HierarchicalCase {
   using Rebind = HierarchicalCase<Other>;
   static constexpr const char* kind = "hierarchical";
   static sparsemoe::HierarchicalMoEConfig config(std::uint64_t seed, Index d = width, Index h = hidden) {
-    sparsemoe::HierarchicalMoEConfig config;
-    config.input_dim = d;
-    config.hidden_dim = h;
-    config.num_experts = experts;
+    sparsemoe::HierarchicalMoEConfig config = sized<sparsemoe::HierarchicalMoEConfig>(seed, d, h);
     config.num_groups = 2;
     config.k_groups = 1;
     config.k_per_group = 1;
     config.noise_epsilon = seed == 1 ? 1e-2 : 3e-2;  // restored from the file, like the seeds
-    config.seed = seed;
     return config;
   }
   static void decorate(Layer&) {}
