@@ -19,6 +19,12 @@
 //                     with a SwitchRouter (jitter, seed), 7 = double / Expert<GeluErf> with a
 //                     GShardRouter (seed), all E = 4; each with its Sgd and Adam stepped once (so
 //                     that there is state to protect) and a non-zero training step
+//   control bit 6:    the other layer types instead (bits 3-5 then pick one, d = 2, h = 2, E = 4):
+//                     0/1 = float/double ExpertChoiceLayer, 2/3 = HashMoELayer (k = 2, with a
+//                     table), 4/5 = SoftMoELayer (2 slots, normalised), 6/7 = HierarchicalMoELayer
+//                     (2 groups), each with its Sgd and Adam stepped once; their invariants are the
+//                     same (nothing but CheckpointError, nothing changed on failure, an accepted
+//                     file saves back to its own bytes)
 //
 // Invariants, checked with __builtin_trap():
 //   * the reader throws nothing but sparsemoe::CheckpointError, with a known kind and a message
@@ -207,7 +213,7 @@ Target<Layer>& pristine(std::uint64_t seed) {
 
 /// Checks an error thrown by the reader.
 void check_error(const CheckpointError& error, const char* function) {
-  FUZZ_CHECK(error.kind() >= CheckpointErrorKind::io && error.kind() <= CheckpointErrorKind::router_option_mismatch);
+  FUZZ_CHECK(error.kind() >= CheckpointErrorKind::io && error.kind() <= CheckpointErrorKind::wrong_layer_kind);
   FUZZ_CHECK(std::strncmp(error.what(), function, std::strlen(function)) == 0);
 }
 
@@ -270,6 +276,18 @@ std::string upgrade_version_1(const std::string& v1, const sparsemoe::Checkpoint
   return v2;
 }
 
+/// deserialize_checkpoint of `bytes` into `layer` (entry 0), with `sgd` (1) or with `adam` (2).
+template <typename Layer, typename Sgd, typename Adam>
+void load(const std::string& bytes, int entry, Layer& layer, Sgd& sgd, Adam& adam) {
+  if (entry == 0) {
+    sparsemoe::deserialize_checkpoint(bytes.data(), bytes.size(), layer);
+  } else if (entry == 1) {
+    sparsemoe::deserialize_checkpoint(bytes.data(), bytes.size(), layer, sgd);
+  } else {
+    sparsemoe::deserialize_checkpoint(bytes.data(), bytes.size(), layer, adam);
+  }
+}
+
 template <typename Layer>
 void run(const std::string& bytes, int entry, std::uint64_t seed) {
   Target<Layer>& clean = pristine<Layer>(seed);
@@ -282,13 +300,7 @@ void run(const std::string& bytes, int entry, std::uint64_t seed) {
   const std::uint64_t step_before = layer.training_step();
   const char* function = "sparsemoe::deserialize_checkpoint";
   try {
-    if (entry == 0) {
-      sparsemoe::deserialize_checkpoint(bytes.data(), bytes.size(), layer);
-    } else if (entry == 1) {
-      sparsemoe::deserialize_checkpoint(bytes.data(), bytes.size(), layer, sgd);
-    } else {
-      sparsemoe::deserialize_checkpoint(bytes.data(), bytes.size(), layer, adam);
-    }
+    load(bytes, entry, layer, sgd, adam);
   } catch (const CheckpointError& error) {
     check_error(error, function);
     FUZZ_CHECK(layer_bytes(layer) == layer_before);
@@ -356,6 +368,94 @@ void run_inspect(const std::string& bytes) {
   }
 }
 
+/// A config of any of the other layer types with d = 2, h = 2, E = 4 and `seed`.
+template <typename Config>
+Config small_config(std::uint64_t seed) {
+  Config config;
+  config.input_dim = 2;
+  config.hidden_dim = 2;
+  config.num_experts = 4;
+  config.seed = seed;
+  return config;
+}
+
+/// A target of another layer type (control bit 6), built from `seed`.
+template <typename Layer>
+Layer make_paradigm_layer(std::uint64_t seed) {
+  using Scalar = typename Layer::Scalar;
+  if constexpr (std::is_same<Layer, sparsemoe::ExpertChoiceLayer<Scalar>>::value) {
+    return Layer(small_config<sparsemoe::ExpertChoiceConfig>(seed));
+  } else if constexpr (std::is_same<Layer, sparsemoe::HashMoELayer<Scalar>>::value) {
+    sparsemoe::HashMoEConfig config = small_config<sparsemoe::HashMoEConfig>(seed);
+    config.router.k = 2;
+    Layer layer(config);
+    sparsemoe::IndexVector frequencies(5);
+    frequencies << 5, 4, 3, 2, 1;
+    layer.router().set_table(sparsemoe::build_balanced_hash_table(frequencies, 4, 2));
+    return layer;
+  } else if constexpr (std::is_same<Layer, sparsemoe::SoftMoELayer<Scalar>>::value) {
+    sparsemoe::SoftMoEConfig config = small_config<sparsemoe::SoftMoEConfig>(seed);
+    config.slots_per_expert = 2;
+    config.normalize = true;
+    return Layer(config);
+  } else {
+    sparsemoe::HierarchicalMoEConfig config = small_config<sparsemoe::HierarchicalMoEConfig>(seed);
+    config.num_groups = 2;
+    return Layer(config);
+  }
+}
+
+/// A target of another layer type with an Sgd and an Adam stepped once on constant gradients.
+template <typename Layer>
+struct ParadigmTarget {
+  using Scalar = typename Layer::Scalar;
+  Layer layer;
+  sparsemoe::Sgd<Scalar> sgd;
+  sparsemoe::Adam<Scalar> adam;
+
+  explicit ParadigmTarget(std::uint64_t seed)
+      : layer(make_paradigm_layer<Layer>(seed)), sgd(sparsemoe::SgdOptions{0.1, 0.9, true, 0.01}) {
+    auto gradients = layer.make_gradients();
+    for (const auto& view : gradients.tensors()) view.data[0] = Scalar(0.25);  // every tensor has an entry
+    sgd.step(layer.tensors(), gradients.tensors());
+    adam.step(layer.tensors(), gradients.tensors());
+  }
+};
+
+/// Every byte of a target of another layer type and its optimizers (through the writer, which
+/// the reader does not share: the layer's tensors, options and hash table, each optimizer's state).
+template <typename Layer, typename Sgd, typename Adam>
+std::string paradigm_bytes(const Layer& layer, const Sgd& sgd, const Adam& adam) {
+  return sparsemoe::serialize_checkpoint(layer, sgd) + sparsemoe::serialize_checkpoint(layer, adam);
+}
+
+template <typename Layer>
+void run_paradigm(const std::string& bytes, int entry, std::uint64_t seed) {
+  static const ParadigmTarget<Layer> clean(seed);
+  Layer layer = clean.layer;
+  auto sgd = clean.sgd;
+  auto adam = clean.adam;
+  const std::string before = paradigm_bytes(layer, sgd, adam);
+  try {
+    load(bytes, entry, layer, sgd, adam);
+  } catch (const CheckpointError& error) {
+    check_error(error, "sparsemoe::deserialize_checkpoint");
+    FUZZ_CHECK(paradigm_bytes(layer, sgd, adam) == before);
+    return;
+  } catch (...) {
+    FUZZ_CHECK(!"the reader threw something other than CheckpointError");
+  }
+  const sparsemoe::CheckpointInfo info = sparsemoe::inspect_checkpoint(bytes.data(), bytes.size());
+  FUZZ_CHECK(info.layer_kind != "moe" && info.training_step == 0);
+  if (entry == 1) {
+    FUZZ_CHECK(sparsemoe::serialize_checkpoint(layer, sgd) == bytes);
+  } else if (entry == 2) {
+    FUZZ_CHECK(sparsemoe::serialize_checkpoint(layer, adam) == bytes);
+  } else if (info.optimizer == "none") {
+    FUZZ_CHECK(sparsemoe::serialize_checkpoint(layer) == bytes);
+  }
+}
+
 using FloatRelu = sparsemoe::MoELayer<float, sparsemoe::Expert<float, sparsemoe::Relu>>;
 using DoubleSilu = sparsemoe::MoELayer<double, sparsemoe::Expert<double, sparsemoe::Silu>>;
 using FloatSwiGlu = sparsemoe::MoELayer<float, sparsemoe::SwiGluExpert<float>>;
@@ -378,6 +478,19 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const int entry = static_cast<int>(control & 3u);
   if (entry == 3) {
     run_inspect(bytes);
+    return 0;
+  }
+  if ((control & 64u) != 0) {
+    switch ((control >> 3) & 7u) {
+      case 0: run_paradigm<sparsemoe::ExpertChoiceLayer<float>>(bytes, entry, 21); break;
+      case 1: run_paradigm<sparsemoe::ExpertChoiceLayer<double>>(bytes, entry, 22); break;
+      case 2: run_paradigm<sparsemoe::HashMoELayer<float>>(bytes, entry, 23); break;
+      case 3: run_paradigm<sparsemoe::HashMoELayer<double>>(bytes, entry, 24); break;
+      case 4: run_paradigm<sparsemoe::SoftMoELayer<float>>(bytes, entry, 25); break;
+      case 5: run_paradigm<sparsemoe::SoftMoELayer<double>>(bytes, entry, 26); break;
+      case 6: run_paradigm<sparsemoe::HierarchicalMoELayer<float>>(bytes, entry, 27); break;
+      default: run_paradigm<sparsemoe::HierarchicalMoELayer<double>>(bytes, entry, 28); break;
+    }
     return 0;
   }
   switch ((control >> 3) & 7u) {
@@ -468,6 +581,20 @@ void write_seeds(const std::string& directory, const std::string& name, unsigned
   write_seed(directory, name + "_into_float_relu_softmax", (4u << 3) | 0u, layer_only);
 }
 
+/// Seeds of a target of another layer type (control bit 6): a differently seeded layer alone and
+/// with Sgd / Adam state, and the float expert-choice file into the float Soft MoE target.
+template <typename Layer>
+void write_paradigm_seeds(const std::string& directory, const std::string& name, unsigned target) {
+  ParadigmTarget<Layer> source(2000 + target);
+  const unsigned t = 64u | target << 3;
+  write_seed(directory, name + "_layer", t | 0u, sparsemoe::serialize_checkpoint(source.layer));
+  write_seed(directory, name + "_sgd", t | 1u, sparsemoe::serialize_checkpoint(source.layer, source.sgd));
+  write_seed(directory, name + "_adam", t | 2u, sparsemoe::serialize_checkpoint(source.layer, source.adam));
+  if (target == 0) {
+    write_seed(directory, name + "_into_soft_moe", 64u | 4u << 3, sparsemoe::serialize_checkpoint(source.layer));
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -484,6 +611,14 @@ int main(int argc, char** argv) {
   write_seeds<DoubleSiluSigmoid>(directory, "double_silu_sigmoid", 5);
   write_seeds<FloatSwiGluSwitch>(directory, "float_swiglu_switch", 6);
   write_seeds<DoubleGeluErfGShard>(directory, "double_gelu_erf_gshard", 7);
+  write_paradigm_seeds<sparsemoe::ExpertChoiceLayer<float>>(directory, "layer_expert_choice_float", 0);
+  write_paradigm_seeds<sparsemoe::ExpertChoiceLayer<double>>(directory, "layer_expert_choice_double", 1);
+  write_paradigm_seeds<sparsemoe::HashMoELayer<float>>(directory, "layer_hash_float", 2);
+  write_paradigm_seeds<sparsemoe::HashMoELayer<double>>(directory, "layer_hash_double", 3);
+  write_paradigm_seeds<sparsemoe::SoftMoELayer<float>>(directory, "layer_soft_moe_float", 4);
+  write_paradigm_seeds<sparsemoe::SoftMoELayer<double>>(directory, "layer_soft_moe_double", 5);
+  write_paradigm_seeds<sparsemoe::HierarchicalMoELayer<float>>(directory, "layer_hierarchical_float", 6);
+  write_paradigm_seeds<sparsemoe::HierarchicalMoELayer<double>>(directory, "layer_hierarchical_double", 7);
   return 0;
 }
 #endif

@@ -4,15 +4,17 @@
 #define SPARSEMOE_CHECKPOINT_HPP
 
 /// \file checkpoint.hpp
-/// Lossless checkpoints of an MoELayer with any router (and, optionally, of its Sgd or Adam
+/// Lossless checkpoints of an MoELayer with any router, and of an ExpertChoiceLayer,
+/// HashMoELayer, SoftMoELayer or HierarchicalMoELayer (and, optionally, of its Sgd or Adam
 /// optimizer) in a documented, checksummed binary format, written atomically.
 ///
 /// This is the public entry point; the implementation lives in io/ (one purpose per file):
 /// io/checkpoint_error.hpp (CheckpointError), io/byte_codec.hpp (little-endian fields),
 /// io/file.hpp (POSIX reads and atomic writes), io/checkpoint_format.hpp (format constants,
 /// CheckpointInfo, parsing and validation), io/checkpoint_optimizer.hpp (optimizer sections),
-/// io/checkpoint_router.hpp (router options and state) and io/checkpoint_layer.hpp (ExpertKind,
-/// the layer's tensors, validate-then-commit loading). A router's kind string and options come
+/// io/checkpoint_router.hpp (router options and state), io/checkpoint_layer.hpp (ExpertKind,
+/// the layer's tensors, validate-then-commit loading) and io/checkpoint_paradigm.hpp (the other
+/// layer types: their kind "layer:<kind>", options and tensors). A router's kind string and options come
 /// from RouterKind<RouterT> (router/router_kind.hpp), specialised in each router's header.
 ///
 /// Not part of the umbrella header sparsemoe.hpp, because it needs xxHash (`xxhash.h`, Debian
@@ -59,7 +61,9 @@
 ///                i64 d, i64 h, i64 E, i64 k
 ///                u64 training step (MoELayer::training_step())
 ///                str router kind: "noisy_top_k" | "softmax_top_k" | "sigmoid_top_k" | "switch" |
-///                "gshard" (RouterKind<RouterT>::name())
+///                "gshard" (RouterKind<RouterT>::name()); for the other layer types the layer
+///                kind instead: "layer:expert_choice" | "layer:hash" | "layer:soft_moe" |
+///                "layer:hierarchical" (CheckpointInfo::layer_kind)
 ///                u64 router option count, then that many option records
 ///                u64 parameter tensor count, then that many tensor records
 ///                u64 router state tensor count, then that many tensor records
@@ -108,6 +112,7 @@
 #include "io/checkpoint_format.hpp"
 #include "io/checkpoint_layer.hpp"
 #include "io/checkpoint_optimizer.hpp"
+#include "io/checkpoint_paradigm.hpp"
 #include "io/checkpoint_router.hpp"
 #include "io/file.hpp"
 #include "router/router_kind.hpp"
@@ -250,6 +255,116 @@ void load_checkpoint(const std::string& path, MoELayer<Scalar, ExpertT, RouterT>
   const char* function = "sparsemoe::load_checkpoint";
   const std::string bytes = detail::read_file(path, function);
   detail::deserialize(bytes.data(), bytes.size(), layer, optimizer, detail::file_context(function, path), options);
+}
+
+// ---- The other layer types ----------------------------------------------------------------------
+//
+// ExpertChoiceLayer, HashMoELayer, SoftMoELayer and HierarchicalMoELayer (LayerT below; the
+// overloads take part only for these types). Same format (version 2) and guarantees as an
+// MoELayer's checkpoint; the kind string is "layer:<kind>" (CheckpointInfo::layer_kind), and a
+// file loads only into a layer of the same type, Scalar, expert type, d, h, E, k and options
+// (io/checkpoint_paradigm.hpp, docs/checkpoint-format.md). These layers keep no training step:
+// the file's is 0 and a load ignores it. A load fills a copy of the layer and moves it in:
+// views taken from the layer before a load do not see the loaded values.
+
+/// The checkpoint of `layer` (a layer type of io/checkpoint_paradigm.hpp) as bytes. O(parameters);
+/// memory: the result plus a copy of the layer. Throws std::bad_alloc only (std::invalid_argument
+/// for a hierarchical layer of more than 251 groups, whose options would not fit).
+template <typename LayerT, detail::EnableIfParadigmLayer<LayerT> = 0>
+std::string serialize_checkpoint(const LayerT& layer) {
+  return detail::serialize_paradigm(layer, detail::NoOptimizer{}, "sparsemoe::serialize_checkpoint");
+}
+
+/// The checkpoint of `layer` and of `optimizer`'s state. Throws std::invalid_argument if the
+/// optimizer's state does not fit the layer's tensors.
+template <typename LayerT, detail::EnableIfParadigmLayer<LayerT> = 0>
+std::string serialize_checkpoint(const LayerT& layer, const Sgd<typename LayerT::Scalar>& optimizer) {
+  return detail::serialize_paradigm(layer, optimizer, "sparsemoe::serialize_checkpoint");
+}
+
+/// The checkpoint of `layer` and of `optimizer`'s state. Throws std::invalid_argument if the
+/// optimizer's state does not fit the layer's tensors.
+template <typename LayerT, detail::EnableIfParadigmLayer<LayerT> = 0>
+std::string serialize_checkpoint(const LayerT& layer, const Adam<typename LayerT::Scalar>& optimizer) {
+  return detail::serialize_paradigm(layer, optimizer, "sparsemoe::serialize_checkpoint");
+}
+
+/// Loads the checkpoint in the `size` bytes at `data` into `layer`, which must be of the file's
+/// layer kind (wrong_layer_kind), Scalar, expert kind, d, h, E, k and options; every parameter
+/// (and the hash table, or its absence; the hierarchical gates' ε and noise seeds) is replaced.
+/// An optimizer section is verified but ignored. Throws CheckpointError and then leaves `layer`
+/// unchanged. O(size).
+template <typename LayerT, detail::EnableIfParadigmLayer<LayerT> = 0>
+void deserialize_checkpoint(const void* data, std::size_t size, LayerT& layer, const CheckpointLoadOptions& options = {}) {
+  detail::NoOptimizer none;
+  detail::deserialize_paradigm(data, size, layer, none, "sparsemoe::deserialize_checkpoint", options);
+}
+
+/// Like deserialize_checkpoint(data, size, layer), and also restores `optimizer` from the file's
+/// Sgd section. On any error neither the layer nor the optimizer changes.
+template <typename LayerT, detail::EnableIfParadigmLayer<LayerT> = 0>
+void deserialize_checkpoint(const void* data, std::size_t size, LayerT& layer, Sgd<typename LayerT::Scalar>& optimizer,
+                            const CheckpointLoadOptions& options = {}) {
+  detail::deserialize_paradigm(data, size, layer, optimizer, "sparsemoe::deserialize_checkpoint", options);
+}
+
+/// Like deserialize_checkpoint(data, size, layer), and also restores `optimizer` from the file's
+/// Adam section. On any error neither the layer nor the optimizer changes.
+template <typename LayerT, detail::EnableIfParadigmLayer<LayerT> = 0>
+void deserialize_checkpoint(const void* data, std::size_t size, LayerT& layer, Adam<typename LayerT::Scalar>& optimizer,
+                            const CheckpointLoadOptions& options = {}) {
+  detail::deserialize_paradigm(data, size, layer, optimizer, "sparsemoe::deserialize_checkpoint", options);
+}
+
+/// Saves `layer` to `path` atomically (see save_checkpoint of an MoELayer).
+template <typename LayerT, detail::EnableIfParadigmLayer<LayerT> = 0>
+void save_checkpoint(const std::string& path, const LayerT& layer) {
+  const char* function = "sparsemoe::save_checkpoint";
+  detail::write_file_atomically(path, detail::serialize_paradigm(layer, detail::NoOptimizer{}, function), function);
+}
+
+/// Saves `layer` and the state of `optimizer` to `path` atomically.
+template <typename LayerT, detail::EnableIfParadigmLayer<LayerT> = 0>
+void save_checkpoint(const std::string& path, const LayerT& layer, const Sgd<typename LayerT::Scalar>& optimizer) {
+  const char* function = "sparsemoe::save_checkpoint";
+  detail::write_file_atomically(path, detail::serialize_paradigm(layer, optimizer, function), function);
+}
+
+/// Saves `layer` and the state of `optimizer` to `path` atomically.
+template <typename LayerT, detail::EnableIfParadigmLayer<LayerT> = 0>
+void save_checkpoint(const std::string& path, const LayerT& layer, const Adam<typename LayerT::Scalar>& optimizer) {
+  const char* function = "sparsemoe::save_checkpoint";
+  detail::write_file_atomically(path, detail::serialize_paradigm(layer, optimizer, function), function);
+}
+
+/// Loads the checkpoint at `path` into `layer` (see deserialize_checkpoint). Throws
+/// CheckpointError and then leaves `layer` unchanged.
+template <typename LayerT, detail::EnableIfParadigmLayer<LayerT> = 0>
+void load_checkpoint(const std::string& path, LayerT& layer, const CheckpointLoadOptions& options = {}) {
+  const char* function = "sparsemoe::load_checkpoint";
+  const std::string bytes = detail::read_file(path, function);
+  detail::NoOptimizer none;
+  detail::deserialize_paradigm(bytes.data(), bytes.size(), layer, none, detail::file_context(function, path), options);
+}
+
+/// Loads the checkpoint at `path` into `layer` and `optimizer` (Sgd section required).
+template <typename LayerT, detail::EnableIfParadigmLayer<LayerT> = 0>
+void load_checkpoint(const std::string& path, LayerT& layer, Sgd<typename LayerT::Scalar>& optimizer,
+                     const CheckpointLoadOptions& options = {}) {
+  const char* function = "sparsemoe::load_checkpoint";
+  const std::string bytes = detail::read_file(path, function);
+  detail::deserialize_paradigm(bytes.data(), bytes.size(), layer, optimizer, detail::file_context(function, path),
+                               options);
+}
+
+/// Loads the checkpoint at `path` into `layer` and `optimizer` (Adam section required).
+template <typename LayerT, detail::EnableIfParadigmLayer<LayerT> = 0>
+void load_checkpoint(const std::string& path, LayerT& layer, Adam<typename LayerT::Scalar>& optimizer,
+                     const CheckpointLoadOptions& options = {}) {
+  const char* function = "sparsemoe::load_checkpoint";
+  const std::string bytes = detail::read_file(path, function);
+  detail::deserialize_paradigm(bytes.data(), bytes.size(), layer, optimizer, detail::file_context(function, path),
+                               options);
 }
 
 /// What the checkpoint at `path` holds (see inspect_checkpoint). Throws CheckpointError.

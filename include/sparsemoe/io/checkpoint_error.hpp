@@ -36,7 +36,8 @@ enum class CheckpointErrorKind {
   optimizer_mismatch,   ///< the optimizer state asked for is not in the file (none, or another kind)
   non_finite_value,     ///< a parameter or router state tensor holds a NaN or an infinity (the message names it)
   wrong_router_kind,    ///< the file's router kind (e.g. "softmax_top_k") is not the layer's (format version 2)
-  router_option_mismatch,  ///< a router option (e.g. scale, num_groups, seed) differs from the layer's router's
+  router_option_mismatch,  ///< a router (or layer) option (e.g. scale, num_groups, seed) differs from the layer's
+  wrong_layer_kind,     ///< the file holds another layer type (e.g. a SoftMoELayer's checkpoint loaded into an MoELayer)
 };
 
 /// A stable lowercase name of `kind` ("checksum_mismatch", …), as used in the error messages.
@@ -57,6 +58,7 @@ inline const char* to_string(CheckpointErrorKind kind) {
     case CheckpointErrorKind::optimizer_mismatch: return "optimizer_mismatch";
     case CheckpointErrorKind::wrong_router_kind: return "wrong_router_kind";
     case CheckpointErrorKind::router_option_mismatch: return "router_option_mismatch";
+    case CheckpointErrorKind::wrong_layer_kind: return "wrong_layer_kind";
   }
   return "unknown";
 }

@@ -80,11 +80,18 @@ struct CheckpointInfo {
   bool has_training_step = false;
   /// MoELayer::training_step() when saved (0 when !has_training_step).
   std::uint64_t training_step = 0;
-  /// RouterKind<RouterT>::name() of the writer: "noisy_top_k" (every version 1 file),
-  /// "softmax_top_k", "sigmoid_top_k", "switch", "gshard", or a router of your own.
+  /// The kind string of the file. For an MoELayer's file: RouterKind<RouterT>::name() of its
+  /// router, "noisy_top_k" (every version 1 file), "softmax_top_k", "sigmoid_top_k", "switch",
+  /// "gshard", or a router of your own. For another layer type: "layer:" + layer_kind, e.g.
+  /// "layer:soft_moe".
   std::string router_kind;
+  /// Which layer type wrote the file: "moe" (MoELayer, every version 1 file), "expert_choice"
+  /// (ExpertChoiceLayer), "hash" (HashMoELayer), "soft_moe" (SoftMoELayer) or "hierarchical"
+  /// (HierarchicalMoELayer); taken from router_kind (the part after "layer:", else "moe").
+  std::string layer_kind;
   /// RouterKind<RouterT>::options() of the writer's router, in file order (for a version 1 file:
-  /// noise_epsilon and noise_seed, as a version 2 file of the same gate stores them).
+  /// noise_epsilon and noise_seed, as a version 2 file of the same gate stores them); for
+  /// another layer type, the options that define that layer (docs/checkpoint-format.md).
   std::vector<RouterOption> router_options;
   double noise_epsilon = 0.0;                           ///< noisy_top_k: the gate's ε (exact); else 0
   std::uint64_t noise_seed = 0;                         ///< noisy_top_k: the gate's noise seed; else 0
@@ -153,6 +160,29 @@ inline constexpr std::uint64_t checkpoint_max_router_options = 256;
 /// The router kind of NoisyTopKGate (RouterKind<NoisyTopKGate<S>>::name()), which every version 1
 /// file implies.
 inline constexpr const char* noisy_top_k_kind = "noisy_top_k";
+
+/// The layer kind of an MoELayer's checkpoint (CheckpointInfo::layer_kind).
+inline constexpr const char* moe_layer_kind = "moe";
+/// What the kind string of another layer type's checkpoint starts with: "layer:" + its kind.
+inline constexpr const char* layer_kind_prefix = "layer:";
+
+/// The layer kind a file's kind string `router_kind` implies: the part after "layer:", or "moe".
+inline std::string layer_kind_of(const std::string& router_kind) {
+  const std::string prefix = layer_kind_prefix;
+  if (router_kind.compare(0, prefix.size(), prefix) == 0) return router_kind.substr(prefix.size());
+  return moe_layer_kind;
+}
+
+/// The class that writes layer kind `kind` ("MoELayer" for "moe", "SoftMoELayer" for
+/// "soft_moe", …; "an unknown layer type" otherwise), for error messages.
+inline std::string layer_kind_class(const std::string& kind) {
+  if (kind == moe_layer_kind) return "MoELayer";
+  if (kind == "expert_choice") return "ExpertChoiceLayer";
+  if (kind == "hash") return "HashMoELayer";
+  if (kind == "soft_moe") return "SoftMoELayer";
+  if (kind == "hierarchical") return "HierarchicalMoELayer";
+  return "an unknown layer type";
+}
 
 /// The smallest well-formed file of format `version` (1 or 2).
 constexpr std::size_t checkpoint_min_size_of(std::uint32_t version) {
@@ -407,6 +437,12 @@ inline ParsedCheckpoint parse_checkpoint(const unsigned char* data, std::size_t 
     info.training_step = reader.u64("the training step");
     info.router_kind = reader.str(checkpoint_max_kind_length, "the router kind");
     read_router_options(reader, context, info.router_options);
+  }
+  info.layer_kind = layer_kind_of(info.router_kind);
+  if (info.layer_kind != moe_layer_kind && info.training_step != 0) {
+    // The other layer types keep no step and write 0: anything else is not their encoding.
+    checkpoint_fail(Kind::malformed, context, "a ", info.layer_kind, " layer's checkpoint records training step 0, got ",
+                    info.training_step);
   }
   if (info.router_kind == noisy_top_k_kind) check_noisy_top_k_options(info, context);
   const std::uint64_t tensor_count = reader.u64("the tensor count");

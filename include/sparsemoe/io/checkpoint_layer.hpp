@@ -73,45 +73,73 @@ void write_state_records(CheckpointWriter& writer, const char* prefix, const std
   }
 }
 
-/// Appends everything of the layer after the fixed prefix (format version 2): scalar code and
-/// size, expert kind, d, h, E, k, training step, router kind and options, the parameter tensors
-/// and the router state tensors; returns the parameters' names and shapes. MoELayer::tensors()
-/// and the routers' tensors()/state() are non-const, so the views are taken from copies: the
-/// router (`router_copy`, made by the caller), then one expert at a time (extra memory: one
-/// expert). Names are those of MoELayer::tensors().
-template <typename Scalar, typename ExpertT, typename RouterT>
-std::vector<WrittenTensor> write_layer(CheckpointWriter& writer, const MoELayer<Scalar, ExpertT, RouterT>& layer,
-                                       RouterT& router_copy) {
-  const char* prefix = MoELayer<Scalar, ExpertT, RouterT>::Traits::prefix;
+/// Appends the magic, the format version and a zero total size (patched by finish_checkpoint).
+inline void begin_checkpoint(CheckpointWriter& writer) {
+  writer.bytes(checkpoint_magic, checkpoint_magic_size);
+  writer.u32(checkpoint_format_version);
+  writer.u64(0);  // total size, patched by finish_checkpoint
+}
+
+/// Patches the total size N into `bytes` (what `writer` wrote since begin_checkpoint) and appends
+/// the XXH3-64 of the N − 8 bytes before it.
+inline void finish_checkpoint(std::string& bytes, CheckpointWriter& writer) {
+  writer.patch_u64(checkpoint_size_offset, static_cast<std::uint64_t>(bytes.size() + checkpoint_checksum_size));
+  writer.u64(checkpoint_checksum(bytes.data(), bytes.size()));
+}
+
+/// Appends the header fields every version 2 file has after the prefix: scalar code and size,
+/// expert kind, d, h, E, k, training step, kind string (RouterKind::name() of an MoELayer's
+/// router, or "layer:<kind>" for another layer type) and the typed option records.
+template <typename Scalar, typename ExpertT>
+void write_layer_header(CheckpointWriter& writer, Index d, Index h, Index experts, Index k, std::uint64_t step,
+                        const std::string& kind, const std::vector<RouterOption>& options) {
   writer.u32(checkpoint_scalar_code<Scalar>());
   writer.u32(static_cast<std::uint32_t>(sizeof(Scalar)));
   writer.str(ExpertKind<ExpertT>::name());
-  writer.i64(static_cast<std::int64_t>(layer.input_dim()));
-  writer.i64(static_cast<std::int64_t>(layer.hidden_dim()));
-  writer.i64(static_cast<std::int64_t>(layer.num_experts()));
-  writer.i64(static_cast<std::int64_t>(layer.k()));
-  writer.u64(layer.training_step());
-  writer.str(RouterKind<RouterT>::name());
-  const std::vector<RouterOption> options = RouterKind<RouterT>::options(router_copy);
+  writer.i64(static_cast<std::int64_t>(d));
+  writer.i64(static_cast<std::int64_t>(h));
+  writer.i64(static_cast<std::int64_t>(experts));
+  writer.i64(static_cast<std::int64_t>(k));
+  writer.u64(step);
+  writer.str(kind);
   writer.u64(static_cast<std::uint64_t>(options.size()));
   for (const RouterOption& option : options) {
     writer.str(option.name);
     writer.u32(static_cast<std::uint32_t>(option.type));
     writer.u64(option.bits);
   }
+}
+
+/// Appends one tensor record per view, named `view_prefix` + view.name, and adds each name and
+/// shape to `written` (the optimizer section needs them).
+template <typename Scalar>
+void write_tensor_views(CheckpointWriter& writer, const std::string& view_prefix,
+                        const std::vector<TensorView<Scalar>>& views, std::vector<WrittenTensor>& written) {
+  for (const TensorView<Scalar>& view : views) {
+    written.push_back({view_prefix + view.name, view.rows, view.cols});
+    write_tensor_record(writer, written.back().name, view.rows, view.cols, view.data);
+  }
+}
+
+/// Appends everything of the layer after the fixed prefix (format version 2): the header
+/// (write_layer_header), the parameter tensors and the router state tensors; returns the
+/// parameters' names and shapes. MoELayer::tensors() and the routers' tensors()/state() are
+/// non-const, so the views are taken from copies: the router (`router_copy`, made by the caller),
+/// then one expert at a time (extra memory: one expert). Names are those of MoELayer::tensors().
+template <typename Scalar, typename ExpertT, typename RouterT>
+std::vector<WrittenTensor> write_layer(CheckpointWriter& writer, const MoELayer<Scalar, ExpertT, RouterT>& layer,
+                                       RouterT& router_copy) {
+  const char* prefix = MoELayer<Scalar, ExpertT, RouterT>::Traits::prefix;
+  write_layer_header<Scalar, ExpertT>(writer, layer.input_dim(), layer.hidden_dim(), layer.num_experts(), layer.k(),
+                                      layer.training_step(), RouterKind<RouterT>::name(),
+                                      RouterKind<RouterT>::options(router_copy));
   const std::size_t count_offset = writer.position();
   writer.u64(0);  // tensor count, patched below
   std::vector<WrittenTensor> written;
-  const auto write_views = [&](const std::string& view_prefix, const std::vector<TensorView<Scalar>>& views) {
-    for (const TensorView<Scalar>& view : views) {
-      written.push_back({view_prefix + view.name, view.rows, view.cols});
-      write_tensor_record(writer, written.back().name, view.rows, view.cols, view.data);
-    }
-  };
-  write_views(prefix, router_copy.tensors());
+  write_tensor_views(writer, prefix, router_copy.tensors(), written);
   for (Index e = 0; e < layer.num_experts(); ++e) {
     ExpertT expert_copy = layer.expert(e);
-    write_views("expert" + std::to_string(e) + ".", expert_copy.tensors());
+    write_tensor_views(writer, "expert" + std::to_string(e) + ".", expert_copy.tensors(), written);
   }
   writer.patch_u64(count_offset, static_cast<std::uint64_t>(written.size()));
   write_state_records(writer, prefix, router_state(router_copy));
@@ -144,23 +172,24 @@ std::string serialize(const MoELayer<Scalar, ExpertT, RouterT>& layer, const Opt
                     sizeof(Scalar) +
                 static_cast<std::size_t>(tensors * (1 + state_copies(optimizer)) * 96 + 1024));
   CheckpointWriter writer(bytes);
-  writer.bytes(checkpoint_magic, checkpoint_magic_size);
-  writer.u32(checkpoint_format_version);
-  writer.u64(0);  // total size, patched below
+  begin_checkpoint(writer);
   const std::vector<WrittenTensor> parameters = write_layer(writer, layer, router_copy);
   write_optimizer(writer, parameters, optimizer, function);
-  writer.patch_u64(checkpoint_size_offset, static_cast<std::uint64_t>(bytes.size() + checkpoint_checksum_size));
-  writer.u64(checkpoint_checksum(bytes.data(), bytes.size()));
+  finish_checkpoint(bytes, writer);
   return bytes;
 }
 
-/// Checks that `parsed` was written for a layer like `layer`: scalar type, expert kind, router
-/// kind, d, h, E and k. Touches nothing; the router options, tensors and state come after.
-template <typename Scalar, typename ExpertT, typename RouterT>
-void check_compatible(const ParsedCheckpoint& parsed, const MoELayer<Scalar, ExpertT, RouterT>& layer,
-                      const std::string& context) {
+/// Throws CheckpointError unless `info` was written for a layer of kind `layer_kind` ("moe" for
+/// an MoELayer, else ParadigmCheckpoint::kind: wrong_layer_kind), of scalar type `Scalar`
+/// (wrong_scalar_type) and of expert type `ExpertT` (wrong_expert_kind), checked in that order.
+template <typename Scalar, typename ExpertT>
+void check_layer_identity(const CheckpointInfo& info, const std::string& layer_kind, const std::string& context) {
   using Kind = CheckpointErrorKind;
-  const CheckpointInfo& info = parsed.info;
+  if (info.layer_kind != layer_kind) {
+    checkpoint_fail(Kind::wrong_layer_kind, context, "expected a checkpoint of layer kind \"", layer_kind,
+                    "\" (the layer's: ", layer_kind_class(layer_kind), "), got layer kind \"", info.layer_kind,
+                    "\" (", layer_kind_class(info.layer_kind), ")");
+  }
   const std::string layer_scalar = checkpoint_scalar_name(checkpoint_scalar_code<Scalar>());
   if (info.scalar_type != layer_scalar) {
     checkpoint_fail(Kind::wrong_scalar_type, context, "expected ", layer_scalar, " tensors (the layer's Scalar), got ",
@@ -171,25 +200,51 @@ void check_compatible(const ParsedCheckpoint& parsed, const MoELayer<Scalar, Exp
     checkpoint_fail(Kind::wrong_expert_kind, context, "expected expert kind \"", kind, "\" (the layer's), got \"",
                     info.expert_kind, "\"");
   }
-  const std::string router_kind = RouterKind<RouterT>::name();
-  if (info.router_kind != router_kind) {
-    checkpoint_fail(Kind::wrong_router_kind, context, "expected router kind \"", router_kind,
-                    "\" (the layer's), got \"", info.router_kind, "\"");
-  }
+}
+
+/// Throws CheckpointError(shape_mismatch), naming the first that differs, unless the file's d,
+/// h, E and k equal the target layer's `d`, `h`, `experts` and `k`.
+inline void check_layer_sizes(const CheckpointInfo& info, Index d, Index h, Index experts, Index k,
+                              const std::string& context) {
   const struct {
     const char* name;
     Index file;
     Index target;
-  } sizes[] = {{"input_dim (d)", info.input_dim, layer.input_dim()},
-               {"hidden_dim (h)", info.hidden_dim, layer.hidden_dim()},
-               {"num_experts (E)", info.num_experts, layer.num_experts()},
-               {"k", info.k, layer.k()}};
+  } sizes[] = {{"input_dim (d)", info.input_dim, d},
+               {"hidden_dim (h)", info.hidden_dim, h},
+               {"num_experts (E)", info.num_experts, experts},
+               {"k", info.k, k}};
   for (const auto& item : sizes) {
     if (item.file != item.target) {
-      checkpoint_fail(Kind::shape_mismatch, context, "expected ", item.name, " = ", item.target,
+      checkpoint_fail(CheckpointErrorKind::shape_mismatch, context, "expected ", item.name, " = ", item.target,
                       " (the layer's), got ", item.file);
     }
   }
+}
+
+/// Checks that `parsed` was written for a layer like `layer`: layer kind, scalar type, expert
+/// kind, router kind, d, h, E and k. Touches nothing; the router options, tensors and state come
+/// after.
+template <typename Scalar, typename ExpertT, typename RouterT>
+void check_compatible(const ParsedCheckpoint& parsed, const MoELayer<Scalar, ExpertT, RouterT>& layer,
+                      const std::string& context) {
+  const CheckpointInfo& info = parsed.info;
+  check_layer_identity<Scalar, ExpertT>(info, moe_layer_kind, context);
+  const std::string router_kind = RouterKind<RouterT>::name();
+  if (info.router_kind != router_kind) {
+    checkpoint_fail(CheckpointErrorKind::wrong_router_kind, context, "expected router kind \"", router_kind,
+                    "\" (the layer's), got \"", info.router_kind, "\"");
+  }
+  check_layer_sizes(info, layer.input_dim(), layer.hidden_dim(), layer.num_experts(), layer.k(), context);
+}
+
+/// The names of `views`, in order.
+template <typename Scalar>
+std::vector<std::string> tensor_names(const std::vector<TensorView<Scalar>>& views) {
+  std::vector<std::string> names;
+  names.reserve(views.size());
+  for (const TensorView<Scalar>& view : views) names.push_back(view.name);
+  return names;
 }
 
 /// Throws CheckpointError unless the file's tensors (`file`) have exactly the names of `names`
@@ -271,10 +326,7 @@ void deserialize(const void* data, std::size_t size, MoELayer<Scalar, ExpertT, R
   // the first modification.
   RouterT staged = stage_router(static_cast<const RouterT&>(layer.router()), info, context);
   const std::vector<TensorView<Scalar>> views = layer.tensors();
-  std::vector<std::string> names;
-  names.reserve(views.size());
-  for (const TensorView<Scalar>& view : views) names.push_back(view.name);
-  check_tensor_list(info.tensors, views, names, "parameter tensors", context);
+  check_tensor_list(info.tensors, views, tensor_names(views), "parameter tensors", context);
   const std::vector<TensorView<Scalar>> router_views = staged.tensors();
   const std::vector<TensorView<Scalar>> state_views = router_state(staged);
   std::vector<std::string> state_names;

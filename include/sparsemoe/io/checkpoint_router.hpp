@@ -76,27 +76,41 @@ inline std::string router_state_name(const char* prefix, const std::string& name
 }
 
 /// Throws CheckpointError(router_option_mismatch) unless `file` and `layer` (the target router's
-/// RouterKind::options) list the same options, with the same names and types in the same order,
-/// and, when `compare_values`, bitwise the same values. The message names the first option that
-/// differs and both values (or both lists). O(number of options).
+/// RouterKind::options, or the target layer's options for `noun` "layer") list the same options,
+/// with the same names and types in the same order, and, when `compare_values`, bitwise the same
+/// values. The message names the first option that differs and both values (or both lists).
+/// O(number of options).
 inline void check_router_options(const std::vector<RouterOption>& file, const std::vector<RouterOption>& layer,
-                                 const std::string& kind, bool compare_values, const std::string& context) {
+                                 const std::string& kind, bool compare_values, const std::string& context,
+                                 const char* noun = "router") {
   using Kind = CheckpointErrorKind;
   bool same_list = file.size() == layer.size();
   for (std::size_t i = 0; same_list && i < file.size(); ++i) {
     same_list = file[i].name == layer[i].name && file[i].type == layer[i].type;
   }
   if (!same_list) {
-    checkpoint_fail(Kind::router_option_mismatch, context, "expected the ", kind, " router options ",
+    checkpoint_fail(Kind::router_option_mismatch, context, "expected the ", kind, " ", noun, " options ",
                     describe_router_options(layer), " (the layer's), got ", describe_router_options(file));
   }
   if (!compare_values) return;
   for (std::size_t i = 0; i < file.size(); ++i) {
     if (file[i].bits != layer[i].bits) {
-      checkpoint_fail(Kind::router_option_mismatch, context, "router option '", layer[i].name, "': expected ",
-                      layer[i].value_text(), " (the layer's ", kind, " router), got ", file[i].value_text());
+      checkpoint_fail(Kind::router_option_mismatch, context, noun, " option '", layer[i].name, "': expected ",
+                      layer[i].value_text(), " (the layer's ", kind, " ", noun, "), got ", file[i].value_text());
     }
   }
+}
+
+/// The file's noise ε `epsilon` as the gate's Scalar. Throws CheckpointError(malformed) unless
+/// it is exactly a finite Scalar > 0.
+template <typename Scalar>
+Scalar checked_noise_epsilon(double epsilon, const std::string& context) {
+  const auto value = static_cast<Scalar>(epsilon);
+  if (!(std::isfinite(value) && value > Scalar(0) && static_cast<double>(value) == epsilon)) {
+    checkpoint_fail(CheckpointErrorKind::malformed, context, "the noise epsilon ", epsilon,
+                    " is not exactly a finite ", checkpoint_scalar_name(checkpoint_scalar_code<Scalar>()), " > 0");
+  }
+  return value;
 }
 
 /// The router a load fills and then installs: a copy of `target`, after checking that the file's
@@ -116,11 +130,7 @@ NoisyTopKGate<Scalar> stage_router(const NoisyTopKGate<Scalar>& target, const Ch
                                    const std::string& context) {
   check_router_options(info.router_options, RouterKind<NoisyTopKGate<Scalar>>::options(target), info.router_kind,
                        false, context);
-  const auto epsilon = static_cast<Scalar>(info.noise_epsilon);
-  if (!(std::isfinite(epsilon) && epsilon > Scalar(0) && static_cast<double>(epsilon) == info.noise_epsilon)) {
-    checkpoint_fail(CheckpointErrorKind::malformed, context, "the noise epsilon ", info.noise_epsilon,
-                    " is not exactly a finite ", checkpoint_scalar_name(checkpoint_scalar_code<Scalar>()), " > 0");
-  }
+  const Scalar epsilon = checked_noise_epsilon<Scalar>(info.noise_epsilon, context);
   NoisyTopKGate<Scalar> gate(target.input_dim(), target.num_experts(), target.k(), epsilon, info.noise_seed);
   gate.set_check_finite(target.check_finite());
   return gate;

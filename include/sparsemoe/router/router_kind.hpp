@@ -107,7 +107,7 @@ struct RouterOption {
 ///
 /// | member | meaning |
 /// | --- | --- |
-/// | `static std::string name()` | a kind string no other router type returns, at most 256 bytes (e.g. "softmax_top_k") |
+/// | `static std::string name()` | a kind string no other router type returns, at most 256 bytes (e.g. "softmax_top_k"), not starting with "layer:" (reserved for the layer types other than MoELayer) |
 /// | `static std::vector<RouterOption> options(const RouterT& router)` | every option of `router` that changes its forward or backward, in a fixed order, with distinct names (at most 256 bytes each) |
 ///
 /// Leave out what does not change the math (e.g. check_finite, which only decides whether bad
