@@ -1,0 +1,193 @@
+// SPDX-License-Identifier: MIT
+// Copyright (c) 2026 The sparsemoe authors
+#ifndef SPARSEMOE_DETAIL_BF16_GEMM_HPP
+#define SPARSEMOE_DETAIL_BF16_GEMM_HPP
+
+/// \file bf16_gemm.hpp
+/// The product of fp32 rows and a bfloat16 weight matrix with fp32 accumulation, for serving
+/// small batches whose cost is streaming the weights: Y = X·W, X fp32 (rows×k), W bfloat16 (k×n,
+/// stored in 32-column panels), Y fp32. Each bfloat16 weight is widened exactly to fp32 (a 16-bit
+/// shift) and multiplied into an fp32 accumulator by a fused multiply-add, k in order from 0:
+/// every element of Y is Σ_k x_k·w_k rounded as a chain of fp32 FMAs, the same bits on the
+/// AVX-512 kernel and on the portable one (std::fma), for any thread count.
+
+#include "../config.hpp"
+#include "half.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace sparsemoe {
+
+/// \addtogroup layer
+/// @{
+
+/// Which kernel Bf16Experts::forward runs.
+enum class Bf16Kernel {
+  automatic,  ///< the AVX-512 kernel when the build has AVX-512F (bf16_vector_kernel_compiled()), else portable
+  portable,   ///< the portable C++ kernel (std::fma per element): the same results, slower
+};
+
+/// Whether this build has the AVX-512 kernel (compiled with AVX-512F, e.g. -march=native on a
+/// machine that has it); without it Bf16Kernel::automatic runs the portable kernel.
+constexpr bool bf16_vector_kernel_compiled() {
+#if defined(__AVX512F__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+/// @}
+
+namespace detail {
+
+/// A k×n weight matrix rounded to bfloat16 (round to nearest even) and stored in panels of
+/// `panel_width` = 32 columns: panel j is a contiguous k×32 row-major block (columns beyond n
+/// in the last panel are zero), so one weight row of a panel is one 64-byte cache line.
+/// Memory: 2·k·32·⌈n/32⌉ bytes.
+class Bf16Weight {
+ public:
+  /// Columns of one panel.
+  static constexpr Index panel_width = 32;
+
+  Bf16Weight() = default;
+
+  /// Rounds `weight` (k×n, fp32) to bfloat16 into panels. O(k·n).
+  explicit Bf16Weight(const Matrix<float>& weight) : rows_(weight.rows()), cols_(weight.cols()) {
+    const Index panels = (cols_ + panel_width - 1) / panel_width;
+    data_.assign(static_cast<std::size_t>(panels * rows_ * panel_width), std::uint16_t(0));
+    for (Index r = 0; r < rows_; ++r) {
+      for (Index c = 0; c < cols_; ++c) data_[static_cast<std::size_t>(index(r, c))] = bf16_from_float(weight(r, c));
+    }
+  }
+
+  /// k.
+  Index rows() const { return rows_; }
+  /// n.
+  Index cols() const { return cols_; }
+  /// Bytes of the stored panels.
+  std::size_t bytes() const { return data_.size() * sizeof(std::uint16_t); }
+  /// The bfloat16 bits of W(row, col).
+  std::uint16_t bits(Index row, Index col) const { return data_[static_cast<std::size_t>(index(row, col))]; }
+  /// W(row, col) widened to fp32 (exact).
+  float value(Index row, Index col) const { return float_from_bf16(bits(row, col)); }
+  /// Panel `panel` (k×32 bfloat16, row-major).
+  const std::uint16_t* panel(Index panel) const { return data_.data() + panel * rows_ * panel_width; }
+
+ private:
+  Index index(Index row, Index col) const {
+    return (col / panel_width) * rows_ * panel_width + row * panel_width + col % panel_width;
+  }
+
+  Index rows_ = 0;
+  Index cols_ = 0;
+  std::vector<std::uint16_t> data_;
+};
+
+/// Portable kernel: the first `width` columns of one panel, rows [0, rows) of Y = X·W, one fp32
+/// FMA chain per element over k in order.
+inline void bf16_panel_portable(const float* x, Index ldx, Index rows, const std::uint16_t* panel, Index k,
+                                Index width, float* y, Index ldy) {
+  constexpr Index w = Bf16Weight::panel_width;
+  for (Index r = 0; r < rows; ++r) {
+    float acc[w] = {};
+    const float* x_row = x + r * ldx;
+    for (Index kk = 0; kk < k; ++kk) {
+      const float xv = x_row[kk];
+      const std::uint16_t* w_row = panel + kk * w;
+      for (Index c = 0; c < width; ++c) acc[c] = std::fma(xv, float_from_bf16(w_row[c]), acc[c]);
+    }
+    std::copy(acc, acc + width, y + r * ldy);
+  }
+}
+
+#if defined(__AVX512F__)
+/// AVX-512 kernel over NR ≤ 8 rows and one whole panel: 2·NR accumulators of 16 lanes; per k,
+/// one 64-byte load of 32 bfloat16, two widenings (zero-extend, shift left 16), NR broadcasts and
+/// 2·NR FMAs. Stores the `width` first columns (masked).
+template <int NR>
+inline void bf16_panel_avx512_rows(const float* x, Index ldx, const std::uint16_t* panel, Index k, Index width,
+                                   float* y, Index ldy) {
+  __m512 acc_lo[NR], acc_hi[NR];
+  for (int r = 0; r < NR; ++r) {
+    acc_lo[r] = _mm512_setzero_ps();
+    acc_hi[r] = _mm512_setzero_ps();
+  }
+  for (Index kk = 0; kk < k; ++kk) {
+    const __m512i raw = _mm512_loadu_si512(static_cast<const void*>(panel + kk * Bf16Weight::panel_width));
+    const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
+    const __m512 hi =
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), 16));
+    for (int r = 0; r < NR; ++r) {
+      const __m512 xv = _mm512_set1_ps(x[r * ldx + kk]);
+      acc_lo[r] = _mm512_fmadd_ps(xv, lo, acc_lo[r]);
+      acc_hi[r] = _mm512_fmadd_ps(xv, hi, acc_hi[r]);
+    }
+  }
+  const Index lo_width = std::min<Index>(width, 16);
+  const Index hi_width = width - lo_width;
+  const __mmask16 lo_mask = static_cast<__mmask16>((1u << lo_width) - 1u);
+  const __mmask16 hi_mask = static_cast<__mmask16>((1u << hi_width) - 1u);
+  for (int r = 0; r < NR; ++r) {
+    _mm512_mask_storeu_ps(y + r * ldy, lo_mask, acc_lo[r]);
+    _mm512_mask_storeu_ps(y + r * ldy + 16, hi_mask, acc_hi[r]);
+  }
+}
+
+/// AVX-512 kernel: all `rows` rows against one whole panel, 8 rows at a time (the panel is read
+/// from memory once and from cache for the next row blocks).
+inline void bf16_panel_avx512(const float* x, Index ldx, Index rows, const std::uint16_t* panel, Index k, Index width,
+                              float* y, Index ldy) {
+  Index r = 0;
+  for (; r + 8 <= rows; r += 8) bf16_panel_avx512_rows<8>(x + r * ldx, ldx, panel, k, width, y + r * ldy, ldy);
+  const float* xr = x + r * ldx;
+  float* yr = y + r * ldy;
+  switch (rows - r) {
+    case 7: bf16_panel_avx512_rows<7>(xr, ldx, panel, k, width, yr, ldy); break;
+    case 6: bf16_panel_avx512_rows<6>(xr, ldx, panel, k, width, yr, ldy); break;
+    case 5: bf16_panel_avx512_rows<5>(xr, ldx, panel, k, width, yr, ldy); break;
+    case 4: bf16_panel_avx512_rows<4>(xr, ldx, panel, k, width, yr, ldy); break;
+    case 3: bf16_panel_avx512_rows<3>(xr, ldx, panel, k, width, yr, ldy); break;
+    case 2: bf16_panel_avx512_rows<2>(xr, ldx, panel, k, width, yr, ldy); break;
+    case 1: bf16_panel_avx512_rows<1>(xr, ldx, panel, k, width, yr, ldy); break;
+    default: break;
+  }
+}
+#endif
+
+/// Columns [first_col, first_col + cols) of Y = X·W: X is rows×k fp32 (row stride ldx), W a
+/// Bf16Weight (k×n), `y` points at Y(0, first_col) (row stride ldy). first_col must be a
+/// multiple of 32 (a panel boundary). Writes (does not accumulate). Cost: 2·rows·k·cols flops,
+/// 2·k·cols bytes of weights streamed once (plus re-reads from cache per 8 rows).
+inline void bf16_gemm(const float* x, Index ldx, Index rows, const Bf16Weight& w, Index first_col, Index cols, float* y,
+                      Index ldy, Bf16Kernel kernel) {
+  SPARSEMOE_ASSERT(first_col % Bf16Weight::panel_width == 0 && first_col + cols <= w.cols());
+  if (rows == 0 || cols == 0) return;
+  const Index k = w.rows();
+  for (Index col = first_col; col < first_col + cols; col += Bf16Weight::panel_width) {
+    const Index width = std::min(Bf16Weight::panel_width, first_col + cols - col);
+    const std::uint16_t* panel = w.panel(col / Bf16Weight::panel_width);
+    float* y_panel = y + (col - first_col);
+#if defined(__AVX512F__)
+    if (kernel == Bf16Kernel::automatic) {
+      bf16_panel_avx512(x, ldx, rows, panel, k, width, y_panel, ldy);
+      continue;
+    }
+#else
+    static_cast<void>(kernel);
+#endif
+    bf16_panel_portable(x, ldx, rows, panel, k, width, y_panel, ldy);
+  }
+}
+
+}  // namespace detail
+}  // namespace sparsemoe
+
+#endif  // SPARSEMOE_DETAIL_BF16_GEMM_HPP
