@@ -252,7 +252,9 @@ TEST(Bf16Experts, LayerForwardMatchesFp32LayerOnRoundedWeights) {
     EXPECT_TRUE(served.routing.expert_ids == reference.routing.expert_ids);
     expect_within_tolerance(served.output, reference.output);
     // Against the unrounded fp32 weights: the bfloat16 rounding (2^-9 relative per weight).
-    EXPECT_LE((served.output - unrounded.output).cwiseAbs().maxCoeff(), 2e-2f);
+    if (tokens > 0) {
+      EXPECT_LE((served.output - unrounded.output).cwiseAbs().maxCoeff(), 2e-2f);
+    }
     Layer::Result portable;
     layer.forward(input, options, portable, workspace, bf16, sparsemoe::Bf16Kernel::portable);
     EXPECT_TRUE(portable.output == served.output);

@@ -59,7 +59,7 @@ struct BackwardWorkspace {
                                     d_grouped_input.size() + d_gate_of_row.size() + shared_d_output.size() +
                                     shared_d_input.size() + shared_d_gate.size()) *
                sizeof(Scalar) +
-           experts.bytes() + shared.bytes() + bf16.bytes();
+           experts.bytes() + shared.bytes();
   }
 };
 
