@@ -31,13 +31,21 @@ class MoELayer;
 /// Scratch memory of Bf16Experts::forward, reusable across calls: once it has seen the largest
 /// batch, a forward allocates nothing. Not shared between threads.
 struct Bf16ExpertsWorkspace {
-  std::vector<float> pre;                      ///< rows×p pre-activations (capacity only grows)
-  std::vector<float> hidden;                   ///< rows×h hidden values (capacity only grows)
+  /// An aligned float buffer: Eigen's vectorised activations then split every row the same way,
+  /// wherever the buffer lands, so results do not depend on the allocation.
+  using Buffer = std::vector<float, Eigen::aligned_allocator<float>>;
+  Buffer pre;                                  ///< rows×p pre-activations (capacity only grows)
+  Buffer hidden;                               ///< rows×h hidden values (capacity only grows)
   std::vector<detail::ColumnTile> tiles;       ///< this call's column tiles
   std::vector<Index> expert_order;             ///< experts by descending row count
+  std::vector<std::vector<float>> packed_rows;  ///< per OpenMP thread, one expert's rows packed (capacity only grows)
 
   /// Bytes held by the buffers above.
-  std::size_t bytes() const { return (pre.capacity() + hidden.capacity()) * sizeof(float); }
+  std::size_t bytes() const {
+    std::size_t total = pre.capacity() + hidden.capacity();
+    for (const auto& buffer : packed_rows) total += buffer.capacity();
+    return total * sizeof(float);
+  }
 };
 
 /// A snapshot of N experts with W1 and W2 rounded to bfloat16 (round to nearest even) and the
@@ -164,7 +172,7 @@ class Bf16Experts {
     const Index rows = grouped_input.rows(), d = input_dim(), h = hidden_dim(), p = pre_activation_width();
     expert_output.resize(rows, d);
     if (rows == 0) return;
-    const auto grow = [](std::vector<float>& buffer, Index size) {
+    const auto grow = [](Bf16ExpertsWorkspace::Buffer& buffer, Index size) {
       if (buffer.size() < static_cast<std::size_t>(size)) buffer.resize(static_cast<std::size_t>(size));
     };
     grow(workspace.pre, rows * p);
@@ -172,14 +180,17 @@ class Bf16Experts {
     Eigen::Map<Matrix<float>> pre(workspace.pre.data(), rows, p);
     Eigen::Map<Matrix<float>> hidden(workspace.hidden.data(), rows, h);
     order_experts(offsets, workspace.expert_order);
+    workspace.packed_rows.resize(static_cast<std::size_t>(detail::max_threads()));
     const ExpertT& act = *activation_;
     constexpr bool elementwise = detail::activation_is_elementwise<ExpertT>::value;
 
     // Phase 1: pre = X·Ŵ1 + b1 (and hidden = act(pre) for an element-wise activation).
     run_tiles(offsets, p, workspace, [&](const detail::ColumnTile& tile, Index first, Index count) {
       const Entry& entry = experts_[static_cast<std::size_t>(tile.expert)];
-      detail::bf16_gemm(grouped_input.row(first).data(), grouped_input.outerStride(), count, entry.w1,
-                        tile.first_column, tile.columns, pre.row(first).data() + tile.first_column, p, kernel);
+      std::vector<float>& packed = workspace.packed_rows[static_cast<std::size_t>(detail::thread_index())];
+      detail::bf16_pack_rows(grouped_input.row(first).data(), grouped_input.outerStride(), count, d, packed);
+      detail::bf16_gemm(packed.data(), count, entry.w1, tile.first_column, tile.columns,
+                        pre.row(first).data() + tile.first_column, p, kernel);
       auto pre_block = pre.block(first, tile.first_column, count, tile.columns);
       if (entry.b1.size() > 0) pre_block.rowwise() += entry.b1.segment(tile.first_column, tile.columns).transpose();
       if (elementwise) act.activate(pre_block, hidden.block(first, tile.first_column, count, tile.columns));
@@ -194,7 +205,9 @@ class Bf16Experts {
     // Phase 2: output = hidden·Ŵ2 + b2.
     run_tiles(offsets, d, workspace, [&](const detail::ColumnTile& tile, Index first, Index count) {
       const Entry& entry = experts_[static_cast<std::size_t>(tile.expert)];
-      detail::bf16_gemm(hidden.row(first).data(), h, count, entry.w2, tile.first_column, tile.columns,
+      std::vector<float>& packed = workspace.packed_rows[static_cast<std::size_t>(detail::thread_index())];
+      detail::bf16_pack_rows(hidden.row(first).data(), h, count, h, packed);
+      detail::bf16_gemm(packed.data(), count, entry.w2, tile.first_column, tile.columns,
                         expert_output.row(first).data() + tile.first_column, expert_output.outerStride(), kernel);
       if (entry.b2.size() > 0) {
         expert_output.block(first, tile.first_column, count, tile.columns).rowwise() +=

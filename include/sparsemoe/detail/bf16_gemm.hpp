@@ -91,16 +91,36 @@ class Bf16Weight {
   std::vector<std::uint16_t> data_;
 };
 
-/// Portable kernel: the first `width` columns of one panel, rows [0, rows) of Y = X·W, one fp32
-/// FMA chain per element over k in order.
-inline void bf16_panel_portable(const float* x, Index ldx, Index rows, const std::uint16_t* panel, Index k,
-                                Index width, float* y, Index ldy) {
+/// Rows per block of a packed X (bf16_pack_rows).
+constexpr Index bf16_row_block = 8;
+
+/// Copies X (rows×k, row stride ldx) into `packed` in blocks of bf16_row_block rows: block b is
+/// k×8 floats, X(8b + i, kk) at b·8k + 8·kk + i (rows past the end are zero). The kernels then
+/// read the 8 values of one k contiguously, instead of 8 rows that may alias in the L1 cache.
+/// Grows `packed` when needed (never shrinks it). O(rows·k).
+inline void bf16_pack_rows(const float* x, Index ldx, Index rows, Index k, std::vector<float>& packed) {
+  const Index blocks = (rows + bf16_row_block - 1) / bf16_row_block;
+  const auto size = static_cast<std::size_t>(blocks * bf16_row_block * k);
+  if (packed.size() < size) packed.resize(size);
+  for (Index b = 0; b < blocks; ++b) {
+    float* block = packed.data() + b * bf16_row_block * k;
+    const Index count = std::min(bf16_row_block, rows - b * bf16_row_block);
+    for (Index i = 0; i < bf16_row_block; ++i) {
+      const float* row = x + (b * bf16_row_block + i) * ldx;
+      for (Index kk = 0; kk < k; ++kk) block[kk * bf16_row_block + i] = i < count ? row[kk] : 0.0f;
+    }
+  }
+}
+
+/// Portable kernel: the first `width` columns of one panel, `rows` rows of one packed block of
+/// X (k×8) times the panel, one fp32 FMA chain per element over k in order.
+inline void bf16_panel_portable(const float* block, Index rows, const std::uint16_t* panel, Index k, Index width,
+                                float* y, Index ldy) {
   constexpr Index w = Bf16Weight::panel_width;
   for (Index r = 0; r < rows; ++r) {
     float acc[w] = {};
-    const float* x_row = x + r * ldx;
     for (Index kk = 0; kk < k; ++kk) {
-      const float xv = x_row[kk];
+      const float xv = block[kk * bf16_row_block + r];
       const std::uint16_t* w_row = panel + kk * w;
       for (Index c = 0; c < width; ++c) acc[c] = std::fma(xv, float_from_bf16(w_row[c]), acc[c]);
     }
@@ -109,12 +129,12 @@ inline void bf16_panel_portable(const float* x, Index ldx, Index rows, const std
 }
 
 #if defined(__AVX512F__)
-/// AVX-512 kernel over NR ≤ 8 rows and one whole panel: 2·NR accumulators of 16 lanes; per k,
-/// one 64-byte load of 32 bfloat16, two widenings (zero-extend, shift left 16), NR broadcasts and
-/// 2·NR FMAs. Stores the `width` first columns (masked).
+/// AVX-512 kernel: NR ≤ 8 rows of one packed block of X (k×8) times one whole panel, 2·NR
+/// accumulators of 16 lanes; per k, one 64-byte load of 32 bfloat16, two widenings (zero-extend,
+/// shift left 16), NR broadcasts and 2·NR FMAs. Stores the `width` first columns (masked).
 template <int NR>
-inline void bf16_panel_avx512_rows(const float* x, Index ldx, const std::uint16_t* panel, Index k, Index width,
-                                   float* y, Index ldy) {
+inline void bf16_panel_avx512(const float* block, const std::uint16_t* panel, Index k, Index width, float* y,
+                              Index ldy) {
   __m512 acc_lo[NR], acc_hi[NR];
   for (int r = 0; r < NR; ++r) {
     acc_lo[r] = _mm512_setzero_ps();
@@ -125,8 +145,9 @@ inline void bf16_panel_avx512_rows(const float* x, Index ldx, const std::uint16_
     const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
     const __m512 hi =
         _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), 16));
+    const float* x = block + kk * bf16_row_block;
     for (int r = 0; r < NR; ++r) {
-      const __m512 xv = _mm512_set1_ps(x[r * ldx + kk]);
+      const __m512 xv = _mm512_set1_ps(x[r]);
       acc_lo[r] = _mm512_fmadd_ps(xv, lo, acc_lo[r]);
       acc_hi[r] = _mm512_fmadd_ps(xv, hi, acc_hi[r]);
     }
@@ -141,49 +162,51 @@ inline void bf16_panel_avx512_rows(const float* x, Index ldx, const std::uint16_
   }
 }
 
-/// AVX-512 kernel: all `rows` rows against one whole panel, 8 rows at a time (the panel is read
-/// from memory once and from cache for the next row blocks).
-inline void bf16_panel_avx512(const float* x, Index ldx, Index rows, const std::uint16_t* panel, Index k, Index width,
+/// The AVX-512 kernel for `rows` (1 … 8) rows of one packed block.
+inline void bf16_block_avx512(const float* block, Index rows, const std::uint16_t* panel, Index k, Index width,
                               float* y, Index ldy) {
-  Index r = 0;
-  for (; r + 8 <= rows; r += 8) bf16_panel_avx512_rows<8>(x + r * ldx, ldx, panel, k, width, y + r * ldy, ldy);
-  const float* xr = x + r * ldx;
-  float* yr = y + r * ldy;
-  switch (rows - r) {
-    case 7: bf16_panel_avx512_rows<7>(xr, ldx, panel, k, width, yr, ldy); break;
-    case 6: bf16_panel_avx512_rows<6>(xr, ldx, panel, k, width, yr, ldy); break;
-    case 5: bf16_panel_avx512_rows<5>(xr, ldx, panel, k, width, yr, ldy); break;
-    case 4: bf16_panel_avx512_rows<4>(xr, ldx, panel, k, width, yr, ldy); break;
-    case 3: bf16_panel_avx512_rows<3>(xr, ldx, panel, k, width, yr, ldy); break;
-    case 2: bf16_panel_avx512_rows<2>(xr, ldx, panel, k, width, yr, ldy); break;
-    case 1: bf16_panel_avx512_rows<1>(xr, ldx, panel, k, width, yr, ldy); break;
+  switch (rows) {
+    case 8: bf16_panel_avx512<8>(block, panel, k, width, y, ldy); break;
+    case 7: bf16_panel_avx512<7>(block, panel, k, width, y, ldy); break;
+    case 6: bf16_panel_avx512<6>(block, panel, k, width, y, ldy); break;
+    case 5: bf16_panel_avx512<5>(block, panel, k, width, y, ldy); break;
+    case 4: bf16_panel_avx512<4>(block, panel, k, width, y, ldy); break;
+    case 3: bf16_panel_avx512<3>(block, panel, k, width, y, ldy); break;
+    case 2: bf16_panel_avx512<2>(block, panel, k, width, y, ldy); break;
+    case 1: bf16_panel_avx512<1>(block, panel, k, width, y, ldy); break;
     default: break;
   }
 }
 #endif
 
-/// Columns [first_col, first_col + cols) of Y = X·W: X is rows×k fp32 (row stride ldx), W a
-/// Bf16Weight (k×n), `y` points at Y(0, first_col) (row stride ldy). first_col must be a
-/// multiple of 32 (a panel boundary). Writes (does not accumulate). Cost: 2·rows·k·cols flops,
-/// 2·k·cols bytes of weights streamed once (plus re-reads from cache per 8 rows).
-inline void bf16_gemm(const float* x, Index ldx, Index rows, const Bf16Weight& w, Index first_col, Index cols, float* y,
+/// Columns [first_col, first_col + cols) of Y = X·W: `packed_x` is X (rows×k fp32) as
+/// bf16_pack_rows leaves it, W a Bf16Weight (k×n), `y` points at Y(0, first_col) (row stride
+/// ldy). first_col must be a multiple of 32 (a panel boundary). Writes (does not accumulate).
+/// Panel by panel, all row blocks of one panel before the next: each panel is read from memory
+/// once. Cost: 2·rows·k·cols flops, 2·k·cols bytes of weights streamed.
+inline void bf16_gemm(const float* packed_x, Index rows, const Bf16Weight& w, Index first_col, Index cols, float* y,
                       Index ldy, Bf16Kernel kernel) {
   SPARSEMOE_ASSERT(first_col % Bf16Weight::panel_width == 0 && first_col + cols <= w.cols());
   if (rows == 0 || cols == 0) return;
   const Index k = w.rows();
+#if !defined(__AVX512F__)
+  static_cast<void>(kernel);
+#endif
   for (Index col = first_col; col < first_col + cols; col += Bf16Weight::panel_width) {
     const Index width = std::min(Bf16Weight::panel_width, first_col + cols - col);
     const std::uint16_t* panel = w.panel(col / Bf16Weight::panel_width);
-    float* y_panel = y + (col - first_col);
+    for (Index r = 0; r < rows; r += bf16_row_block) {
+      const Index count = std::min(bf16_row_block, rows - r);
+      const float* block = packed_x + r * k;
+      float* y_block = y + r * ldy + (col - first_col);
 #if defined(__AVX512F__)
-    if (kernel == Bf16Kernel::automatic) {
-      bf16_panel_avx512(x, ldx, rows, panel, k, width, y_panel, ldy);
-      continue;
-    }
-#else
-    static_cast<void>(kernel);
+      if (kernel == Bf16Kernel::automatic) {
+        bf16_block_avx512(block, count, panel, k, width, y_block, ldy);
+        continue;
+      }
 #endif
-    bf16_panel_portable(x, ldx, rows, panel, k, width, y_panel, ldy);
+      bf16_panel_portable(block, count, panel, k, width, y_block, ldy);
+    }
   }
 }
 
