@@ -3,7 +3,7 @@
 //
 // Bf16Experts: experts with bfloat16 weights, fp32 activations and accumulation.
 //   * forward of ReLU and SwiGLU experts over 0, 1, 17 and 256 grouped rows (some experts with
-//     none), widths that are not multiples of the 32-column panels and hidden widths over one
+//     none; row tiles) and 40 rows all on one expert (column tiles), widths that are not multiples of the 32-column panels and hidden widths over one
 //     256-column tile, against a naive double-precision loop over the bfloat16-rounded weights
 //     written here: |y − y_ref| ≤ 1e-4·(1 + |y_ref|) (the documented tolerance);
 //   * the AVX-512 kernel (when compiled in: the _native target) and the portable kernel give
@@ -147,6 +147,13 @@ void check_against_reference(Index d, Index h, bool gated) {
     ASSERT_EQ(portable.rows(), rows);
     EXPECT_TRUE(output == portable) << "the kernels disagree";
   }
+  // All rows on one expert: the column split (every thread streams part of its weights).
+  IndexVector one_expert(5);
+  one_expert << 0, 0, 40, 40, 40;
+  const Matrix<float> input = random_rows(40, d, 7);
+  Matrix<float> output;
+  bf16.forward(one_expert, input, output, workspace);
+  expect_within_tolerance(output, reference(bf16, one_expert, input, gated));
 }
 
 TEST(Bf16Experts, ReluMatchesDoubleReferenceOnRoundedWeights) { check_against_reference<ReluExpert>(40, 72, false); }

@@ -36,7 +36,8 @@ struct Bf16ExpertsWorkspace {
   using Buffer = std::vector<float, Eigen::aligned_allocator<float>>;
   Buffer pre;                                  ///< rows×p pre-activations (capacity only grows)
   Buffer hidden;                               ///< rows×h hidden values (capacity only grows)
-  std::vector<detail::ColumnTile> tiles;       ///< this call's column tiles
+  std::vector<detail::ColumnTile> tiles;       ///< this call's column tiles (one expert with rows)
+  std::vector<detail::ExpertTile> row_tiles;   ///< this call's row tiles (two or more experts with rows)
   std::vector<Index> expert_order;             ///< experts by descending row count
   std::vector<std::vector<float>> packed_rows;  ///< per OpenMP thread, one expert's rows packed (capacity only grows)
 
@@ -60,11 +61,13 @@ struct Bf16ExpertsWorkspace {
 /// unrounded fp32 weights the difference is the bfloat16 rounding of the weights (relative
 /// 2^−9 per weight).
 ///
-/// Work is cut into column tiles of one expert over all of its rows: first column_tile columns
-/// of W1 (bias and an element-wise activation fused), then, after an activation pass per expert
-/// for a gated activation, column_tile columns of W2. Tiles depend on the row counts only, and
-/// each output element is one tile's, so results are bitwise identical for any thread count, and
-/// for both kernels (Bf16Kernel). Memory: 2·d·(p + h) bytes per expert plus the biases.
+/// With two or more experts in use, work is cut into row tiles (up to row_tile rows of one
+/// expert, both layers and the activation in one tile, biggest experts first). With one, into
+/// column tiles over all of its rows, so that every thread streams part of its weights: first
+/// column_tile columns of W1 (bias and an element-wise activation fused), then, after an
+/// activation pass for a gated activation, column_tile columns of W2. Tiles depend on the row
+/// counts only, and each output element is one tile's, so results are bitwise identical for any
+/// thread count, and for both kernels (Bf16Kernel). Memory: 2·d·(p + h) bytes per expert plus the biases.
 /// Immutable once made: any number of threads may use one at once. It is a copy: after the
 /// weights change, make it again.
 template <typename ExpertT>
@@ -74,8 +77,10 @@ class Bf16Experts {
   using ExpertType = ExpertT;
   static_assert(std::is_same<typename ExpertT::Scalar, float>::value, "bf16 experts serve float experts only");
 
-  /// Columns of one tile (a multiple of the 32-column weight panels).
+  /// Columns of one tile when one expert has all the rows (a multiple of the 32-column panels).
   static constexpr Index column_tile = 256;
+  /// Rows of one tile when two or more experts have rows.
+  static constexpr Index row_tile = 128;
 
   /// No experts: make one from a bank or a layer instead.
   Bf16Experts() = default;
@@ -183,7 +188,40 @@ class Bf16Experts {
     workspace.packed_rows.resize(static_cast<std::size_t>(detail::max_threads()));
     const ExpertT& act = *activation_;
     constexpr bool elementwise = detail::activation_is_elementwise<ExpertT>::value;
+    Index experts_used = 0;
+    for (Index e = 0; e < num_experts(); ++e) experts_used += detail::rows_of_expert(offsets, e) > 0;
+    if (experts_used >= 2) {
+      // Row tiles: both layers of one expert over up to row_tile of its rows, in one parallel
+      // loop (no barrier between the layers).
+      auto& tiles = workspace.row_tiles;
+      tiles.clear();
+      for (const Index expert : workspace.expert_order) {
+        const Index count = detail::rows_of_expert(offsets, expert);
+        for (Index r = 0; r < count; r += row_tile) tiles.push_back({expert, offsets[expert] + r, std::min(row_tile, count - r)});
+      }
+      // Per tile: its flops, and its weight bytes counted as work too (memory-bound when small).
+      const double work = static_cast<double>(d * (p + h)) *
+                          (2.0 + 2.0 * static_cast<double>(rows) / static_cast<double>(tiles.size()));
+      detail::parallel_for_dynamic(static_cast<Index>(tiles.size()), work, [&](Index index) {
+        const detail::ExpertTile& tile = tiles[static_cast<std::size_t>(index)];
+        const Entry& entry = experts_[static_cast<std::size_t>(tile.expert)];
+        std::vector<float>& packed = workspace.packed_rows[static_cast<std::size_t>(detail::thread_index())];
+        auto pre_rows = pre.middleRows(tile.first_row, tile.rows);
+        auto hidden_rows = hidden.middleRows(tile.first_row, tile.rows);
+        detail::bf16_pack_rows(grouped_input.row(tile.first_row).data(), grouped_input.outerStride(), tile.rows, d,
+                               packed);
+        detail::bf16_gemm(packed.data(), tile.rows, entry.w1, 0, p, pre_rows.data(), p, kernel);
+        if (entry.b1.size() > 0) pre_rows.rowwise() += entry.b1.transpose();
+        act.activate(pre_rows, hidden_rows);
+        detail::bf16_pack_rows(hidden_rows.data(), h, tile.rows, h, packed);
+        auto out = expert_output.middleRows(tile.first_row, tile.rows);
+        detail::bf16_gemm(packed.data(), tile.rows, entry.w2, 0, d, out.data(), out.outerStride(), kernel);
+        if (entry.b2.size() > 0) out.rowwise() += entry.b2.transpose();
+      });
+      return;
+    }
 
+    // One expert: column tiles, so that every thread streams a share of its weights.
     // Phase 1: pre = X·Ŵ1 + b1 (and hidden = act(pre) for an element-wise activation).
     run_tiles(offsets, p, workspace, [&](const detail::ColumnTile& tile, Index first, Index count) {
       const Entry& entry = experts_[static_cast<std::size_t>(tile.expert)];
