@@ -3,8 +3,8 @@
 //
 // Bf16Experts: experts with bfloat16 weights, fp32 activations and accumulation.
 //   * forward of ReLU and SwiGLU experts over 0, 1, 17 and 256 grouped rows (some experts with
-//     none; row tiles) and 40 rows all on one expert (column tiles), widths that are not multiples of the 32-column panels and hidden widths over one
-//     256-column tile, against a naive double-precision loop over the bfloat16-rounded weights
+//     none; row tiles) and 40 rows all on one expert (column tiles), widths that are not
+//     multiples of the 32-column panels and hidden widths over one 256-column tile, against a naive double-precision loop over the bfloat16-rounded weights
 //     written here: |y − y_ref| ≤ 1e-4·(1 + |y_ref|) (the documented tolerance);
 //   * the AVX-512 kernel (when compiled in: the _native target) and the portable kernel give
 //     the same bits; bitwise identical results for 1, 2 and 3 OpenMP threads;

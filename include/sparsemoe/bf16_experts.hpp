@@ -197,7 +197,9 @@ class Bf16Experts {
       tiles.clear();
       for (const Index expert : workspace.expert_order) {
         const Index count = detail::rows_of_expert(offsets, expert);
-        for (Index r = 0; r < count; r += row_tile) tiles.push_back({expert, offsets[expert] + r, std::min(row_tile, count - r)});
+        for (Index r = 0; r < count; r += row_tile) {
+          tiles.push_back({expert, offsets[expert] + r, std::min(row_tile, count - r)});
+        }
       }
       // Per tile: its flops, and its weight bytes counted as work too (memory-bound when small).
       const double work = static_cast<double>(d * (p + h)) *
