@@ -16,11 +16,9 @@
 //     training mode, experts made by another layer.
 #include <sparsemoe/sparsemoe.hpp>
 
-#include <gtest/gtest.h>
+#include "paradigm_reference.hpp"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <gtest/gtest.h>
 
 #include <cmath>
 #include <iostream>
@@ -35,22 +33,7 @@ using sparsemoe::Matrix;
 using ReluExpert = sparsemoe::Expert<float, sparsemoe::Relu>;
 using SwiGlu = sparsemoe::SwiGluExpert<float>;
 
-class ThreadCount {
- public:
-#ifdef _OPENMP
-  explicit ThreadCount(int threads) : saved_(omp_get_max_threads()) { omp_set_num_threads(threads); }
-  ~ThreadCount() { omp_set_num_threads(saved_); }
-#else
-  explicit ThreadCount(int) {}
-#endif
-  ThreadCount(const ThreadCount&) = delete;
-  ThreadCount& operator=(const ThreadCount&) = delete;
-
- private:
-#ifdef _OPENMP
-  int saved_ = 1;
-#endif
-};
+using paradigm_reference::ThreadCount;
 
 template <typename ExpertT>
 sparsemoe::ExpertBank<float, ExpertT> random_bank(Index experts, Index d, Index h, std::uint64_t seed) {

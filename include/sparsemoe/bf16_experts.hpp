@@ -91,8 +91,7 @@ class Bf16Experts {
     const char* function = "sparsemoe::Bf16Experts";
     detail::require(bank.num_experts() > 0, function, "the bank holds no experts");
     bank.require_expert_shapes(function);
-    shape_ = {bank.input_dim(), bank.hidden_dim(), bank.pre_activation_width(), bank.shape().b1_size,
-              bank.shape().b2_size};
+    shape_ = bank.shape();
     activation_.emplace(Index(1), shape_.hidden_dim);
     experts_.resize(static_cast<std::size_t>(bank.num_experts()));
     const double work = 2.0 * static_cast<double>(shape_.input_dim * (shape_.pre_activation_width + shape_.hidden_dim));
@@ -260,13 +259,7 @@ class Bf16Experts {
   template <typename, typename, typename>
   friend class MoELayer;
 
-  struct Shape {
-    Index input_dim = 0;
-    Index hidden_dim = 0;
-    Index pre_activation_width = 0;
-    Index b1_size = 0;
-    Index b2_size = 0;
-  };
+  using Shape = typename ExpertBank<float, ExpertT>::Shape;
 
   struct Entry {
     detail::Bf16Weight w1;  // d×p
