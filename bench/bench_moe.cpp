@@ -9,8 +9,9 @@
 //
 // The probes run first, in main(), before any benchmark: their results are stored and used for the
 // "frac_peak" counter (fraction of the FMA peak measured for the same thread count) and for the
-// memory floor of D and Decode (and, for their bf16-weight rows, the bf16 floor). After the run, a ratio table (issue 5's targets) is printed and,
-// with --ratio_table=<path>, written as TSV (read by scripts/bench and scripts/plot-bench).
+// memory floor of D and Decode (for their bf16-weight rows, the bf16 floor). After the run, a
+// ratio table (issue 5's targets) is printed and, with --ratio_table=<path>, written as TSV (read
+// by scripts/bench and scripts/plot-bench).
 //
 // Build in Release with -march=native (scripts/bench does). Float throughout.
 
