@@ -28,6 +28,23 @@ class MoELayer;
 /// \addtogroup layer
 /// @{
 
+/// Which kernel Bf16Experts::forward runs.
+enum class Bf16Kernel {
+  automatic,  ///< AVX-512 when the build has AVX-512F (bf16_vector_kernel_compiled()), else portable
+  portable,   ///< the portable C++ kernel (std::fma per element): the same results, slower
+};
+
+/// Whether this build has the AVX-512 kernel (compiled with AVX-512F, e.g. -march=native on a
+/// machine that has it); without it Bf16Kernel::automatic runs the portable kernel.
+constexpr bool bf16_vector_kernel_compiled() {
+#if defined(__AVX512F__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+
 /// Scratch memory of Bf16Experts::forward, reusable across calls: once it has seen the largest
 /// batch, a forward allocates nothing. Not shared between threads.
 struct Bf16ExpertsWorkspace {
@@ -67,7 +84,8 @@ struct Bf16ExpertsWorkspace {
 /// column_tile columns of W1 (bias and an element-wise activation fused), then, after an
 /// activation pass for a gated activation, column_tile columns of W2. Tiles depend on the row
 /// counts only, and each output element is one tile's, so results are bitwise identical for any
-/// thread count, and for both kernels (Bf16Kernel). Memory: 2·d·(p + h) bytes per expert plus the biases.
+/// thread count, and for both kernels (Bf16Kernel). Memory: 2·d·(p + h) bytes per expert plus
+/// the biases.
 /// Immutable once made: any number of threads may use one at once. It is a copy: after the
 /// weights change, make it again.
 template <typename ExpertT>
@@ -186,6 +204,7 @@ class Bf16Experts {
     order_experts(offsets, workspace.expert_order);
     workspace.packed_rows.resize(static_cast<std::size_t>(detail::max_threads()));
     const ExpertT& act = *activation_;
+    const bool vector = kernel == Bf16Kernel::automatic;
     constexpr bool elementwise = detail::activation_is_elementwise<ExpertT>::value;
     Index experts_used = 0;
     for (Index e = 0; e < num_experts(); ++e) experts_used += detail::rows_of_expert(offsets, e) > 0;
@@ -211,12 +230,12 @@ class Bf16Experts {
         auto hidden_rows = hidden.middleRows(tile.first_row, tile.rows);
         detail::bf16_pack_rows(grouped_input.row(tile.first_row).data(), grouped_input.outerStride(), tile.rows, d,
                                packed);
-        detail::bf16_gemm(packed.data(), tile.rows, entry.w1, 0, p, pre_rows.data(), p, kernel);
+        detail::bf16_gemm(packed.data(), tile.rows, entry.w1, 0, p, pre_rows.data(), p, vector);
         if (entry.b1.size() > 0) pre_rows.rowwise() += entry.b1.transpose();
         act.activate(pre_rows, hidden_rows);
         detail::bf16_pack_rows(hidden_rows.data(), h, tile.rows, h, packed);
         auto out = expert_output.middleRows(tile.first_row, tile.rows);
-        detail::bf16_gemm(packed.data(), tile.rows, entry.w2, 0, d, out.data(), out.outerStride(), kernel);
+        detail::bf16_gemm(packed.data(), tile.rows, entry.w2, 0, d, out.data(), out.outerStride(), vector);
         if (entry.b2.size() > 0) out.rowwise() += entry.b2.transpose();
       });
       return;
@@ -229,7 +248,7 @@ class Bf16Experts {
       std::vector<float>& packed = workspace.packed_rows[static_cast<std::size_t>(detail::thread_index())];
       detail::bf16_pack_rows(grouped_input.row(first).data(), grouped_input.outerStride(), count, d, packed);
       detail::bf16_gemm(packed.data(), count, entry.w1, tile.first_column, tile.columns,
-                        pre.row(first).data() + tile.first_column, p, kernel);
+                        pre.row(first).data() + tile.first_column, p, vector);
       auto pre_block = pre.block(first, tile.first_column, count, tile.columns);
       if (entry.b1.size() > 0) pre_block.rowwise() += entry.b1.segment(tile.first_column, tile.columns).transpose();
       if (elementwise) act.activate(pre_block, hidden.block(first, tile.first_column, count, tile.columns));
@@ -247,7 +266,7 @@ class Bf16Experts {
       std::vector<float>& packed = workspace.packed_rows[static_cast<std::size_t>(detail::thread_index())];
       detail::bf16_pack_rows(hidden.row(first).data(), h, count, h, packed);
       detail::bf16_gemm(packed.data(), count, entry.w2, tile.first_column, tile.columns,
-                        expert_output.row(first).data() + tile.first_column, expert_output.outerStride(), kernel);
+                        expert_output.row(first).data() + tile.first_column, expert_output.outerStride(), vector);
       if (entry.b2.size() > 0) {
         expert_output.block(first, tile.first_column, count, tile.columns).rowwise() +=
             entry.b2.segment(tile.first_column, tile.columns).transpose();

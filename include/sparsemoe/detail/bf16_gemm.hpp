@@ -24,28 +24,6 @@
 #endif
 
 namespace sparsemoe {
-
-/// \addtogroup layer
-/// @{
-
-/// Which kernel Bf16Experts::forward runs.
-enum class Bf16Kernel {
-  automatic,  ///< the AVX-512 kernel when the build has AVX-512F (bf16_vector_kernel_compiled()), else portable
-  portable,   ///< the portable C++ kernel (std::fma per element): the same results, slower
-};
-
-/// Whether this build has the AVX-512 kernel (compiled with AVX-512F, e.g. -march=native on a
-/// machine that has it); without it Bf16Kernel::automatic runs the portable kernel.
-constexpr bool bf16_vector_kernel_compiled() {
-#if defined(__AVX512F__)
-  return true;
-#else
-  return false;
-#endif
-}
-
-/// @}
-
 namespace detail {
 
 /// A k×n weight matrix rounded to bfloat16 (round to nearest even) and stored in panels of
@@ -182,15 +160,16 @@ inline void bf16_block_avx512(const float* block, Index rows, const std::uint16_
 /// Columns [first_col, first_col + cols) of Y = X·W: `packed_x` is X (rows×k fp32) as
 /// bf16_pack_rows leaves it, W a Bf16Weight (k×n), `y` points at Y(0, first_col) (row stride
 /// ldy). first_col must be a multiple of 32 (a panel boundary). Writes (does not accumulate).
+/// `vector_kernel`: the AVX-512 kernel where compiled in (else the portable one; same bits).
 /// Panel by panel, all row blocks of one panel before the next: each panel is read from memory
 /// once. Cost: 2·rows·k·cols flops, 2·k·cols bytes of weights streamed.
 inline void bf16_gemm(const float* packed_x, Index rows, const Bf16Weight& w, Index first_col, Index cols, float* y,
-                      Index ldy, Bf16Kernel kernel) {
+                      Index ldy, bool vector_kernel) {
   SPARSEMOE_ASSERT(first_col % Bf16Weight::panel_width == 0 && first_col + cols <= w.cols());
   if (rows == 0 || cols == 0) return;
   const Index k = w.rows();
 #if !defined(__AVX512F__)
-  static_cast<void>(kernel);
+  static_cast<void>(vector_kernel);
 #endif
   for (Index col = first_col; col < first_col + cols; col += Bf16Weight::panel_width) {
     const Index width = std::min(Bf16Weight::panel_width, first_col + cols - col);
@@ -200,7 +179,7 @@ inline void bf16_gemm(const float* packed_x, Index rows, const Bf16Weight& w, In
       const float* block = packed_x + r * k;
       float* y_block = y + r * ldy + (col - first_col);
 #if defined(__AVX512F__)
-      if (kernel == Bf16Kernel::automatic) {
+      if (vector_kernel) {
         bf16_block_avx512(block, count, panel, k, width, y_block, ldy);
         continue;
       }
