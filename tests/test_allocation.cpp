@@ -218,35 +218,40 @@ TEST(Allocation, SteadyStatePackedForwardAllocatesNothing) {
   expect_no_allocation<double, sparsemoe::SwiGluExpert<double>>(sparsemoe::Mode::evaluation, true);
 }
 
-// The bf16 serving forward (MoELayer::bf16_experts()): row tiles (300 tokens, every expert in
-// use) and the one-expert column split (1 token, k = 1).
+// The bf16 serving forward: the layer's (MoELayer::bf16_experts(), 300 tokens: row tiles), and
+// the expert stage alone (Bf16Experts::forward) with all rows on one expert (the column split).
 template <typename ExpertT>
-void expect_no_bf16_allocation(sparsemoe::Index tokens, sparsemoe::Index k) {
-  sparsemoe::MoEConfig config = small_config();
-  config.k = k;
-  sparsemoe::MoELayer<float, ExpertT> layer(config);
+void expect_no_bf16_allocation() {
+  sparsemoe::MoELayer<float, ExpertT> layer(small_config());
   layer.gate().initialize_uniform(3);
-  const sparsemoe::Matrix<float> input = sparsemoe::Matrix<float>::Random(tokens, 24);
+  const sparsemoe::Matrix<float> input = sparsemoe::Matrix<float>::Random(300, 24);
   const auto experts = layer.bf16_experts();
   const sparsemoe::ForwardOptions options;
   sparsemoe::ForwardResult<float> result;
   sparsemoe::ForwardWorkspace<float> workspace;
-  layer.forward(input, options, result, workspace, experts);
+  sparsemoe::IndexVector one_expert = sparsemoe::IndexVector::Zero(layer.num_experts() + 1);
+  one_expert.tail(layer.num_experts() - 1).setConstant(40);
+  sparsemoe::Matrix<float> stage_output;
+  sparsemoe::Bf16ExpertsWorkspace stage_workspace;
+  const auto run = [&] {
+    layer.forward(input, options, result, workspace, experts);
+    experts.forward(one_expert, input.topRows(40), stage_output, stage_workspace);
+  };
+  run();
   const long before = allocations.load();
   const long eigen_before = eigen_heap_allocations.load();
   Eigen::internal::set_is_malloc_allowed(false);
-  layer.forward(input, options, result, workspace, experts);
+  run();
   Eigen::internal::set_is_malloc_allowed(true);
   EXPECT_EQ(allocations.load() - before, 0) << "operator new calls in a steady-state bf16 forward";
   EXPECT_EQ(eigen_heap_allocations.load() - eigen_before, 0) << "Eigen heap allocations in a steady-state bf16 forward";
   EXPECT_TRUE(result.output.allFinite());
+  EXPECT_TRUE(stage_output.allFinite());
 }
 
 TEST(Allocation, SteadyStateBf16ForwardAllocatesNothing) {
-  expect_no_bf16_allocation<sparsemoe::Expert<float, sparsemoe::Relu>>(300, 2);
-  expect_no_bf16_allocation<sparsemoe::SwiGluExpert<float>>(300, 2);
-  expect_no_bf16_allocation<sparsemoe::Expert<float, sparsemoe::Relu>>(1, 1);
-  expect_no_bf16_allocation<sparsemoe::SwiGluExpert<float>>(1, 1);
+  expect_no_bf16_allocation<sparsemoe::Expert<float, sparsemoe::Relu>>();
+  expect_no_bf16_allocation<sparsemoe::SwiGluExpert<float>>();
 }
 
 TEST(Allocation, SteadyStateTrainingForwardAllocatesNothing) {

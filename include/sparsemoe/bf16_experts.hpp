@@ -202,12 +202,23 @@ class Bf16Experts {
     Eigen::Map<Matrix<float>> pre(workspace.pre.data(), rows, p);
     Eigen::Map<Matrix<float>> hidden(workspace.hidden.data(), rows, h);
     order_experts(offsets, workspace.expert_order);
+    Index experts_used = 0, most_rows = 0;
+    for (Index e = 0; e < num_experts(); ++e) {
+      experts_used += detail::rows_of_expert(offsets, e) > 0;
+      most_rows = std::max(most_rows, detail::rows_of_expert(offsets, e));
+    }
+    // Every thread's packed-rows buffer sized for the largest tile before the loop (which thread
+    // takes which tile changes from call to call): a repeated call allocates nothing.
+    const Index tile_rows = experts_used >= 2 ? std::min(most_rows, row_tile) : most_rows;
+    const Index blocks = (tile_rows + detail::bf16_row_block - 1) / detail::bf16_row_block;
     workspace.packed_rows.resize(static_cast<std::size_t>(detail::max_threads()));
+    for (auto& buffer : workspace.packed_rows) {
+      const auto size = static_cast<std::size_t>(blocks * detail::bf16_row_block * std::max(d, h));
+      if (buffer.size() < size) buffer.resize(size);
+    }
     const ExpertT& act = *activation_;
     const bool vector = kernel == Bf16Kernel::automatic;
     constexpr bool elementwise = detail::activation_is_elementwise<ExpertT>::value;
-    Index experts_used = 0;
-    for (Index e = 0; e < num_experts(); ++e) experts_used += detail::rows_of_expert(offsets, e) > 0;
     if (experts_used >= 2) {
       // Row tiles: both layers of one expert over up to row_tile of its rows, in one parallel
       // loop (no barrier between the layers).
