@@ -62,6 +62,19 @@ sparsemoe::MoEConfig small_config() {
   return config;
 }
 
+/// Calls `run()` once with both counters watching (Eigen's malloc check on) and expects neither
+/// an operator new call nor an Eigen heap allocation in it; `what` names the call.
+template <typename Run>
+void expect_allocation_free(const Run& run, const char* what) {
+  const long before = allocations.load();
+  const long eigen_before = eigen_heap_allocations.load();
+  Eigen::internal::set_is_malloc_allowed(false);
+  run();
+  Eigen::internal::set_is_malloc_allowed(true);
+  EXPECT_EQ(allocations.load() - before, 0) << "operator new calls in " << what;
+  EXPECT_EQ(eigen_heap_allocations.load() - eigen_before, 0) << "Eigen heap allocations in " << what;
+}
+
 // tokens = 300 gives each of the 6 experts about 100 rows; tokens = 1200 about 400, past
 // MoELayer::pack_rows_threshold, so that the forward also packs weights into its workspace.
 //
@@ -98,13 +111,7 @@ void expect_no_allocation(sparsemoe::Mode mode, bool packed = false, sparsemoe::
   const auto* rows = result.plan.token_of_row.data();
 
   options.step = 1;
-  const long before = allocations.load();
-  const long eigen_before = eigen_heap_allocations.load();
-  Eigen::internal::set_is_malloc_allowed(false);
-  run();
-  Eigen::internal::set_is_malloc_allowed(true);
-  EXPECT_EQ(allocations.load() - before, 0) << "operator new calls in a steady-state forward";
-  EXPECT_EQ(eigen_heap_allocations.load() - eigen_before, 0) << "Eigen heap allocations in a steady-state forward";
+  expect_allocation_free(run, "a steady-state forward");
   EXPECT_EQ(result.output.data(), output);
   EXPECT_EQ(workspace.grouped_input.data(), grouped);
   EXPECT_EQ(result.routing.noisy_logits.data(), logits);
@@ -241,13 +248,7 @@ void expect_no_bf16_allocation() {
     experts.forward(one_expert, input.topRows(40), stage_output, stage_workspace);
   };
   run();
-  const long before = allocations.load();
-  const long eigen_before = eigen_heap_allocations.load();
-  Eigen::internal::set_is_malloc_allowed(false);
-  run();
-  Eigen::internal::set_is_malloc_allowed(true);
-  EXPECT_EQ(allocations.load() - before, 0) << "operator new calls in a steady-state bf16 forward";
-  EXPECT_EQ(eigen_heap_allocations.load() - eigen_before, 0) << "Eigen heap allocations in a steady-state bf16 forward";
+  expect_allocation_free(run, "a steady-state bf16 forward");
   EXPECT_TRUE(result.output.allFinite());
   EXPECT_TRUE(stage_output.allFinite());
 }
