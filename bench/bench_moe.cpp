@@ -10,8 +10,9 @@
 //
 // The probes run first, in main(), before any benchmark: their results are stored and used for the
 // "frac_peak" counter (fraction of the FMA peak measured for the same thread count) and for the
-// memory floor of D and Decode. After the run, a ratio table (issue 5's targets) is printed and,
-// with --ratio_table=<path>, written as TSV (read by scripts/bench and scripts/plot-bench).
+// memory floor of D and Decode (for their bf16-weight rows, the bf16 floor). After the run, a
+// ratio table (issue 5's targets) is printed and, with --ratio_table=<path>, written as TSV (read
+// by scripts/bench and scripts/plot-bench).
 //
 // Build in Release with -march=native (scripts/bench does). Float throughout.
 
@@ -405,6 +406,37 @@ void BM_LayerForward(benchmark::State& state, const Config& c, int threads, bool
   state.counters["max_expert_rows"] = static_cast<double>(counts.maxCoeff());
   state.counters["cache_bytes"] = static_cast<double>((warm.cache.input.size() + warm.cache.pre_activations.size()) *
                                                       sizeof(Scalar));
+}
+
+/// Evaluation-mode forward through MoELayer::bf16_experts() (bfloat16 expert weights made once,
+/// outside the timing; fp32 activations and accumulation). Its x_floor is against the bf16
+/// memory floor: the used experts' bytes at 2 per weight (4 per bias) plus the fp32 input and
+/// output rows (T·d·4 bytes each), at the measured read bandwidth.
+void BM_LayerForwardBf16(benchmark::State& state, const Config& c, int threads, bool cold) {
+  set_threads(threads);
+  Setup& s = setup_for(c);
+  sparsemoe::ForwardOptions options;  // evaluation: no cache
+  sparsemoe::ForwardResult<Scalar> warm;
+  sparsemoe::ForwardWorkspace<Scalar> workspace;
+  const auto experts = s.layer->bf16_experts();
+  s.layer->forward(s.input, options, warm, workspace, experts);
+  for (auto _ : state) {
+    if (cold) {
+      state.PauseTiming();
+      flush_caches();
+      state.ResumeTiming();
+    }
+    s.layer->forward(s.input, options, warm, workspace, experts);
+    benchmark::DoNotOptimize(warm.output.data());
+  }
+  state.counters["workspace_bytes"] = static_cast<double>(workspace.bytes());
+  add_rate_counters(state, expert_forward_flops(c), c.tokens, threads);
+  double bytes = 2.0 * static_cast<double>(c.tokens * c.d) * sizeof(Scalar);
+  for (Index e = 0; e < s.layer->num_experts(); ++e) {
+    if (warm.plan.tokens_per_expert[e] > 0) bytes += static_cast<double>(experts.expert_bytes());
+  }
+  add_floor_counter(state, bytes, threads);
+  state.counters["max_expert_rows"] = static_cast<double>(warm.tokens_per_expert().maxCoeff());
 }
 
 void BM_LayerForwardBackward(benchmark::State& state, const Config& c, int threads) {
@@ -931,6 +963,15 @@ void register_all() {
               ->Unit(benchmark::kMillisecond);
         }
       }
+      if (std::string(c.label) == "D" || std::string(c.label) == "Decode") {
+        // bf16 expert weights (fp32 activations), next to the fp32 rows of the same run.
+        for (const bool cold : {false, true}) {
+          RegisterBenchmark((std::string(c.label) + (cold ? "/ForwardBf16Cold" : "/ForwardBf16") + suffix).c_str(),
+                            BM_LayerForwardBf16, c, t, cold)
+              ->UseRealTime()
+              ->Unit(benchmark::kMillisecond);
+        }
+      }
       RegisterBenchmark((std::string(c.label) + "/ForwardBackward" + suffix).c_str(), BM_LayerForwardBackward, c, t)
           ->UseRealTime()
           ->Unit(benchmark::kMillisecond);
@@ -1120,6 +1161,11 @@ void print_table(const RecordingReporter& rec, const char* tsv_path) {
   add("Decode_cold_x_memfloor", rec.counter("Decode/ForwardCold" + T, "x_floor"), 1.2, false);
   add("Decode_packed_x_memfloor", rec.counter("Decode/ForwardPacked" + T, "x_floor"), 1.2, false);
   add("Decode_packed_cold_x_memfloor", rec.counter("Decode/ForwardPackedCold" + T, "x_floor"), 1.2, false);
+  // bf16 expert weights (issue 12): x of the bf16 memory floor (2 bytes per weight).
+  add("D_bf16_x_bf16floor", rec.counter("D/ForwardBf16" + T, "x_floor"), 1.2, false);
+  add("D_bf16_cold_x_bf16floor", rec.counter("D/ForwardBf16Cold" + T, "x_floor"), 1.2, false);
+  add("Decode_bf16_x_bf16floor", rec.counter("Decode/ForwardBf16" + T, "x_floor"), 1.2, false);
+  add("Decode_bf16_cold_x_bf16floor", rec.counter("Decode/ForwardBf16Cold" + T, "x_floor"), 1.2, false);
   const double overhead = (rec.seconds("A/Stage/Gate" + T) + rec.seconds("A/Stage/Group" + T) +
                            rec.seconds("A/Stage/Combine" + T)) /
                           rec.seconds("A/Forward" + T);
@@ -1162,6 +1208,14 @@ void print_table(const RecordingReporter& rec, const char* tsv_path) {
   ref("D_forward_over_naive_loop_time", rec.seconds("D/Forward" + T) / rec.seconds("D/Ref/NaiveTokenLoop" + T));
   ref("D_expert_gemms_only_cold_x_memfloor", rec.counter("D/Ref/ExpertGemmsCold" + T, "x_floor"));
   ref("D_expert_gemms_even_rows_cold_x_memfloor", rec.counter("D/Ref/ExpertGemmsEvenCold" + T, "x_floor"));
+  // bf16 weights against the fp32 rows of the same run (time ratio: below 1 is faster).
+  for (const char* label : {"D", "Decode"}) {
+    const std::string l = label;
+    ref(l + "_bf16_over_fp32_packed_time", rec.seconds(l + "/ForwardBf16" + T) / rec.seconds(l + "/ForwardPacked" + T));
+    ref(l + "_bf16_cold_over_fp32_packed_cold_time",
+        rec.seconds(l + "/ForwardBf16Cold" + T) / rec.seconds(l + "/ForwardPackedCold" + T));
+    ref(l + "_bf16_cold_over_fp32_cold_time", rec.seconds(l + "/ForwardBf16Cold" + T) / rec.seconds(l + "/ForwardCold" + T));
+  }
   // One thread, CPU time of the main thread instead of wall time: robust to other jobs time-sharing
   // the cores (a shared machine), normalised by the FMA probe's CPU-time rate of the same run.
   const double probe_flops = rec.counter("Probe/PeakFMA/threads:1", "GFLOPs") * rec.seconds("Probe/PeakFMA/threads:1");

@@ -15,8 +15,10 @@
 //                                        qwen3-moe 30b-a3b, 235b-a22b; olmoe 1b-7b;
 //                                        deepseek-v2 lite; deepseek-v3 671b
 //   options: --batches 1,16,256  --repeats R (5)  --bandwidth-mb M (512)  --seed N (1)
+//            --bf16: serve the routed experts from bfloat16 weights (MoELayer::bf16_experts(),
+//            fp32 activations and accumulation); GB/s then counts their 2 bytes per weight
 //
-// Weights are float (4 bytes each). Random weights of a full-size shape take that model's expert
+// Weights are float (4 bytes each; 2 for the routed experts with --bf16). Random weights of a full-size shape take that model's expert
 // memory: qwen3-moe 30b-a3b needs 2.4 GB for one block, deepseek-v3 671b 11 GB.
 
 #include <sparsemoe/io/gguf.hpp>
@@ -48,12 +50,13 @@ struct Settings {
   int repeats = 5;
   Index bandwidth_mb = 512;
   std::uint64_t seed = 1;
+  bool bf16 = false;
 };
 
 [[noreturn]] void usage(int status) {
   (status == 0 ? std::cout : std::cerr)
       << "usage: serve (--model DIR | --gguf FILE) --layer L | --family F [--layer-shape S]\n"
-         "             [--batches 1,16,256] [--repeats R] [--bandwidth-mb M] [--seed N]\n";
+         "             [--batches 1,16,256] [--repeats R] [--bandwidth-mb M] [--seed N] [--bf16]\n";
   std::exit(status);
 }
 
@@ -62,6 +65,10 @@ Settings parse(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
     if (flag == "--help") usage(0);
+    if (flag == "--bf16") {
+      s.bf16 = true;
+      continue;
+    }
     if (i + 1 >= argc) usage(2);
     const std::string value = argv[++i];
     if (flag == "--model") s.model_dir = value;
@@ -188,20 +195,38 @@ template <typename Layer>
 void serve(const Layer& layer, const std::string& what, const Settings& settings) {
   const Index d = layer.input_dim();
   const Index experts = layer.num_experts();
-  const double expert_bytes = 3.0 * static_cast<double>(d) * static_cast<double>(layer.hidden_dim()) * sizeof(float);
+  // Routed experts: 3·d·h weights of 4 bytes, or 2 with --bf16 (the router and a shared expert stay fp32).
+  const double weight_bytes = settings.bf16 ? 2.0 : static_cast<double>(sizeof(float));
+  const double expert_bytes = 3.0 * static_cast<double>(d) * static_cast<double>(layer.hidden_dim()) * weight_bytes;
   double fixed_bytes = static_cast<double>(d) * static_cast<double>(experts) * sizeof(float);  // router
   if (layer.has_shared_expert()) fixed_bytes += 3.0 * static_cast<double>(d) * layer.shared_hidden_dim() * sizeof(float);
   std::cout << what << ": d = " << d << ", h = " << layer.hidden_dim() << ", E = " << experts << ", k = " << layer.k()
             << ", shared h_s = " << layer.shared_hidden_dim() << ", expert weights "
-            << std::setprecision(3) << expert_bytes * static_cast<double>(experts) / 1e9 << " GB\n";
+            << std::setprecision(3) << expert_bytes * static_cast<double>(experts) / 1e9 << " GB"
+            << (settings.bf16 ? " (bf16)" : "") << '\n';
   const double bandwidth = read_bandwidth(settings.bandwidth_mb);
   std::cout << "read bandwidth (best of 3 reads of " << settings.bandwidth_mb << " MB): " << std::setprecision(3)
             << bandwidth << " GB/s\n";
 
-  const sparsemoe::PackedExperts<float> packed = layer.pack_experts();
+  // fp32: the packed experts; --bf16: the experts' weights rounded to bfloat16. Made once.
+  const sparsemoe::PackedExperts<float> packed =
+      settings.bf16 ? sparsemoe::PackedExperts<float>{} : layer.pack_experts();
+  using ExpertT = typename Layer::ExpertType;
+  const sparsemoe::Bf16Experts<ExpertT> bf16 = settings.bf16 ? layer.bf16_experts() : sparsemoe::Bf16Experts<ExpertT>{};
+  if (settings.bf16) {
+    std::cout << "bf16 experts: " << std::setprecision(3) << static_cast<double>(bf16.bytes()) / 1e9 << " GB, "
+              << (sparsemoe::bf16_vector_kernel_compiled() ? "AVX-512" : "portable") << " kernel\n";
+  }
   sparsemoe::ForwardWorkspace<float> workspace;
   typename Layer::Result result;
   const sparsemoe::ForwardOptions options;
+  const auto run = [&](const sparsemoe::Matrix<float>& x, typename Layer::Result& out) {
+    if (settings.bf16) {
+      layer.forward(x, options, out, workspace, bf16);
+    } else {
+      layer.forward(x, options, out, workspace, packed);
+    }
+  };
   std::mt19937 random(static_cast<unsigned>(settings.seed));
   std::cout << std::setw(7) << "tokens" << std::setw(14) << "tokens/s" << std::setw(12) << "ms/batch" << std::setw(12)
             << "GB/s" << std::setw(12) << "x read bw" << std::setw(14) << "experts hit" << std::setw(16)
@@ -209,11 +234,11 @@ void serve(const Layer& layer, const std::string& what, const Settings& settings
   for (const Index tokens : settings.batches) {
     sparsemoe::Matrix<float> x(tokens, d);
     for (Index i = 0; i < x.size(); ++i) x.data()[i] = std::normal_distribution<float>(0.0f, 1.0f)(random);
-    layer.forward(x, options, result, workspace, packed);  // warm-up: sizes the workspace
+    run(x, result);  // warm-up: sizes the workspace
     double best = 1e300;
     for (int repeat = 0; repeat < settings.repeats; ++repeat) {
       const auto start = Clock::now();
-      layer.forward(x, options, result, workspace, packed);
+      run(x, result);
       best = std::min(best, std::chrono::duration<double>(Clock::now() - start).count());
     }
     const auto& per_expert = result.tokens_per_expert();
@@ -229,7 +254,8 @@ void serve(const Layer& layer, const std::string& what, const Settings& settings
               << std::setw(12) << best * 1e3 << std::setw(12) << gbps << std::setw(12) << gbps / bandwidth
               << std::setw(9) << hit << "/" << std::setw(4) << experts << std::setw(16) << busiest << '\n';
   }
-  std::cout << "GB/s counts the expert weights a batch reads once (hit experts, router, shared expert); "
+  std::cout << "GB/s counts the expert weights a batch reads once (hit experts"
+            << (settings.bf16 ? " as bf16" : "") << ", router, shared expert); "
                "x read bw is that over the measured read bandwidth.\n";
 }
 

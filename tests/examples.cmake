@@ -4,8 +4,8 @@
 # runs them): each router for a few tiny steps (exit 0, the summary line, a routing log that
 # respects the capacity), each other paradigm (expert choice, hash, Soft MoE, hierarchical: exit 0,
 # the summary line, the per-step log), an unknown router (exit 2 with the list of valid ones), the
-# compare-routers table, and, where gnuplot is installed, plot-routing and plot-losses PNGs.
-# Seconds in all.
+# compare-routers table, and, where gnuplot is installed, plot-routing and plot-losses PNGs; and
+# examples/serve on a tiny random block, fp32 and --bf16. Seconds in all.
 if(NOT SPARSEMOE_BUILD_EXAMPLES)
   return()
 endif()
@@ -37,4 +37,17 @@ if(SPARSEMOE_BASH)
   else()
     message(STATUS "sparsemoe: gnuplot not found: example_plot_routing is not run")
   endif()
+endif()
+
+# examples/serve on a tiny random block, fp32 packed and --bf16 (bf16 expert weights): exit 0
+# and the per-batch table; with --bf16 the line naming the bf16 experts and their kernel.
+if(SPARSEMOE_WITH_NLOHMANN_JSON)  # examples/serve is built (examples/CMakeLists.txt)
+  add_test(NAME example_serve_tiny
+    COMMAND serve --family qwen3-moe --layer-shape tiny --batches 1,16 --repeats 1 --bandwidth-mb 16)
+  add_test(NAME example_serve_tiny_bf16
+    COMMAND serve --family deepseek-v3 --layer-shape tiny --batches 1,16 --repeats 1 --bandwidth-mb 16 --bf16)
+  set_tests_properties(example_serve_tiny PROPERTIES LABELS examples TIMEOUT 120
+    PASS_REGULAR_EXPRESSION "GB/s counts the expert weights")
+  set_tests_properties(example_serve_tiny_bf16 PROPERTIES LABELS examples TIMEOUT 120
+    PASS_REGULAR_EXPRESSION "bf16 experts: [^\n]* kernel\n.*as bf16")
 endif()

@@ -62,6 +62,19 @@ sparsemoe::MoEConfig small_config() {
   return config;
 }
 
+/// Calls `run()` once with both counters watching (Eigen's malloc check on) and expects neither
+/// an operator new call nor an Eigen heap allocation in it; `what` names the call.
+template <typename Run>
+void expect_allocation_free(const Run& run, const char* what) {
+  const long before = allocations.load();
+  const long eigen_before = eigen_heap_allocations.load();
+  Eigen::internal::set_is_malloc_allowed(false);
+  run();
+  Eigen::internal::set_is_malloc_allowed(true);
+  EXPECT_EQ(allocations.load() - before, 0) << "operator new calls in " << what;
+  EXPECT_EQ(eigen_heap_allocations.load() - eigen_before, 0) << "Eigen heap allocations in " << what;
+}
+
 // tokens = 300 gives each of the 6 experts about 100 rows; tokens = 1200 about 400, past
 // MoELayer::pack_rows_threshold, so that the forward also packs weights into its workspace.
 //
@@ -98,13 +111,7 @@ void expect_no_allocation(sparsemoe::Mode mode, bool packed = false, sparsemoe::
   const auto* rows = result.plan.token_of_row.data();
 
   options.step = 1;
-  const long before = allocations.load();
-  const long eigen_before = eigen_heap_allocations.load();
-  Eigen::internal::set_is_malloc_allowed(false);
-  run();
-  Eigen::internal::set_is_malloc_allowed(true);
-  EXPECT_EQ(allocations.load() - before, 0) << "operator new calls in a steady-state forward";
-  EXPECT_EQ(eigen_heap_allocations.load() - eigen_before, 0) << "Eigen heap allocations in a steady-state forward";
+  expect_allocation_free(run, "a steady-state forward");
   EXPECT_EQ(result.output.data(), output);
   EXPECT_EQ(workspace.grouped_input.data(), grouped);
   EXPECT_EQ(result.routing.noisy_logits.data(), logits);
@@ -216,6 +223,39 @@ TEST(Allocation, SteadyStateEvaluationForwardAllocatesNothing) {
 TEST(Allocation, SteadyStatePackedForwardAllocatesNothing) {
   expect_no_allocation<float, sparsemoe::Expert<float, sparsemoe::Relu>>(sparsemoe::Mode::evaluation, true);
   expect_no_allocation<double, sparsemoe::SwiGluExpert<double>>(sparsemoe::Mode::evaluation, true);
+}
+
+// The bf16 serving forward: the layer's (MoELayer::bf16_experts(), 300 tokens: row tiles), and
+// the expert stage alone (Bf16Experts::forward) with all rows on one expert (the column split).
+template <typename ExpertT>
+void expect_no_bf16_allocation() {
+  sparsemoe::MoELayer<float, ExpertT> layer(small_config());
+  layer.gate().initialize_uniform(3);
+  // Seeded, not Matrix::Random: std::rand's sequence, which the other tests' inputs come from,
+  // stays as it was without this test.
+  sparsemoe::Matrix<float> input(300, 24);
+  sparsemoe::detail::fill_uniform(input.data(), input.size(), 1.0f, 31, 0);
+  const auto experts = layer.bf16_experts();
+  const sparsemoe::ForwardOptions options;
+  sparsemoe::ForwardResult<float> result;
+  sparsemoe::ForwardWorkspace<float> workspace;
+  sparsemoe::IndexVector one_expert = sparsemoe::IndexVector::Zero(layer.num_experts() + 1);
+  one_expert.tail(layer.num_experts() - 1).setConstant(40);
+  sparsemoe::Matrix<float> stage_output;
+  sparsemoe::Bf16ExpertsWorkspace stage_workspace;
+  const auto run = [&] {
+    layer.forward(input, options, result, workspace, experts);
+    experts.forward(one_expert, input.topRows(40), stage_output, stage_workspace);
+  };
+  run();
+  expect_allocation_free(run, "a steady-state bf16 forward");
+  EXPECT_TRUE(result.output.allFinite());
+  EXPECT_TRUE(stage_output.allFinite());
+}
+
+TEST(Allocation, SteadyStateBf16ForwardAllocatesNothing) {
+  expect_no_bf16_allocation<sparsemoe::Expert<float, sparsemoe::Relu>>();
+  expect_no_bf16_allocation<sparsemoe::SwiGluExpert<float>>();
 }
 
 TEST(Allocation, SteadyStateTrainingForwardAllocatesNothing) {

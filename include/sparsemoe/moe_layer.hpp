@@ -7,6 +7,7 @@
 /// The sparsely-gated mixture-of-experts layer y = Σ_{i∈S(x)} g_i(x)·E_i(x) (Shazeer et al. 2017),
 /// forward and backward, run as explicit stages: route → group → expert compute → combine.
 
+#include "bf16_experts.hpp"
 #include "config.hpp"
 #include "detail/parallel.hpp"
 #include "detail/scratch_pool.hpp"
@@ -393,6 +394,41 @@ class MoELayer {
     forward_impl(input, options, result, workspace, &packed);
   }
 
+  /// The routed experts' current weights rounded to bfloat16 (see Bf16Experts), for
+  /// evaluation-mode forwards that stream half the weight bytes; float layers only. O(E·d·(p + h))
+  /// time, 2·E·d·(p + h) bytes; parallel over experts. Throws std::invalid_argument naming the
+  /// tensor if a parameter is not finite (see require_finite_parameters()) or has been resized.
+  template <typename E = ExpertT>
+  Bf16Experts<E> bf16_experts() const {
+    static_assert(std::is_same<E, ExpertT>::value, "bf16_experts() makes bf16 copies of the layer's own experts");
+    check_parameter_shapes("sparsemoe::MoELayer::bf16_experts");
+    require_finite_parameters();
+    Bf16Experts<E> experts(experts_);
+    experts.owner_ = scratch_;
+    experts.made_by_layer_ = true;
+    return experts;
+  }
+
+  /// Evaluation-mode forward whose routed experts run on `experts`' bfloat16 weights (made by
+  /// this layer's bf16_experts()) with fp32 activations and accumulation (Bf16Experts::forward;
+  /// `kernel` picks the AVX-512 or the portable kernel, same results); routing, a shared expert
+  /// (fp32, its weights as stored) and combine as the forward above. Throws
+  /// std::invalid_argument when options.mode is training or options.keep_cache is set, or when
+  /// `experts` was not made by this layer. Cost: as forward(), with 2 bytes per routed weight.
+  template <typename E = ExpertT>
+  void forward(ConstMatrixRef<Scalar> input, const ForwardOptions& options, Result& result,
+               ForwardWorkspace<Scalar>& workspace, const Bf16Experts<E>& experts,
+               Bf16Kernel kernel = Bf16Kernel::automatic) const {
+    const char* function = "sparsemoe::MoELayer::forward";
+    detail::require(options.mode == Mode::evaluation && !options.keep_cache, function,
+                    "bf16 experts serve evaluation-mode forwards without a cache only");
+    detail::require(made_by_this(experts.owner_) && experts.num_experts() == num_experts() &&
+                        experts.input_dim() == input_dim() && experts.hidden_dim() == hidden_dim() &&
+                        experts.pre_activation_width() == pre_activation_width(),
+                    function, "the bf16 experts were not made by this layer's bf16_experts()");
+    forward_impl(input, options, result, workspace, nullptr, &experts, kernel);
+  }
+
   /// Stage 1, route: the router's decisions for `input` (T×d), into `routing`, with the sample
   /// index options.step (0 when unset; only forward draws from the layer's training step).
   void route(ConstMatrixRef<Scalar> input, const ForwardOptions& options, typename Traits::Routing& routing) const {
@@ -651,8 +687,12 @@ class MoELayer {
     });
   }
 
+  /// The forward of every overload: `packed` (fp32 packed weights) or, when Bf16 is not void,
+  /// `bf16` (bfloat16 weights, run by `kernel`) replace the routed experts' weights.
+  template <typename Bf16 = void>
   void forward_impl(ConstMatrixRef<Scalar> input, const ForwardOptions& options, Result& result,
-                    ForwardWorkspace<Scalar>& workspace, const PackedExperts<Scalar>* packed) const {
+                    ForwardWorkspace<Scalar>& workspace, const PackedExperts<Scalar>* packed,
+                    const Bf16* bf16 = nullptr, Bf16Kernel kernel = Bf16Kernel::automatic) const {
     const char* function = "sparsemoe::MoELayer::forward";
     detail::require(input.cols() == input_dim(), function, "input must have ", input_dim(),
                     " columns (the layer's input_dim), got ", input.rows(), "x", input.cols());
@@ -696,7 +736,14 @@ class MoELayer {
       });
     }
     Matrix<Scalar>* pre_activations = keep_cache ? &cache.pre_activations : nullptr;
-    if (shared) {
+    if constexpr (!std::is_void<Bf16>::value) {
+      bf16->forward(bank_offsets(result.plan), workspace.grouped_input, workspace.expert_output, workspace.bf16,
+                    kernel);
+      if (shared) {
+        const Eigen::Matrix<Index, 2, 1> shared_offsets(0, input.rows());
+        shared_.forward(shared_offsets, input, nullptr, workspace.shared_output, workspace.shared);
+      }
+    } else if (shared) {
       // The shared expert: a one-expert bank over all T tokens, its tiles first in the schedule.
       const Eigen::Matrix<Index, 2, 1> shared_offsets(0, input.rows());
       const typename Bank::ForwardCompanion companion{

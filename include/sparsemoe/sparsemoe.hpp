@@ -8,6 +8,7 @@
 
 #include "activation.hpp"
 #include "balance_losses.hpp"
+#include "bf16_experts.hpp"
 #include "config.hpp"
 #include "expert.hpp"
 #include "expert_bank.hpp"

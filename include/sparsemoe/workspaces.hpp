@@ -6,6 +6,7 @@
 /// \file workspaces.hpp
 /// Reusable scratch memory of MoELayer::forward and MoELayer::backward (allocation-free steady state).
 
+#include "bf16_experts.hpp"
 #include "config.hpp"
 #include "expert_bank.hpp"
 #include "gate.hpp"
@@ -25,12 +26,13 @@ struct ForwardWorkspace {
   Matrix<Scalar> shared_output;              ///< T×d: the shared expert's output (without its gate)
   ExpertBankForwardWorkspace<Scalar> experts;  ///< scratch of the routed experts' ExpertBank::forward
   ExpertBankForwardWorkspace<Scalar> shared;   ///< scratch of the shared expert's bank (its companion)
+  Bf16ExpertsWorkspace bf16;                   ///< scratch of Bf16Experts::forward (bf16 forwards only)
 
   /// Bytes held by the matrices and packed weights above.
   std::size_t bytes() const {
     return static_cast<std::size_t>(grouped_input.size() + expert_output.size() + shared_output.size()) *
                sizeof(Scalar) +
-           experts.bytes() + shared.bytes();
+           experts.bytes() + shared.bytes() + bf16.bytes();
   }
 };
 
