@@ -4,17 +4,21 @@
 // detail::gemm against a naive triple loop in double: every transpose combination, accumulate
 // on and off, alpha = 1 and alpha ≠ 1, strided operands, shapes from 1 to 200×300×500. Runs
 // whichever backend this build selected (Eigen, or libxsmm with SPARSEMOE_WITH_LIBXSMM). Also
-// gemm_packed over PackedWeight (as stored and transposed) with its epilogue.
+// gemm_packed over PackedWeight (as stored and transposed) with its epilogue, and PackedWeight's
+// layout. test_gemm_native is the same file compiled for the build machine (-march=native), so
+// that the AVX-512 transposes and streaming stores of the packing run where the CPU has them.
 
 #include <sparsemoe/detail/gemm.hpp>
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
 #include <type_traits>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -197,6 +201,39 @@ TYPED_TEST(GemmTest, RepeatableBitwise) {
     sparsemoe::detail::gemm(oa, ob, first.data(), 90, Scalar(1), false);
     sparsemoe::detail::gemm(oa, ob, second.data(), 90, Scalar(1), false);
     EXPECT_EQ(first, second);
+  }
+}
+
+// PackedWeight's layout, element by element from its definition: op(W) (k×n) in column panels
+// of panel_width() columns, panel q a contiguous k×w_q row-major block at data() + q·panel_width·k.
+// Shapes with edge panels and rows of odd widths, so that with AVX-512 (test_gemm_native) the
+// streaming stores meet unaligned rows; the storage is reused across sizes.
+TYPED_TEST(GemmTest, PackedWeightHoldsPanelsExactly) {
+  using Scalar = TypeParam;
+  using Matrix = sparsemoe::Matrix<Scalar>;
+  sparsemoe::detail::PackedWeight<Scalar> packed;
+  const std::vector<std::pair<Index, Index>> shapes = {{1, 1}, {3, 70}, {64, 64}, {37, 129}, {130, 200}, {512, 96}};
+  for (const auto& [rows, cols] : shapes) {
+    for (const Op op : {Op::none, Op::transpose}) {
+      Matrix stored = op == Op::none ? Matrix(rows, cols) : Matrix(cols, rows);
+      for (Index i = 0; i < stored.size(); ++i) stored.data()[i] = static_cast<Scalar>(value_at(21 + rows, i));
+      packed.assign(stored, op);
+      const Index k = rows, n = cols, width = packed.panel_width();
+      ASSERT_EQ(packed.rows(), k);
+      ASSERT_EQ(packed.cols(), n);
+      ASSERT_GE(width, 1);
+      for (Index p0 = 0; p0 < n; p0 += width) {
+        const Index w = std::min(width, n - p0);
+        for (Index r = 0; r < k; ++r) {
+          for (Index j = 0; j < w; ++j) {
+            const Scalar expected = op == Op::none ? stored(r, p0 + j) : stored(p0 + j, r);
+            ASSERT_EQ(packed.data()[p0 * k + r * w + j], expected)
+                << rows << "x" << cols << " op " << (op == Op::transpose) << " panel at " << p0 << " (" << r << ", "
+                << j << ")";
+          }
+        }
+      }
+    }
   }
 }
 

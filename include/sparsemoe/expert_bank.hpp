@@ -71,11 +71,15 @@ struct ExpertBankBackwardWorkspace {
   std::vector<detail::ExpertTile> tiles;                     ///< this call's row tiles
   std::vector<Index> expert_order;                           ///< experts by descending row count
   std::vector<detail::GradientTile> gradient_tiles;          ///< this call's weight-gradient tiles
+  /// Per OpenMP thread, (most rows of one expert)×gradient_column_tile: the ∂pre or ∂Y columns of
+  /// one weight-gradient tile copied contiguous (libxsmm backend only; empty otherwise).
+  std::vector<Matrix<Scalar>> gradient_columns;
 
   /// Bytes held by the matrices and packed weights above.
   std::size_t bytes() const {
     std::size_t total = static_cast<std::size_t>(hidden.size() + d_pre.size()) * sizeof(Scalar);
     for (const auto& block : d_hidden) total += static_cast<std::size_t>(block.size()) * sizeof(Scalar);
+    for (const auto& block : gradient_columns) total += static_cast<std::size_t>(block.size()) * sizeof(Scalar);
     for (const auto& packed : w1_transposed) total += packed.bytes();
     for (const auto& packed : w2_transposed) total += packed.bytes();
     return total;
@@ -614,6 +618,15 @@ class ExpertBank {
     const auto threads = static_cast<std::size_t>(detail::max_threads());
     workspace.d_hidden.resize(threads);
     for (auto& block : workspace.d_hidden) block.resize(row_tile, hidden_dim());
+#ifdef SPARSEMOE_WITH_LIBXSMM
+    Index most_rows = 0;
+    for (Index e = 0; e < num_experts(); ++e) most_rows = std::max(most_rows, detail::rows_of_expert(call.offsets, e));
+    workspace.gradient_columns.resize(threads);
+    for (auto& block : workspace.gradient_columns) {
+      // Grows to the largest expert seen and stays: a later call with fewer rows allocates nothing.
+      if (block.rows() < most_rows) block.resize(most_rows, gradient_column_tile);
+    }
+#endif
   }
 
   /// One row tile of backward: ∂hidden = ∂Y·W2ᵀ (unscaled), the gate's ⟨∂Y, E(x)⟩, then times g:
@@ -673,7 +686,11 @@ class ExpertBank {
   }
 
   /// ∂W1 += Xᵀ·∂pre, ∂b1 += Σ ∂pre (first layer) or ∂W2 += hiddenᵀ·∂out, ∂b2 += Σ ∂out over
-  /// the tile's columns and all of its expert's rows, in row order.
+  /// the tile's columns and all of its expert's rows, in row order. With libxsmm the tile's
+  /// ∂pre or ∂out columns are first copied into a contiguous block: its kernels then read rows of
+  /// 128 scalars one after the other instead of one row of the full matrix apart (p or d scalars:
+  /// a new page every row or two), which measured faster than the copy costs (bench/NOTES.md);
+  /// the kernel and its order of operations are the same, so are the bits.
   void gradient_tile(const detail::GradientTile& tile, const BackwardCompanion& call) const {
     ExpertT& gradient = (*call.gradients)[static_cast<std::size_t>(tile.expert)];
     const Index first_row = call.offsets[tile.expert];
@@ -683,9 +700,17 @@ class ExpertBank {
     const auto accumulate = [&](const auto& left, const auto& right) {
       const Index columns = std::min(gradient_column_tile, right.cols() - tile.first_column);
       const auto right_block = right.block(first_row, tile.first_column, rows, columns);
+#ifdef SPARSEMOE_WITH_LIBXSMM
+      Matrix<Scalar>& buffer = call.workspace->gradient_columns[static_cast<std::size_t>(detail::thread_index())];
+      Eigen::Map<Matrix<Scalar>> copy(buffer.data(), rows, columns);  // row stride = columns
+      copy = right_block;
+      const auto& product_right = copy;
+#else
+      const auto& product_right = right_block;
+#endif
       detail::gemm(detail::operand(left.middleRows(first_row, rows), detail::Op::transpose),
-                   detail::operand(right_block), weight.data() + tile.first_column, weight.outerStride(), Scalar(1),
-                   true);
+                   detail::operand(product_right), weight.data() + tile.first_column, weight.outerStride(),
+                   Scalar(1), true);
       if (bias.size() > 0) bias.segment(tile.first_column, columns) += right_block.colwise().sum().transpose();
     };
     if (tile.first_layer) {

@@ -125,6 +125,12 @@ class PackedWeight {
     cols_ = transposed ? weight.rows() : weight.cols();
     panel_width_ = preferred_panel_width(cols_);
     data_.resize(static_cast<std::size_t>(weight.size()));
+#ifdef SPARSEMOE_WITH_LIBXSMM
+    if (!transposed) {
+      libxsmm_backend::copy_into_panels(weight.data(), weight.outerStride(), rows_, cols_, panel_width_, data_.data());
+      return;
+    }
+#endif
     for (Index p0 = 0; p0 < cols_; p0 += panel_width_) {
       const Index width = std::min(panel_width_, cols_ - p0);
       Eigen::Map<Matrix<Scalar>> panel(data_.data() + p0 * rows_, rows_, width);
@@ -133,7 +139,8 @@ class PackedWeight {
         continue;
       }
 #ifdef SPARSEMOE_WITH_LIBXSMM
-      libxsmm_backend::transpose_copy(weight.row(p0).data(), weight.outerStride(), width, rows_, panel.data(), width);
+      libxsmm_backend::transpose_copy<Scalar, true>(weight.row(p0).data(), weight.outerStride(), width, rows_,
+                                                    panel.data(), width);
 #else
       panel = weight.middleRows(p0, width).transpose();
 #endif

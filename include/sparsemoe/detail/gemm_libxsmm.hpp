@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
@@ -76,7 +77,9 @@ Scalar* scratch(Index size) {
 }
 
 #if defined(__AVX512F__)
-/// dst (16×16, row stride ldd) = transpose of src (16×16, row stride lds), in registers.
+/// dst (16×16, row stride ldd) = transpose of src (16×16, row stride lds), in registers. With
+/// `streaming`, dst's rows go out as non-temporal stores (each row must be 64-byte aligned).
+template <bool streaming = false>
 inline void transpose_16x16(const float* src, Index lds, float* dst, Index ldd) {
   __m512 r[16], t[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
@@ -100,16 +103,31 @@ inline void transpose_16x16(const float* src, Index lds, float* dst, Index ldd) 
     r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
     r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
   }
-  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ldd, r[i]);
+  for (int i = 0; i < 16; ++i) {
+    if constexpr (streaming) {
+      _mm512_stream_ps(dst + i * ldd, r[i]);
+    } else {
+      _mm512_storeu_ps(dst + i * ldd, r[i]);
+    }
+  }
 }
 #endif
+
+/// Whether `pointer` is aligned for 64-byte (one cache line, one AVX-512 register) stores.
+inline bool line_aligned(const void* pointer) { return reinterpret_cast<std::uintptr_t>(pointer) % 64 == 0; }
 
 /// dst(c, r) = src(r, c) for r < rows, c < cols (src row stride lds, dst row stride ldd).
 /// Blocks of one cache line each way: each line of src is read once, whole, so power-of-two
 /// strides do not thrash L1; float blocks are transposed in AVX-512 registers when available.
-template <typename Scalar>
+/// With `streaming` (for a copy bigger than the caches, read later), whole 64-byte-aligned lines of
+/// dst are written with non-temporal stores, which skip reading each destination line first, and
+/// the stores are fenced before returning.
+template <typename Scalar, bool streaming = false>
 void transpose_copy(const Scalar* src, Index lds, Index rows, Index cols, Scalar* dst, Index ldd) {
   constexpr Index block = 64 / static_cast<Index>(sizeof(Scalar));
+#if defined(__AVX512F__)
+  const bool stream_lines = streaming && line_aligned(dst) && (ldd * static_cast<Index>(sizeof(Scalar))) % 64 == 0;
+#endif
   for (Index r0 = 0; r0 < rows; r0 += block) {
     const Index rb = std::min(block, rows - r0);
     for (Index c0 = 0; c0 < cols; c0 += block) {
@@ -117,7 +135,11 @@ void transpose_copy(const Scalar* src, Index lds, Index rows, Index cols, Scalar
 #if defined(__AVX512F__)
       if constexpr (std::is_same<Scalar, float>::value) {
         if (rb == block && cb == block) {
-          transpose_16x16(src + r0 * lds + c0, lds, dst + c0 * ldd + r0, ldd);
+          if (stream_lines) {
+            transpose_16x16<true>(src + r0 * lds + c0, lds, dst + c0 * ldd + r0, ldd);
+          } else {
+            transpose_16x16(src + r0 * lds + c0, lds, dst + c0 * ldd + r0, ldd);
+          }
           continue;
         }
       }
@@ -129,6 +151,43 @@ void transpose_copy(const Scalar* src, Index lds, Index rows, Index cols, Scalar
       }
     }
   }
+#if defined(__AVX512F__)
+  if (stream_lines) _mm_sfence();
+#endif
+}
+
+/// Copies src (k×n, row stride lds) into column panels of `panel_width` columns: panel q is the
+/// contiguous k×w_q row-major block at dst + q·panel_width·k (w_q = panel_width, or what is left
+/// for the last panel). Each row of src is read once, front to back, and its pieces go to the
+/// panels; with AVX-512, whole 64-byte-aligned lines of dst are written with non-temporal stores
+/// (the copy is bigger than the caches and read later: skipping the read of each destination
+/// line saves a third of the traffic), fenced before returning. O(k·n).
+template <typename Scalar>
+void copy_into_panels(const Scalar* src, Index lds, Index k, Index n, Index panel_width, Scalar* dst) {
+  for (Index row = 0; row < k; ++row) {
+    const Scalar* source = src + row * lds;
+    for (Index p0 = 0; p0 < n; p0 += panel_width) {
+      const Index width = std::min(panel_width, n - p0);
+      Scalar* target = dst + p0 * k + row * width;
+      Index j = 0;
+#if defined(__AVX512F__)
+      constexpr Index line = 64 / static_cast<Index>(sizeof(Scalar));
+      if (line_aligned(target)) {
+        for (; j + line <= width; j += line) {
+          if constexpr (std::is_same<Scalar, float>::value) {
+            _mm512_stream_ps(target + j, _mm512_loadu_ps(source + p0 + j));
+          } else {
+            _mm512_stream_pd(target + j, _mm512_loadu_pd(source + p0 + j));
+          }
+        }
+      }
+#endif
+      for (; j < width; ++j) target[j] = source[p0 + j];
+    }
+  }
+#if defined(__AVX512F__)
+  _mm_sfence();
+#endif
 }
 
 /// C = alpha·op(A)·op(B) (+ C when `accumulate`), row-major, through libxsmm. A is stored with row
