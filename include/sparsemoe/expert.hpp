@@ -12,8 +12,9 @@
 ///  - `tensors()`: the parameters as named views, in a fixed order; `set_zero()`;
 ///  - a constructor (d, h) that zero-initialises, and `initialize_uniform(seed)`;
 ///  - optionally `static constexpr bool activation_is_elementwise`: true when hidden column j
-///    depends on pre column j only (p = h), so activate() may run on column blocks (the layer
-///    then fuses it into the GEMM's output tiles). Missing means false.
+///    depends on pre column j only (p = h), so activate() and activation_backward() may run on
+///    column blocks (the layer then fuses them into the GEMMs' output tiles, forward and
+///    backward). Missing means false.
 /// E(x) = activate(x·W1 + b1)·W2 + b2, so one expert is two GEMMs over a block of rows.
 
 #include "activation.hpp"

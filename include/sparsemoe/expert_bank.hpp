@@ -632,6 +632,12 @@ class ExpertBank {
   /// One row tile of backward: ∂hidden = ∂Y·W2ᵀ (unscaled), the gate's ⟨∂Y, E(x)⟩, then times g:
   /// ∂Y in place, ∂pre and the ∂X rows; the recomputed hidden rows are kept for the weight
   /// gradients. `packed`: W1ᵀ and W2ᵀ from the workspace (else the weights as stored).
+  ///
+  /// For an element-wise activation the element-wise work runs on each output block of the
+  /// ∂hidden product while it is in cache (recompute hidden, add the block's share of
+  /// ⟨∂hidden, hidden⟩ to the gate's gradient, scale by g, ∂pre = act'(pre) ⊙ g·∂hidden) instead
+  /// of in passes over the whole tile after it: the blocks are fixed by the shapes, so the sums
+  /// keep their order for any thread count. Other activations (SwiGLU) run the passes.
   void backward_tile(const detail::ExpertTile& tile, const BackwardCompanion& call, bool packed) const {
     const auto no_epilogue = [](Index, Index, Index, Index) {};
     BackwardWorkspace& workspace = *call.workspace;
@@ -641,28 +647,57 @@ class ExpertBank {
     auto d_out = call.d_output.middleRows(tile.first_row, tile.rows);
     const auto pre = call.pre_activations.middleRows(tile.first_row, tile.rows);
     auto hidden = workspace.hidden.middleRows(tile.first_row, tile.rows);
+    auto d_pre = workspace.d_pre.middleRows(tile.first_row, tile.rows);
+    const Eigen::Ref<const Vector<Scalar>>& gates = call.gate_of_row;
+    const bool gated = gates.size() > 0;
+    Vector<Scalar>& d_gates = *call.d_gate_of_row;
+    if (gated) {
+      // ⟨∂Y, b2⟩ first; the blocks of ⟨∂hidden, hidden⟩ are added to it.
+      for (Index r = 0; r < tile.rows; ++r) {
+        d_gates[tile.first_row + r] = expert.b2().size() > 0 ? d_out.row(r).dot(expert.b2().transpose()) : Scalar(0);
+      }
+    }
+    constexpr bool fused = detail::activation_is_elementwise<ExpertT>::value;
+    const auto elementwise = [&](Index row, Index rows, Index col, Index width) {
+      if constexpr (fused) {
+        auto d_hidden_block = d_hidden.block(row, col, rows, width);
+        auto hidden_block = hidden.block(row, col, rows, width);
+        const auto pre_block = pre.block(row, col, rows, width);
+        expert.activate(pre_block, hidden_block);
+        if (gated) {
+          for (Index r = row; r < row + rows; ++r) {
+            const Index grouped_row = tile.first_row + r;
+            d_gates[grouped_row] += d_hidden.row(r).segment(col, width).dot(hidden.row(r).segment(col, width));
+            d_hidden.row(r).segment(col, width) *= gates[grouped_row];
+          }
+        }
+        expert.activation_backward(pre_block, d_hidden_block, d_pre.block(row, col, rows, width));
+      } else {
+        static_cast<void>(row), static_cast<void>(rows), static_cast<void>(col), static_cast<void>(width);
+      }
+    };
     if (packed) {
       detail::gemm_packed(detail::operand(d_out), workspace.w2_transposed[expert_index], d_hidden.data(),
-                          d_hidden.outerStride(), false, no_epilogue);
+                          d_hidden.outerStride(), false, elementwise);
     } else {
       detail::gemm(detail::operand(d_out), detail::operand(expert.w2(), detail::Op::transpose), d_hidden.data(),
                    d_hidden.outerStride(), Scalar(1), false);
+      elementwise(0, tile.rows, 0, hidden_dim());
     }
-    expert.activate(pre, hidden);
-    const Eigen::Ref<const Vector<Scalar>>& gates = call.gate_of_row;
-    if (gates.size() > 0) {
-      Vector<Scalar>& d_gates = *call.d_gate_of_row;
-      for (Index r = 0; r < tile.rows; ++r) {
-        const Index row = tile.first_row + r;
-        Scalar d_gate = d_hidden.row(r).dot(hidden.row(r));
-        if (expert.b2().size() > 0) d_gate += d_out.row(r).dot(expert.b2().transpose());
-        d_gates[row] = d_gate;
-        d_hidden.row(r) *= gates[row];
-        d_out.row(r) *= gates[row];
+    if (gated) {
+      for (Index r = 0; r < tile.rows; ++r) d_out.row(r) *= gates[tile.first_row + r];
+    }
+    if constexpr (!fused) {
+      expert.activate(pre, hidden);
+      if (gated) {
+        for (Index r = 0; r < tile.rows; ++r) {
+          const Index grouped_row = tile.first_row + r;
+          d_gates[grouped_row] += d_hidden.row(r).dot(hidden.row(r));
+          d_hidden.row(r) *= gates[grouped_row];
+        }
       }
+      expert.activation_backward(pre, d_hidden, d_pre);
     }
-    auto d_pre = workspace.d_pre.middleRows(tile.first_row, tile.rows);
-    expert.activation_backward(pre, d_hidden, d_pre);
     Matrix<Scalar>& d_input = *call.d_input;
     if (packed) {
       detail::gemm_packed(detail::operand(d_pre), workspace.w1_transposed[expert_index],
