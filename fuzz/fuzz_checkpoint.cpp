@@ -190,24 +190,40 @@ Layer make_layer(std::uint64_t seed) {
   }
 }
 
-/// A target layer with an Sgd and an Adam that have state, and pristine copies to reset to.
-template <typename Layer>
-struct Target {
-  using Scalar = typename Layer::Scalar;
-  Layer layer;
-  sparsemoe::Sgd<Scalar> sgd;
-  sparsemoe::Adam<Scalar> adam;
-
-  explicit Target(std::uint64_t seed) : layer(make_layer<Layer>(seed)), sgd(sparsemoe::SgdOptions{0.1, 0.9, true, 0.01}) {
+/// How an MoELayer target is made (make_layer) and how its optimizers get state: one training
+/// step with each, then the layer's training step advanced by `seed`.
+struct MoEMaker {
+  template <typename Layer>
+  static Layer make(std::uint64_t seed) {
+    return make_layer<Layer>(seed);
+  }
+  template <typename Layer, typename Sgd, typename Adam>
+  static void give_state(Layer& layer, Sgd& sgd, Adam& adam, std::uint64_t seed) {
     step_once(layer, sgd);
     step_once(layer, adam);
     layer.set_training_step(layer.training_step() + seed);
   }
 };
 
-template <typename Layer>
-Target<Layer>& pristine(std::uint64_t seed) {
-  static Target<Layer> target(seed);
+/// A target layer (built by `Maker`: MoEMaker, or ParadigmMaker below for the other layer types)
+/// with an Sgd and an Adam that have state, and pristine copies to reset to.
+template <typename Layer, typename Maker>
+struct Target {
+  using Scalar = typename Layer::Scalar;
+  Layer layer;
+  sparsemoe::Sgd<Scalar> sgd;
+  sparsemoe::Adam<Scalar> adam;
+
+  explicit Target(std::uint64_t seed)
+      : layer(Maker::template make<Layer>(seed)), sgd(sparsemoe::SgdOptions{0.1, 0.9, true, 0.01}) {
+    Maker::give_state(layer, sgd, adam, seed);
+  }
+};
+
+/// The pristine target of this layer type and maker, built on the first call from its `seed`.
+template <typename Layer, typename Maker>
+const Target<Layer, Maker>& pristine(std::uint64_t seed) {
+  static const Target<Layer, Maker> target(seed);
   return target;
 }
 
@@ -290,7 +306,7 @@ void load(const std::string& bytes, int entry, Layer& layer, Sgd& sgd, Adam& ada
 
 template <typename Layer>
 void run(const std::string& bytes, int entry, std::uint64_t seed) {
-  Target<Layer>& clean = pristine<Layer>(seed);
+  const Target<Layer, MoEMaker>& clean = pristine<Layer, MoEMaker>(seed);
   Layer layer = clean.layer;
   auto sgd = clean.sgd;
   auto adam = clean.adam;
@@ -405,16 +421,16 @@ Layer make_paradigm_layer(std::uint64_t seed) {
   }
 }
 
-/// A target of another layer type with an Sgd and an Adam stepped once on constant gradients.
-template <typename Layer>
-struct ParadigmTarget {
-  using Scalar = typename Layer::Scalar;
-  Layer layer;
-  sparsemoe::Sgd<Scalar> sgd;
-  sparsemoe::Adam<Scalar> adam;
-
-  explicit ParadigmTarget(std::uint64_t seed)
-      : layer(make_paradigm_layer<Layer>(seed)), sgd(sparsemoe::SgdOptions{0.1, 0.9, true, 0.01}) {
+/// How a target of another layer type is made (make_paradigm_layer) and how its optimizers get
+/// state: an Sgd and an Adam stepped once on constant gradients.
+struct ParadigmMaker {
+  template <typename Layer>
+  static Layer make(std::uint64_t seed) {
+    return make_paradigm_layer<Layer>(seed);
+  }
+  template <typename Layer, typename Sgd, typename Adam>
+  static void give_state(Layer& layer, Sgd& sgd, Adam& adam, std::uint64_t) {
+    using Scalar = typename Layer::Scalar;
     auto gradients = layer.make_gradients();
     for (const auto& view : gradients.tensors()) view.data[0] = Scalar(0.25);  // every tensor has an entry
     sgd.step(layer.tensors(), gradients.tensors());
@@ -431,7 +447,7 @@ std::string paradigm_bytes(const Layer& layer, const Sgd& sgd, const Adam& adam)
 
 template <typename Layer>
 void run_paradigm(const std::string& bytes, int entry, std::uint64_t seed) {
-  static const ParadigmTarget<Layer> clean(seed);
+  const Target<Layer, ParadigmMaker>& clean = pristine<Layer, ParadigmMaker>(seed);
   Layer layer = clean.layer;
   auto sgd = clean.sgd;
   auto adam = clean.adam;
@@ -542,7 +558,7 @@ std::string downgrade_to_version_1(const std::string& v2) {
 
 template <typename Layer>
 void write_seeds(const std::string& directory, const std::string& name, unsigned target) {
-  Target<Layer> source(1000 + target);
+  Target<Layer, MoEMaker> source(1000 + target);
   const std::string layer_only = sparsemoe::serialize_checkpoint(source.layer);
   const std::string with_sgd = sparsemoe::serialize_checkpoint(source.layer, source.sgd);
   const std::string with_adam = sparsemoe::serialize_checkpoint(source.layer, source.adam);
@@ -585,7 +601,7 @@ void write_seeds(const std::string& directory, const std::string& name, unsigned
 /// with Sgd / Adam state, and the float expert-choice file into the float Soft MoE target.
 template <typename Layer>
 void write_paradigm_seeds(const std::string& directory, const std::string& name, unsigned target) {
-  ParadigmTarget<Layer> source(2000 + target);
+  Target<Layer, ParadigmMaker> source(2000 + target);
   const unsigned t = 64u | target << 3;
   write_seed(directory, name + "_layer", t | 0u, sparsemoe::serialize_checkpoint(source.layer));
   write_seed(directory, name + "_sgd", t | 1u, sparsemoe::serialize_checkpoint(source.layer, source.sgd));

@@ -29,7 +29,9 @@ std::atomic<long> eigen_heap_allocations{0};
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace {
@@ -394,4 +396,98 @@ TEST(Allocation, SoftMoEAndHierarchicalMoEStepsAllocateNothing) {
   };
   expect_paradigm_step_allocates_nothing(layer, sparsemoe::HierarchicalForwardOptions{}, hierarchical_step,
                                          "hierarchical MoE");
+}
+
+// One token, k = 1: every expert work unit has exactly one row (m = 1 products: x·W1, h·W2,
+// and in backward dy·W2ᵀ, dh·W1ᵀ; the gate's x·W_g too). An evaluation forward (plain and with
+// packed experts), an evaluation forward that keeps its cache, and a training step (forward,
+// backward into reused gradients, d_input and BackwardWorkspace) allocate nothing the second time.
+template <typename Layer>
+void expect_one_token_steps_allocate_nothing(const Layer& layer, const char* what) {
+  using Scalar = typename Layer::Scalar;
+  sparsemoe::Matrix<Scalar> input(1, layer.input_dim());
+  sparsemoe::detail::fill_uniform(input.data(), input.size(), Scalar(1), 41, 0);
+  sparsemoe::Matrix<Scalar> d_output(1, layer.input_dim());
+  sparsemoe::detail::fill_uniform(d_output.data(), d_output.size(), Scalar(1), 43, 0);
+  typename Layer::Result result;
+  sparsemoe::ForwardWorkspace<Scalar> workspace;
+  typename Layer::BackwardWorkspaceType backward_workspace;
+  auto gradients = layer.make_gradients();
+  sparsemoe::Matrix<Scalar> d_input;
+  const sparsemoe::PackedExperts<Scalar> packed = layer.pack_experts();
+  const std::string name(what);
+
+  sparsemoe::ForwardOptions evaluation;
+  const auto forward = [&] { layer.forward(input, evaluation, result, workspace); };
+  forward();
+  expect_allocation_free(forward, (name + ": one-token evaluation forward").c_str());
+  EXPECT_EQ(result.plan.num_rows(), 1);
+  EXPECT_TRUE(result.output.allFinite());
+
+  const auto packed_forward = [&] { layer.forward(input, evaluation, result, workspace, packed); };
+  packed_forward();
+  expect_allocation_free(packed_forward, (name + ": one-token packed evaluation forward").c_str());
+  EXPECT_TRUE(result.output.allFinite());
+
+  for (const bool training : {false, true}) {
+    sparsemoe::ForwardOptions options;
+    options.mode = training ? sparsemoe::Mode::training : sparsemoe::Mode::evaluation;
+    options.keep_cache = !training;
+    std::uint64_t step_index = 0;
+    const auto step = [&] {
+      options.step = step_index++;
+      layer.forward(input, options, result, workspace);
+      gradients.set_zero();
+      layer.backward(result, d_output, gradients, d_input, backward_workspace);
+    };
+    // Warm-up: training noise moves the token between experts, and backward packs W1ᵀ and W2ᵀ of
+    // an expert into the workspace the first time the expert has rows; so warm up until every
+    // expert has had the token (or 64 steps, for routing without noise).
+    std::vector<bool> seen(static_cast<std::size_t>(layer.num_experts()), false);
+    for (int warm_up = 0; warm_up < 64; ++warm_up) {
+      step();
+      for (sparsemoe::Index e = 0; e < layer.num_experts(); ++e) {
+        if (result.plan.tokens_per_expert[e] > 0) seen[static_cast<std::size_t>(e)] = true;
+      }
+      if (std::find(seen.begin(), seen.end(), false) == seen.end()) break;
+    }
+    expect_allocation_free(step, (name + (training ? ": one-token training step"
+                                                   : ": one-token evaluation forward with a kept cache and backward"))
+                                     .c_str());
+    EXPECT_EQ(result.plan.num_rows(), 1);
+    EXPECT_EQ(d_input.rows(), 1);
+    EXPECT_TRUE(d_input.allFinite());
+  }
+}
+
+sparsemoe::MoEConfig one_token_config() {
+  sparsemoe::MoEConfig config = small_config();
+  config.k = 1;
+  return config;
+}
+
+TEST(Allocation, OneTokenStepsWithTheDefaultGateAllocateNothing) {
+  sparsemoe::MoELayer<float, sparsemoe::Expert<float, sparsemoe::Relu>> single(one_token_config());
+  single.gate().initialize_uniform(7);
+  expect_one_token_steps_allocate_nothing(single, "float, default gate");
+  sparsemoe::MoELayer<double, sparsemoe::SwiGluExpert<double>> swiglu(one_token_config());
+  swiglu.gate().initialize_uniform(8);
+  expect_one_token_steps_allocate_nothing(swiglu, "double SwiGLU, default gate");
+}
+
+template <typename Scalar, typename ExpertT>
+void expect_one_token_router_steps_allocate_nothing(const char* what) {
+  sparsemoe::SoftmaxTopKRouterOptions router_options;
+  router_options.k = 1;
+  sparsemoe::SoftmaxTopKRouter<Scalar> router(24, 6, router_options);
+  router.initialize_uniform(9);
+  const sparsemoe::MoELayer<Scalar, ExpertT, sparsemoe::SoftmaxTopKRouter<Scalar>> layer(one_token_config(), router);
+  expect_one_token_steps_allocate_nothing(layer, what);
+}
+
+TEST(Allocation, OneTokenStepsWithATopKRouterAllocateNothing) {
+  expect_one_token_router_steps_allocate_nothing<float, sparsemoe::Expert<float, sparsemoe::Silu>>(
+      "float, softmax top-k router");
+  expect_one_token_router_steps_allocate_nothing<double, sparsemoe::Expert<double, sparsemoe::Relu>>(
+      "double, softmax top-k router");
 }

@@ -64,8 +64,11 @@ struct ScalarNames {
 };
 TYPED_TEST_SUITE(GemmTest, Scalars, ScalarNames);
 
+// `relative` > 0: the tolerance is relative·(|alpha|·Σ|x·y| + |C0|) instead of the default
+// 4·eps·(k + 2)·(|alpha|·Σ|x·y| + 1).
 template <typename Scalar>
-void check(Index m, Index n, Index k, Op op_a, Op op_b, bool accumulate, Scalar alpha, Index pad) {
+void check(Index m, Index n, Index k, Op op_a, Op op_b, bool accumulate, Scalar alpha, Index pad,
+           double relative = 0) {
   const bool ta = op_a == Op::transpose, tb = op_b == Op::transpose;
   const Stored<Scalar> a = ta ? make<Scalar>(k, m, pad, 1) : make<Scalar>(m, k, pad, 1);
   const Stored<Scalar> b = tb ? make<Scalar>(n, k, pad, 2) : make<Scalar>(k, n, pad, 2);
@@ -84,12 +87,14 @@ void check(Index m, Index n, Index k, Op op_a, Op op_b, bool accumulate, Scalar 
         sum += x * y;
         magnitude += std::abs(x * y);
       }
-      double expected = static_cast<double>(alpha) * sum;
-      if (accumulate) expected += static_cast<double>(c0(i, j));
-      const double tolerance = 4 * eps * (static_cast<double>(k) + 2) * (std::abs(static_cast<double>(alpha)) * magnitude + 1);
+      const double start = accumulate ? static_cast<double>(c0(i, j)) : 0.0;
+      const double expected = start + static_cast<double>(alpha) * sum;
+      const double scaled = std::abs(static_cast<double>(alpha)) * magnitude;
+      const double tolerance = relative > 0 ? relative * (scaled + std::abs(start))
+                                            : 4 * eps * (static_cast<double>(k) + 2) * (scaled + 1);
       ASSERT_NEAR(static_cast<double>(c(i, j)), expected, tolerance)
           << "m=" << m << " n=" << n << " k=" << k << " ta=" << ta << " tb=" << tb << " acc=" << accumulate
-          << " alpha=" << alpha << " at (" << i << "," << j << ")";
+          << " alpha=" << alpha << " pad=" << pad << " at (" << i << "," << j << ")";
     }
     // The padding of C is never written.
     for (Index j = n; j < c.stride; ++j) ASSERT_EQ(c(i, j), c0(i, j));
@@ -184,6 +189,78 @@ TYPED_TEST(GemmTest, PackedMatchesNaiveTripleLoop) {
       for (const bool accumulate : {false, true}) {
         check_packed<Scalar>(m, n, k, op_w, accumulate, (m + n + k) % 3);
         if (::testing::Test::HasFatalFailure()) return;
+      }
+    }
+  }
+}
+
+// One-row (m = 1) and one-column (n = 1) products, which run our own row updates and dot
+// products (no Eigen matrix-vector product, which may allocate): every op combination,
+// accumulate on and off, alpha = 1, -0.75 and 2.5, lengths on both sides of the 16-element
+// chunks, padded strides (the one-row or one-column operand too), against the naive loop in
+// double with a relative tolerance (1e-5 for float, through check()'s `relative`).
+TYPED_TEST(GemmTest, OneRowAndOneColumnMatchNaiveLoop) {
+  using Scalar = TypeParam;
+  const std::vector<Index> lengths = {1, 2, 15, 16, 17, 40, 97};
+  for (const Index other : lengths) {
+    for (const Index k : {1, 3, 15, 16, 17, 33, 64, 301}) {
+      for (const Op op_a : {Op::none, Op::transpose}) {
+        for (const Op op_b : {Op::none, Op::transpose}) {
+          for (const bool accumulate : {false, true}) {
+            for (const Scalar alpha : {Scalar(1), Scalar(-0.75), Scalar(2.5)}) {
+              for (const Index pad : {0, 3}) {
+                const double relative = std::is_same<Scalar, float>::value ? 1e-5 : 1e-13;
+                check<Scalar>(1, other, k, op_a, op_b, accumulate, alpha, pad, relative);
+                check<Scalar>(other, 1, k, op_a, op_b, accumulate, alpha, pad, relative);
+                if (::testing::Test::HasFatalFailure()) return;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// The one-row and one-column products give the same bits wherever the operands sit in memory
+// (the summation order depends on the shapes alone): operands shifted by one scalar, which
+// changes their alignment against the vector width.
+TYPED_TEST(GemmTest, OneRowAndOneColumnIndependentOfAlignment) {
+  using Scalar = TypeParam;
+  const Index k = 75, other = 37;
+  for (const bool one_row : {true, false}) {
+    for (const Op op_a : {Op::none, Op::transpose}) {
+      for (const Op op_b : {Op::none, Op::transpose}) {
+        const Index m = one_row ? 1 : other, n = one_row ? other : 1;
+        const Index a_rows = op_a == Op::none ? m : k, a_cols = op_a == Op::none ? k : m;
+        const Index b_rows = op_b == Op::none ? k : n, b_cols = op_b == Op::none ? n : k;
+        std::vector<Scalar> results[2];
+        for (const Index shift : {0, 1}) {
+          std::vector<Scalar> a(static_cast<std::size_t>(a_rows * a_cols + 1)), b(static_cast<std::size_t>(b_rows * b_cols + 1));
+          for (Index i = 0; i < a_rows * a_cols; ++i) a[static_cast<std::size_t>(i + shift)] = static_cast<Scalar>(value_at(31, i));
+          for (Index i = 0; i < b_rows * b_cols; ++i) b[static_cast<std::size_t>(i + shift)] = static_cast<Scalar>(value_at(32, i));
+          std::vector<Scalar> c(static_cast<std::size_t>(m * n + 1), Scalar(0));
+          const ConstOperand<Scalar> oa{a.data() + shift, a_rows, a_cols, a_cols, op_a};
+          const ConstOperand<Scalar> ob{b.data() + shift, b_rows, b_cols, b_cols, op_b};
+          sparsemoe::detail::gemm(oa, ob, c.data() + shift, n, Scalar(0.5), false);
+          results[shift].assign(c.begin() + shift, c.begin() + shift + m * n);
+        }
+        EXPECT_EQ(results[0], results[1]) << "one_row=" << one_row << " ta=" << (op_a == Op::transpose)
+                                          << " tb=" << (op_b == Op::transpose);
+      }
+    }
+  }
+}
+
+TYPED_TEST(GemmTest, PackedOneRowMatchesNaiveLoop) {
+  using Scalar = TypeParam;
+  for (const Index n : {1, 17, 64, 65, 200}) {
+    for (const Index k : {1, 16, 33, 130}) {
+      for (const Op op_w : {Op::none, Op::transpose}) {
+        for (const bool accumulate : {false, true}) {
+          check_packed<Scalar>(1, n, k, op_w, accumulate, 2);
+          if (::testing::Test::HasFatalFailure()) return;
+        }
       }
     }
   }

@@ -123,9 +123,21 @@ struct RouterTraits {
   static void check_gradients(const RouterT& router, Gradients& gradients, const char* function) {
     detail::require_shape(gradients.weight, router.input_dim(), router.num_experts(), function,
                           "gradients of router.weight");
-    const Gradients expected = router.make_gradients();
-    detail::require(gradients.bias.size() == expected.bias.size(), function, "gradients of router.bias has ",
-                    gradients.bias.size(), " entries, the router ", expected.bias.size());
+    const Index bias_size = router_bias_size(router, 0);
+    detail::require(gradients.bias.size() == bias_size, function, "gradients of router.bias has ",
+                    gradients.bias.size(), " entries, the router ", bias_size);
+  }
+
+  /// Entries of the router's bias: router.bias().size() where the router has bias() (every
+  /// LinearRouterParameters router; allocates nothing, as backward must not), else the bias of
+  /// router.make_gradients().
+  template <typename R>
+  static auto router_bias_size(const R& router, int) -> decltype(static_cast<Index>(router.bias().size())) {
+    return static_cast<Index>(router.bias().size());
+  }
+  template <typename R>
+  static Index router_bias_size(const R& router, long) {
+    return static_cast<Index>(router.make_gradients().bias.size());
   }
 
   /// Throws std::invalid_argument unless the router has the layer's d, E and k.

@@ -53,6 +53,87 @@ void run_kernel(Index m, Index n, Index k, const ConstOperand<Scalar>& a,
   Kernel::run(m, n, k, a.data, a.stride, b.data, b.stride, c, 1, ldc, alpha, blocking, nullptr);
 }
 
+/// Width of the fixed-size chunks of dot() and axpy(): 16 scalars (two AVX packets of float,
+/// four of double). A constant, so which elements fall into the scalar tail depends on the length
+/// alone, never on the operands' addresses.
+constexpr Index vector_chunk = 16;
+
+/// x·y over `k` elements with strides incx and incy (in scalars), in a fixed order: lane l of a
+/// 16-lane accumulator sums x(i)·y(i) for i ≡ l (mod 16) in increasing i over the whole chunks,
+/// the lanes are added in order 0..15, then the tail elements in increasing i. Unit strides take
+/// the vectorised path; other strides the same order with scalar loads. Allocates nothing.
+template <typename Scalar>
+Scalar dot(Index k, const Scalar* x, Index incx, const Scalar* y, Index incy) {
+  using Chunk = Eigen::Array<Scalar, vector_chunk, 1>;
+  Chunk lanes = Chunk::Zero();
+  const Index whole = k / vector_chunk * vector_chunk;
+  if (incx == 1 && incy == 1) {
+    for (Index i = 0; i < whole; i += vector_chunk) {
+      lanes += Eigen::Map<const Chunk>(x + i) * Eigen::Map<const Chunk>(y + i);
+    }
+  } else {
+    using Strided = Eigen::Map<const Chunk, Eigen::Unaligned, Eigen::InnerStride<>>;
+    for (Index i = 0; i < whole; i += vector_chunk) {
+      lanes += Strided(x + i * incx, Eigen::InnerStride<>(incx)) * Strided(y + i * incy, Eigen::InnerStride<>(incy));
+    }
+  }
+  Scalar sum(0);
+  for (Index l = 0; l < vector_chunk; ++l) sum += lanes[l];
+  for (Index i = whole; i < k; ++i) sum += x[i * incx] * y[i * incy];
+  return sum;
+}
+
+/// y(j) += s·x(j) for j < n, y with stride incy and x contiguous; each element is updated
+/// independently (whole 16-element chunks vectorised when incy == 1, then the tail), so the
+/// result does not depend on the addresses. Allocates nothing.
+template <typename Scalar>
+void axpy(Index n, Scalar s, const Scalar* x, Scalar* y, Index incy) {
+  using Chunk = Eigen::Array<Scalar, vector_chunk, 1>;
+  const Index whole = n / vector_chunk * vector_chunk;
+  if (incy == 1) {
+    for (Index j = 0; j < whole; j += vector_chunk) Eigen::Map<Chunk>(y + j) += s * Eigen::Map<const Chunk>(x + j);
+  } else {
+    using Strided = Eigen::Map<Chunk, Eigen::Unaligned, Eigen::InnerStride<>>;
+    for (Index j = 0; j < whole; j += vector_chunk) {
+      Strided(y + j * incy, Eigen::InnerStride<>(incy)) += s * Eigen::Map<const Chunk>(x + j);
+    }
+  }
+  for (Index j = whole; j < n; ++j) y[j * incy] += s * x[j];
+}
+
+/// C (+)= alpha·op(A)·op(B) when m == 1 or n == 1 (C already zeroed unless accumulating), with
+/// our own kernels rather than Eigen's matrix-vector product, which can allocate temporaries.
+/// Row updates (axpy) where op(B)'s rows (m == 1) or op(A)'s columns (n == 1) are contiguous in
+/// storage, dot products of contiguous stored rows otherwise:
+///   m == 1, B as stored:     C(0, :) += (alpha·a(kk))·B(kk, :)        for kk = 0..k-1 in order;
+///   m == 1, B transposed:    C(0, j) += alpha·dot(a, B(j, :))          for each j;
+///   n == 1, A as stored:     C(i, 0) += alpha·dot(A(i, :), b)          for each i;
+///   n == 1, A transposed:    C(:, 0) += (alpha·b(kk))·A(kk, :)        for kk = 0..k-1 in order
+/// (a, b: the one-row or one-column operand, read with its stride). m == n == 1 takes the first
+/// two lines. Single-threaded, in a fixed order that depends on the shapes alone (not on the
+/// addresses or the thread count). Cost: 2·m·n·k flops, no allocation.
+template <typename Scalar>
+void run_vector_product(Index m, Index n, Index k, const ConstOperand<Scalar>& a, const ConstOperand<Scalar>& b,
+                        Scalar* c, Index ldc, Scalar alpha) {
+  if (m == 1) {
+    // op(A) is 1×k: element kk at a.data[kk] as stored (1×k), a.data[kk·stride] transposed (k×1).
+    const Index inc_a = a.op == Op::none ? 1 : a.stride;
+    if (b.op == Op::none) {
+      for (Index kk = 0; kk < k; ++kk) axpy(n, alpha * a.data[kk * inc_a], b.data + kk * b.stride, c, 1);
+    } else {
+      for (Index j = 0; j < n; ++j) c[j] += alpha * dot(k, a.data, inc_a, b.data + j * b.stride, 1);
+    }
+    return;
+  }
+  // n == 1: op(B) is k×1: element kk at b.data[kk·stride] as stored (k×1), b.data[kk] transposed.
+  const Index inc_b = b.op == Op::none ? b.stride : 1;
+  if (a.op == Op::none) {
+    for (Index i = 0; i < m; ++i) c[i * ldc] += alpha * dot(k, a.data + i * a.stride, 1, b.data, inc_b);
+  } else {
+    for (Index kk = 0; kk < k; ++kk) axpy(m, alpha * b.data[kk * inc_b], a.data + kk * a.stride, c, ldc);
+  }
+}
+
 }  // namespace gemm_impl
 
 /// C = alpha·op(A)·op(B) (+ C when `accumulate`), all operands row-major; C is m×n with row
@@ -61,10 +142,11 @@ void run_kernel(Index m, Index n, Index k, const ConstOperand<Scalar>& a,
 /// Always single-threaded and with a cache blocking that depends only on (m, n, k): callers
 /// parallelise over tiles themselves, so results are bitwise identical for any thread count
 /// (Eigen's own products would pick a thread-count-dependent blocking outside an OpenMP region).
-/// One-row or one-column results go through Eigen's matrix-vector kernel. With
-/// SPARSEMOE_WITH_LIBXSMM defined, the other products run libxsmm JIT kernels over fixed 64×64
-/// output tiles (gemm_libxsmm.hpp); without it (the default), Eigen's GEMM kernel.
-/// Cost: 2·m·n·k flops.
+/// One-row or one-column results (m == 1 or n == 1) go through our own row updates and dot
+/// products in a fixed order (gemm_impl::run_vector_product), which allocate nothing (Eigen's
+/// matrix-vector product may allocate temporaries). With SPARSEMOE_WITH_LIBXSMM defined, the
+/// other products run libxsmm JIT kernels over fixed 64×64 output tiles (gemm_libxsmm.hpp);
+/// without it (the default), Eigen's GEMM kernel. Cost: 2·m·n·k flops.
 template <typename Scalar>
 void gemm(const ConstOperand<Scalar>& a, const ConstOperand<Scalar>& b, Scalar* c, Index ldc,
           Scalar alpha, bool accumulate) {
@@ -81,18 +163,11 @@ void gemm(const ConstOperand<Scalar>& a, const ConstOperand<Scalar>& b, Scalar* 
   }
 #endif
   using OuterStrided = Eigen::Map<Matrix<Scalar>, Eigen::Unaligned, Eigen::OuterStride<>>;
-  using ConstOuterStrided = Eigen::Map<const Matrix<Scalar>, Eigen::Unaligned, Eigen::OuterStride<>>;
   OuterStrided result(c, m, n, Eigen::OuterStride<>(ldc));
   if (!accumulate) result.setZero();
   if (k == 0) return;
   if (m == 1 || n == 1) {
-    ConstOuterStrided a_stored(a.data, a.rows, a.cols, Eigen::OuterStride<>(a.stride));
-    ConstOuterStrided b_stored(b.data, b.rows, b.cols, Eigen::OuterStride<>(b.stride));
-    if (a.op == Op::none && b.op == Op::none) result.noalias() += alpha * a_stored * b_stored;
-    if (a.op == Op::none && b.op == Op::transpose) result.noalias() += alpha * a_stored * b_stored.transpose();
-    if (a.op == Op::transpose && b.op == Op::none) result.noalias() += alpha * a_stored.transpose() * b_stored;
-    if (a.op == Op::transpose && b.op == Op::transpose)
-      result.noalias() += alpha * a_stored.transpose() * b_stored.transpose();
+    gemm_impl::run_vector_product(m, n, k, a, b, c, ldc, alpha);
     return;
   }
   constexpr int row = Eigen::RowMajor;
