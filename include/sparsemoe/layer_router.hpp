@@ -128,9 +128,10 @@ struct RouterTraits {
                     gradients.bias.size(), " entries, the router ", bias_size);
   }
 
+  /** @{ */
   /// Entries of the router's bias: router.bias().size() where the router has bias() (every
   /// LinearRouterParameters router; allocates nothing, as backward must not), else the bias of
-  /// router.make_gradients().
+  /// router.make_gradients(). Call with 0: the first overload wins where it compiles.
   template <typename R>
   static auto router_bias_size(const R& router, int) -> decltype(static_cast<Index>(router.bias().size())) {
     return static_cast<Index>(router.bias().size());
@@ -139,6 +140,7 @@ struct RouterTraits {
   static Index router_bias_size(const R& router, long) {
     return static_cast<Index>(router.make_gradients().bias.size());
   }
+  /** @} */
 
   /// Throws std::invalid_argument unless the router has the layer's d, E and k.
   static void check_router(const RouterT& router, Index input_dim, Index num_experts, Index k, const char* function) {
