@@ -71,8 +71,8 @@ struct ExpertBankBackwardWorkspace {
   std::vector<detail::ExpertTile> tiles;                     ///< this call's row tiles
   std::vector<Index> expert_order;                           ///< experts by descending row count
   std::vector<detail::GradientTile> gradient_tiles;          ///< this call's weight-gradient tiles
-  /// Per OpenMP thread, (most rows of one expert)×gradient_column_tile: the ∂pre or ∂Y columns of
-  /// one weight-gradient tile copied contiguous (libxsmm backend only; empty otherwise).
+  /// Per OpenMP thread, (grouped rows)×gradient_column_tile: the ∂pre or ∂Y columns of one
+  /// weight-gradient tile copied contiguous (libxsmm backend only; empty otherwise).
   std::vector<Matrix<Scalar>> gradient_columns;
 
   /// Bytes held by the matrices and packed weights above.
@@ -619,12 +619,12 @@ class ExpertBank {
     workspace.d_hidden.resize(threads);
     for (auto& block : workspace.d_hidden) block.resize(row_tile, hidden_dim());
 #ifdef SPARSEMOE_WITH_LIBXSMM
-    Index most_rows = 0;
-    for (Index e = 0; e < num_experts(); ++e) most_rows = std::max(most_rows, detail::rows_of_expert(call.offsets, e));
+    // Room for all of the call's rows, not just the most one expert has: the routing moves from
+    // step to step while the total stays (T·k, or E·C with capacity), so a steady state never
+    // grows these. Grow-only: a later call with fewer rows allocates nothing.
     workspace.gradient_columns.resize(threads);
     for (auto& block : workspace.gradient_columns) {
-      // Grows to the largest expert seen and stays: a later call with fewer rows allocates nothing.
-      if (block.rows() < most_rows) block.resize(most_rows, gradient_column_tile);
+      if (block.rows() < rows) block.resize(rows, gradient_column_tile);
     }
 #endif
   }
