@@ -657,21 +657,23 @@ class ExpertBank {
         d_gates[tile.first_row + r] = expert.b2().size() > 0 ? d_out.row(r).dot(expert.b2().transpose()) : Scalar(0);
       }
     }
+    // Rows [row, row + rows) × columns [col, col + width) of ∂hidden (hidden already there): add
+    // their share of ⟨∂hidden, hidden⟩ to each row's gate gradient, then scale them by the gate.
+    const auto gate_block = [&](Index row, Index rows, Index col, Index width) {
+      if (!gated) return;
+      for (Index r = row; r < row + rows; ++r) {
+        const Index grouped_row = tile.first_row + r;
+        d_gates[grouped_row] += d_hidden.row(r).segment(col, width).dot(hidden.row(r).segment(col, width));
+        d_hidden.row(r).segment(col, width) *= gates[grouped_row];
+      }
+    };
     constexpr bool fused = detail::activation_is_elementwise<ExpertT>::value;
     const auto elementwise = [&](Index row, Index rows, Index col, Index width) {
       if constexpr (fused) {
-        auto d_hidden_block = d_hidden.block(row, col, rows, width);
-        auto hidden_block = hidden.block(row, col, rows, width);
         const auto pre_block = pre.block(row, col, rows, width);
-        expert.activate(pre_block, hidden_block);
-        if (gated) {
-          for (Index r = row; r < row + rows; ++r) {
-            const Index grouped_row = tile.first_row + r;
-            d_gates[grouped_row] += d_hidden.row(r).segment(col, width).dot(hidden.row(r).segment(col, width));
-            d_hidden.row(r).segment(col, width) *= gates[grouped_row];
-          }
-        }
-        expert.activation_backward(pre_block, d_hidden_block, d_pre.block(row, col, rows, width));
+        expert.activate(pre_block, hidden.block(row, col, rows, width));
+        gate_block(row, rows, col, width);
+        expert.activation_backward(pre_block, d_hidden.block(row, col, rows, width), d_pre.block(row, col, rows, width));
       } else {
         static_cast<void>(row), static_cast<void>(rows), static_cast<void>(col), static_cast<void>(width);
       }
@@ -689,13 +691,7 @@ class ExpertBank {
     }
     if constexpr (!fused) {
       expert.activate(pre, hidden);
-      if (gated) {
-        for (Index r = 0; r < tile.rows; ++r) {
-          const Index grouped_row = tile.first_row + r;
-          d_gates[grouped_row] += d_hidden.row(r).dot(hidden.row(r));
-          d_hidden.row(r) *= gates[grouped_row];
-        }
-      }
+      gate_block(0, tile.rows, 0, hidden_dim());
       expert.activation_backward(pre, d_hidden, d_pre);
     }
     Matrix<Scalar>& d_input = *call.d_input;
@@ -735,17 +731,17 @@ class ExpertBank {
     const auto accumulate = [&](const auto& left, const auto& right) {
       const Index columns = std::min(gradient_column_tile, right.cols() - tile.first_column);
       const auto right_block = right.block(first_row, tile.first_column, rows, columns);
+      detail::ConstOperand<Scalar> right_operand = detail::operand(right_block);
 #ifdef SPARSEMOE_WITH_LIBXSMM
-      Matrix<Scalar>& buffer = call.workspace->gradient_columns[static_cast<std::size_t>(detail::thread_index())];
-      Eigen::Map<Matrix<Scalar>> copy(buffer.data(), rows, columns);  // row stride = columns
-      copy = right_block;
-      const auto& product_right = copy;
-#else
-      const auto& product_right = right_block;
+      if (right_operand.stride != columns) {  // not contiguous already (the slice of a wider matrix)
+        Matrix<Scalar>& buffer = call.workspace->gradient_columns[static_cast<std::size_t>(detail::thread_index())];
+        Eigen::Map<Matrix<Scalar>> copy(buffer.data(), rows, columns);  // row stride = columns
+        copy = right_block;
+        right_operand = detail::operand(copy);
+      }
 #endif
-      detail::gemm(detail::operand(left.middleRows(first_row, rows), detail::Op::transpose),
-                   detail::operand(product_right), weight.data() + tile.first_column, weight.outerStride(),
-                   Scalar(1), true);
+      detail::gemm(detail::operand(left.middleRows(first_row, rows), detail::Op::transpose), right_operand,
+                   weight.data() + tile.first_column, weight.outerStride(), Scalar(1), true);
       if (bias.size() > 0) bias.segment(tile.first_column, columns) += right_block.colwise().sum().transpose();
     };
     if (tile.first_layer) {

@@ -119,14 +119,15 @@ inline bool line_aligned(const void* pointer) { return reinterpret_cast<std::uin
 /// dst(c, r) = src(r, c) for r < rows, c < cols (src row stride lds, dst row stride ldd).
 /// Blocks of one cache line each way: each line of src is read once, whole, so power-of-two
 /// strides do not thrash L1; float blocks are transposed in AVX-512 registers when available.
-/// With `streaming` (for a copy bigger than the caches, read later), whole 64-byte-aligned lines of
-/// dst are written with non-temporal stores, which skip reading each destination line first, and
-/// the stores are fenced before returning.
+/// With `streaming` (for a copy bigger than the caches, read later), the float blocks transposed
+/// in registers write their whole 64-byte-aligned lines of dst with non-temporal stores, which
+/// skip reading each destination line first, and the stores are fenced before returning.
 template <typename Scalar, bool streaming = false>
 void transpose_copy(const Scalar* src, Index lds, Index rows, Index cols, Scalar* dst, Index ldd) {
   constexpr Index block = 64 / static_cast<Index>(sizeof(Scalar));
 #if defined(__AVX512F__)
-  const bool stream_lines = streaming && line_aligned(dst) && (ldd * static_cast<Index>(sizeof(Scalar))) % 64 == 0;
+  const bool stream_lines = streaming && std::is_same<Scalar, float>::value && line_aligned(dst) &&
+                            (ldd * static_cast<Index>(sizeof(Scalar))) % 64 == 0;
 #endif
   for (Index r0 = 0; r0 < rows; r0 += block) {
     const Index rb = std::min(block, rows - r0);
